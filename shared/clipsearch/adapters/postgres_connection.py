@@ -1,0 +1,73 @@
+"""One PostgreSQL connection per execution environment, re-established after a failure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+
+from clipsearch.errors import TransientError
+
+logger = logging.getLogger(__name__)
+
+
+class Database:
+    """Hands out the one live connection; a broken connection is replaced on the next use.
+
+    Calls are serialized with a lock: a Lambda execution environment serves one request at a time,
+    and the local stack's threads share the connection safely this way.
+    """
+
+    def __init__(self, conninfo: str | Callable[[], str]) -> None:
+        self._conninfo = conninfo
+        self._connection: psycopg.Connection | None = None
+        self._lock = threading.RLock()
+
+    def _connect(self) -> psycopg.Connection:
+        conninfo = self._conninfo() if callable(self._conninfo) else self._conninfo
+        try:
+            return psycopg.connect(conninfo, row_factory=dict_row, autocommit=False, connect_timeout=10)
+        except psycopg.OperationalError as error:
+            raise TransientError(f"cannot connect to PostgreSQL: {error}") from error
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A connection inside one transaction: committed on success, rolled back on any error."""
+        with self._lock:
+            if self._connection is None or self._connection.closed or self._connection.broken:
+                self._connection = self._connect()
+            connection = self._connection
+            try:
+                with connection.transaction():
+                    yield connection
+            except psycopg.OperationalError as error:
+                logger.warning("PostgreSQL connection failed; reconnecting on next use: %s", error)
+                connection.close()
+                raise TransientError(f"PostgreSQL error: {error}") from error
+            finally:
+                if not connection.closed and connection.info.transaction_status != 0:
+                    connection.rollback()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+def conninfo_from_secret(secret_string: str) -> str:
+    """A libpq connection string from a Secrets Manager RDS-style secret (host, port, username, ...)."""
+    secret = json.loads(secret_string)
+    return psycopg.conninfo.make_conninfo(
+        host=secret["host"],
+        port=str(secret.get("port", 5432)),
+        user=secret["username"],
+        password=secret["password"],
+        dbname=secret.get("dbname", "postgres"),
+        sslmode=secret.get("sslmode", "require"),
+    )

@@ -1,0 +1,110 @@
+"""S3ObjectStore: one bucket over boto3, with S3 errors translated into domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clipsearch.errors import ObjectNotFound, TransientError
+from clipsearch.ports import ObjectInfo, StoredObject
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_DELETE_BATCH = 1000  # S3's DeleteObjects limit
+
+
+class S3ObjectStore:
+    def __init__(self, client, bucket: str) -> None:
+        self._client = client
+        self.bucket = bucket
+
+    def get(self, key: str) -> StoredObject:
+        with _translated(key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            data = response["Body"].read()
+        return StoredObject(
+            key=key,
+            etag=_etag(response["ETag"]),
+            data=data,
+            metadata=response.get("Metadata", {}),
+            content_type=response.get("ContentType"),
+        )
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            with _translated(key):
+                response = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, _etag(response["ETag"]), response["ContentLength"], response.get("LastModified"))
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        extra = {"ContentType": content_type} if content_type else {}
+        with _translated(key):
+            response = self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, Metadata=dict(metadata or {}), **extra
+            )
+        return _etag(response["ETag"])
+
+    def download_file(self, key: str, destination: Path) -> None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with _translated(key):
+            self._client.download_file(self.bucket, key, str(destination))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": key} for key in keys[start : start + _DELETE_BATCH]]
+            with _translated(batch[0]["Key"]):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise TransientError(f"could not delete {first['Key']}: {first.get('Message')}")
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        with _translated(prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], _etag(item["ETag"]), item["Size"], item.get("LastModified"))
+
+    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str:
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_seconds
+        )
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+class _translated:
+    """Turns botocore failures into ObjectNotFound or TransientError naming the key."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING:
+                raise ObjectNotFound(self._key) from exc
+            raise TransientError(f"object store error on {self._key!r}: {code or exc}") from exc
+        if isinstance(exc, BotoCoreError):
+            raise TransientError(f"object store unreachable for {self._key!r}: {exc}") from exc
+        return False

@@ -1,0 +1,87 @@
+"""Settings: read from the environment once, validated, frozen, then passed down as plain values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from clipsearch.errors import ClipsearchError
+
+
+class ConfigurationError(ClipsearchError):
+    """A setting is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bucket: str
+    model_id: str
+    database_url: str | None = None  # local and tests; in AWS the secret below is used
+    db_secret_arn: str | None = None
+    region: str = "us-east-1"
+    s3_endpoint_url: str | None = None  # local S3-compatible endpoint; None means AWS
+    sqs_endpoint_url: str | None = None
+    queue_url: str | None = None
+    model_cache_dir: Path = Path("/tmp/clipsearch/models")
+    segment_cache_dir: Path = Path("/tmp/clipsearch/segments")
+    onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
+    max_image_pixels: int = 100_000_000
+    max_request_image_bytes: int = 6 * 1024 * 1024
+    compact_max_segments: int = 8
+    compact_deleted_fraction: float = 0.2
+    orphan_grace_seconds: int = 3600
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigurationError(f"environment variable {name} is required")
+            return value
+
+        def number(name: str, default: float, kind: type = int):
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise ConfigurationError(f"{name}={raw!r} is not a {kind.__name__}") from None
+
+        defaults = cls(bucket="", model_id="")
+        settings = cls(
+            bucket=required("CLIPSEARCH_BUCKET"),
+            model_id=required("CLIPSEARCH_MODEL_ID"),
+            database_url=env.get("CLIPSEARCH_DATABASE_URL") or None,
+            db_secret_arn=env.get("CLIPSEARCH_DB_SECRET_ARN") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or defaults.region,
+            s3_endpoint_url=env.get("CLIPSEARCH_S3_ENDPOINT_URL") or None,
+            sqs_endpoint_url=env.get("CLIPSEARCH_SQS_ENDPOINT_URL") or None,
+            queue_url=env.get("CLIPSEARCH_QUEUE_URL") or None,
+            model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),
+            segment_cache_dir=Path(
+                env.get("CLIPSEARCH_SEGMENT_CACHE_DIR") or defaults.segment_cache_dir
+            ),
+            onnx_threads=number("CLIPSEARCH_ONNX_THREADS", defaults.onnx_threads),
+            max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+            max_request_image_bytes=number(
+                "CLIPSEARCH_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes
+            ),
+            compact_max_segments=number("CLIPSEARCH_COMPACT_MAX_SEGMENTS", defaults.compact_max_segments),
+            compact_deleted_fraction=number(
+                "CLIPSEARCH_COMPACT_DELETED_FRACTION", defaults.compact_deleted_fraction, float
+            ),
+            orphan_grace_seconds=number("CLIPSEARCH_ORPHAN_GRACE_SECONDS", defaults.orphan_grace_seconds),
+        )
+        if not settings.database_url and not settings.db_secret_arn:
+            raise ConfigurationError(
+                "set CLIPSEARCH_DATABASE_URL (local) or CLIPSEARCH_DB_SECRET_ARN (AWS Secrets Manager)"
+            )
+        return settings
+
+    def with_overrides(self, **changes) -> Settings:
+        return replace(self, **changes)

@@ -1,0 +1,74 @@
+"""Dataset names and the bucket's key layout: the one place that knows where things live."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from clipsearch.errors import InvalidDatasetName, InvalidRequest
+
+DATASET_NAME_RULE = "1-63 characters from A-Z a-z 0-9 _ -, starting with a letter or digit"
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+DATASETS_PREFIX = "datasets/"
+INDEXES_PREFIX = "indexes/"
+MODELS_PREFIX = "models/"
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+
+
+def validate_dataset_name(name: str) -> str:
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise InvalidDatasetName(f"invalid dataset name {name!r}: use {DATASET_NAME_RULE}")
+    return name
+
+
+def is_valid_dataset_name(name: str) -> bool:
+    return isinstance(name, str) and _DATASET_NAME.fullmatch(name) is not None
+
+
+def dataset_prefix(dataset: str) -> str:
+    return f"{DATASETS_PREFIX}{validate_dataset_name(dataset)}/"
+
+
+def image_key(dataset: str, relative_path: str) -> str:
+    relative = PurePosixPath(relative_path.replace("\\", "/"))
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise InvalidRequest(f"invalid image path {relative_path!r}: must be relative, without '..'")
+    return dataset_prefix(dataset) + relative.as_posix()
+
+
+def segment_key(dataset: str, segment_id: str) -> str:
+    return f"{INDEXES_PREFIX}{validate_dataset_name(dataset)}/segments/{segment_id}.faiss"
+
+
+def model_prefix(model_id: str) -> str:
+    return f"{MODELS_PREFIX}{model_id}/"
+
+
+def has_image_suffix(key: str) -> bool:
+    return PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ImageKey:
+    """A key under `datasets/<dataset>/`, split into its dataset and its path inside the dataset."""
+
+    dataset: str
+    relative_path: str
+
+    @property
+    def key(self) -> str:
+        return f"{DATASETS_PREFIX}{self.dataset}/{self.relative_path}"
+
+
+def parse_image_key(key: str) -> ImageKey | None:
+    """The dataset and relative path of `key`, or None when the key is not a dataset image."""
+    if not key.startswith(DATASETS_PREFIX):
+        return None
+    dataset, _, relative_path = key[len(DATASETS_PREFIX):].partition("/")
+    if not is_valid_dataset_name(dataset) or not relative_path or relative_path.endswith("/"):
+        return None
+    return ImageKey(dataset, relative_path)

@@ -1,0 +1,60 @@
+"""Domain errors: adapters translate library errors into these; handlers map them to HTTP status."""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Root of every error clipsearch raises on purpose."""
+
+
+class InvalidRequest(ClipsearchError):
+    """The caller asked for something malformed (HTTP 400)."""
+
+
+class InvalidDatasetName(InvalidRequest):
+    """A dataset name that breaks the naming rule."""
+
+
+class InvalidImage(ClipsearchError):
+    """An image that cannot be embedded: names the image and the reason (never retried)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class ImageTooLarge(InvalidImage):
+    """An image over the configured pixel or byte limit (HTTP 413)."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A request body of a content type we do not read (HTTP 415)."""
+
+
+class NotFound(ClipsearchError):
+    """A named thing does not exist (HTTP 404)."""
+
+
+class DatasetNotFound(NotFound):
+    def __init__(self, dataset: str) -> None:
+        super().__init__(f"dataset {dataset!r} does not exist")
+        self.dataset = dataset
+
+
+class ObjectNotFound(NotFound):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"object {key!r} does not exist")
+        self.key = key
+
+
+class ModelMismatch(ClipsearchError):
+    """A dataset embedded by one model was asked to mix with another (HTTP 409)."""
+
+
+class ModelFilesInvalid(ClipsearchError):
+    """A model directory is incomplete or fails its checksums."""
+
+
+class TransientError(ClipsearchError):
+    """A dependency (object store, database) failed in a way worth retrying."""
