@@ -123,3 +123,24 @@ def _wait_for_port(port: int, timeout: float) -> None:
                 return
         time.sleep(0.05)
     raise PostgresUnavailable(f"PostgreSQL did not accept connections on port {port}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clipsearch.local.postgres start|stop DATA_DIR [PORT]`: prints the URL on start."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] not in {"start", "stop"}:
+        print("usage: python -m clipsearch.local.postgres start|stop DATA_DIR [PORT]", file=sys.stderr)
+        return 2
+    data_dir = Path(args[1])
+    if args[0] == "stop":
+        PostgresCluster(data_dir.resolve(), 0, find_bin_dir()).stop()
+        return 0
+    cluster = start_cluster(data_dir, int(args[2]) if len(args) > 2 else None)
+    print(cluster.url)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
