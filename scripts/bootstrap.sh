@@ -24,6 +24,6 @@ fi
 if [ "${CLIPSEARCH_SKIP_SAM:-0}" != "1" ] && [ ! -x .venv-sam/bin/sam ]; then
   python3 -m venv .venv-sam
   .venv-sam/bin/python -m pip install -q --upgrade pip
-  .venv-sam/bin/python -m pip install -q "aws-sam-cli==1.170.0" "cfn-lint==1.51.0"
+  .venv-sam/bin/python -m pip install -q "aws-sam-cli==1.170.0" "cfn-lint==1.58.0"
 fi
 echo "bootstrap: done" >&2

@@ -1,0 +1,412 @@
+"""template.yaml: linters clean, both auth modes translate, invariants hold, events match, sam build fits Lambda."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventV2Model, S3Model, SqsModel
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "template.yaml"
+EVENTS = REPO / "events"
+SAM_VENV = REPO / ".venv-sam"
+# Lambda's limit for a function and all its layers, unzipped.
+LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
+
+EXPECTED_ROUTES = {
+    ("SearchFunction", "POST", "/datasets/{dataset}/search/text"),
+    ("SearchFunction", "POST", "/datasets/{dataset}/search/image"),
+    ("SearchFunction", "GET", "/openapi.json"),
+    ("DatasetsFunction", "GET", "/datasets"),
+    ("DatasetsFunction", "GET", "/datasets/{dataset}"),
+    ("DatasetsFunction", "DELETE", "/datasets/{dataset}"),
+}
+
+
+class CloudFormationLoader(yaml.SafeLoader):
+    """Reads short-form intrinsics (!Ref, !Sub, !GetAtt, ...) as their long JSON form."""
+
+
+def _intrinsic(loader: yaml.Loader, tag_suffix: str, node: yaml.Node) -> dict:
+    name = "Ref" if tag_suffix == "Ref" else f"Fn::{tag_suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if tag_suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+CloudFormationLoader.add_multi_constructor("!", _intrinsic)
+
+
+@pytest.fixture(scope="module")
+def template() -> dict:
+    return yaml.load(TEMPLATE.read_text(), Loader=CloudFormationLoader)
+
+
+@pytest.fixture(scope="module")
+def resources(template: dict) -> dict:
+    return template["Resources"]
+
+
+def _functions(resources: dict) -> dict[str, dict]:
+    return {name: r for name, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+
+
+def _sam_env() -> dict[str, str]:
+    if not (SAM_VENV / "bin" / "sam").exists():
+        pytest.skip(f"aws-sam-cli is not installed in {SAM_VENV} (see infra/README.md)")
+    return {
+        **os.environ,
+        "SAM_CLI_TELEMETRY": "0",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "PYTHON": str(SAM_VENV / "bin" / "python"),
+    }
+
+
+def _run(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- the linters and the SAM translator -------------------------------------------------------
+
+
+def test_cfn_lint_reports_nothing():
+    result = _run([str(SAM_VENV / "bin" / "cfn-lint"), str(TEMPLATE)], _sam_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_sam_validate_lint_is_clean():
+    result = _run([str(SAM_VENV / "bin" / "sam"), "validate", "--lint", "--template-file", str(TEMPLATE)], _sam_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is a valid SAM Template" in result.stdout + result.stderr
+
+
+_TRANSLATE = """
+import json, sys
+from samcli.lib.translate.sam_template_validator import SamTemplateValidator
+from samcli.yamlhelper import yaml_parse
+import yaml
+
+class NoManagedPolicies:
+    def load(self):
+        return {}
+
+template = yaml_parse(open(sys.argv[1]).read())
+validator = SamTemplateValidator(template, NoManagedPolicies(), region="us-east-1",
+                                 parameter_overrides=json.loads(sys.argv[2]), language_extensions_enabled=True)
+translated = yaml.safe_load(validator.get_translated_template_if_valid())
+body = translated["Resources"]["ClipsearchApi"]["Properties"]["Body"]
+print(json.dumps({"paths": body["paths"], "schemes": body["components"]["securitySchemes"]}))
+"""
+
+
+def _translated_api(parameters: dict[str, str]) -> dict:
+    """The HTTP API's OpenAPI body as CloudFormation will get it: LanguageExtensions, then SAM."""
+    parameters = {"DbSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf", **parameters}
+    result = _run([str(SAM_VENV / "bin" / "python"), "-c", _TRANSLATE, str(TEMPLATE), json.dumps(parameters)], _sam_env())
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _route_security(api: dict) -> dict[str, list]:
+    return {
+        f"{method.upper()} {path}": operation["security"]
+        for path, operations in api["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def test_every_route_requires_iam_by_default():
+    api = _translated_api({})
+    routes = _route_security(api)
+    assert set(routes) == {f"{method} {path}" for _, method, path in EXPECTED_ROUTES}
+    assert all(security == [{"AWS_IAM": []}] for security in routes.values()), routes
+    assert api["schemes"]["AWS_IAM"]["x-amazon-apigateway-authtype"] == "awsSigv4"
+
+
+def test_jwt_mode_puts_the_jwt_authorizer_on_every_route():
+    api = _translated_api(
+        {"AuthMode": "JWT", "JwtIssuer": "https://issuer.example.com/", "JwtAudience": "client-a,client-b"}
+    )
+    assert all(security == [{"JwtAuthorizer": []}] for security in _route_security(api).values())
+    jwt = api["schemes"]["JwtAuthorizer"]["x-amazon-apigateway-authorizer"]
+    assert jwt["jwtConfiguration"] == {"issuer": "https://issuer.example.com/", "audience": ["client-a", "client-b"]}
+
+
+# --- structural invariants ----------------------------------------------------------------------
+
+
+def test_queue_visibility_timeout_is_at_least_six_preprocess_timeouts(resources: dict):
+    preprocess = resources["PreprocessFunction"]["Properties"]
+    queue = resources["IngestQueue"]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * preprocess["Timeout"]
+
+
+def test_preprocess_reads_the_queue_in_batches_with_partial_failures(resources: dict):
+    (event,) = resources["PreprocessFunction"]["Properties"]["Events"].values()
+    assert event["Type"] == "SQS"
+    properties = event["Properties"]
+    assert properties["Queue"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+    assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert 1 < properties["BatchSize"] <= 10_000
+    assert properties["MaximumBatchingWindowInSeconds"] > 0
+
+
+def test_queue_dead_letters_after_five_receives_and_the_dead_letters_alarm(resources: dict):
+    redrive = resources["IngestQueue"]["Properties"]["RedrivePolicy"]
+    assert redrive == {"deadLetterTargetArn": {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]}, "maxReceiveCount": 5}
+    alarm = resources["IngestDeadLetterAlarm"]["Properties"]
+    assert alarm["Namespace"] == "AWS/SQS" and alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert alarm["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["IngestDeadLetterQueue", "QueueName"]}}
+    ]
+
+
+def test_bucket_notifies_the_queue_of_creations_and_removals_under_datasets(resources: dict):
+    bucket = resources["ImagesBucket"]
+    configurations = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    assert {c["Event"] for c in configurations} == {"s3:ObjectCreated:*", "s3:ObjectRemoved:*"}
+    for configuration in configurations:
+        assert configuration["Queue"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+        assert configuration["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": "datasets/"}]
+    assert bucket["DependsOn"] == "IngestQueuePolicy"
+
+
+def test_queue_policy_names_the_bucket_by_the_same_computed_name(resources: dict):
+    bucket_name = resources["ImagesBucket"]["Properties"]["BucketName"]["Fn::Sub"]
+    (statement,) = resources["IngestQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    source_arn = statement["Condition"]["ArnEquals"]["aws:SourceArn"]["Fn::Sub"]
+    assert source_arn[0] == "arn:${AWS::Partition}:s3:::" + bucket_name[0]
+    assert source_arn[1] == bucket_name[1]
+    assert statement["Principal"] == {"Service": "s3.amazonaws.com"} and statement["Action"] == "sqs:SendMessage"
+
+
+def test_bucket_is_encrypted_and_never_public(resources: dict):
+    properties = resources["ImagesBucket"]["Properties"]
+    (rule,) = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+    assert all(properties["PublicAccessBlockConfiguration"].values())
+    assert len(properties["PublicAccessBlockConfiguration"]) == 4
+
+
+def _allow_statements(resources: dict) -> list[tuple[str, dict]]:
+    statements = [
+        (name, statement)
+        for name, function in _functions(resources).items()
+        for policy in function["Properties"].get("Policies", [])
+        for statement in policy["Statement"]
+    ]
+    statements += [
+        (name, statement)
+        for name, r in resources.items()
+        if r["Type"] in {"AWS::SQS::QueuePolicy", "AWS::S3::BucketPolicy", "AWS::IAM::Policy"}
+        for statement in r["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    return [(name, s) for name, s in statements if s["Effect"] == "Allow"]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_no_policy_allows_a_wildcard_action(resources: dict):
+    for name, statement in _allow_statements(resources):
+        for action in _as_list(statement["Action"]):
+            assert "*" not in action, f"{name}: {statement.get('Sid')} allows {action}"
+
+
+def test_bucket_permissions_are_scoped_to_the_bucket_and_its_prefixes(resources: dict):
+    allowed_objects = {f"${{ImagesBucket.Arn}}/{prefix}/*" for prefix in ("datasets", "indexes", "models")}
+    for name, statement in _allow_statements(resources):
+        for action in _as_list(statement["Action"]):
+            if not action.startswith("s3:"):
+                continue
+            for resource in _as_list(statement["Resource"]):
+                if action == "s3:ListBucket":
+                    assert resource == {"Fn::GetAtt": ["ImagesBucket", "Arn"]}, name
+                else:
+                    assert resource.get("Fn::Sub") in allowed_objects, f"{name}: {action} on {resource}"
+
+
+def test_only_the_database_secret_is_readable(resources: dict):
+    for name, function in _functions(resources).items():
+        secret_statements = [
+            s for _, s in _allow_statements({name: function}) if "secretsmanager:GetSecretValue" in _as_list(s["Action"])
+        ]
+        assert [s["Resource"] for s in secret_statements] == [{"Ref": "DbSecretArn"}], name
+
+
+def test_every_function_code_and_handler_module_exist(resources: dict):
+    for name, function in _functions(resources).items():
+        properties = function["Properties"]
+        code = REPO / properties["CodeUri"]
+        module, _, attribute = properties["Handler"].rpartition(".")
+        source = code / f"{module.replace('.', '/')}.py"
+        assert source.is_file(), f"{name}: {source} is missing"
+        assert re.search(rf"^def {attribute}\(", source.read_text(), re.MULTILINE), f"{name}: no {attribute}()"
+
+
+def test_http_routes_are_the_api_of_the_search_and_dataset_functions(resources: dict):
+    routes = {
+        (name, event["Properties"]["Method"], event["Properties"]["Path"])
+        for name, function in _functions(resources).items()
+        for event in function["Properties"].get("Events", {}).values()
+        if event["Type"] == "HttpApi"
+    }
+    assert routes == EXPECTED_ROUTES
+    for name, function in _functions(resources).items():
+        for event in function["Properties"].get("Events", {}).values():
+            if event["Type"] == "HttpApi":
+                assert event["Properties"]["ApiId"] == {"Ref": "ClipsearchApi"}
+
+
+def test_api_defaults_to_iam_auth(template: dict, resources: dict):
+    assert template["Parameters"]["AuthMode"]["Default"] == "IAM"
+    assert template["Conditions"]["UseJwtAuth"] == {"Fn::Equals": [{"Ref": "AuthMode"}, "JWT"]}
+    auth = resources["ClipsearchApi"]["Properties"]["Auth"]
+    assert auth["EnableIamAuthorizer"] is True
+    assert auth["DefaultAuthorizer"] == {"Fn::If": ["UseJwtAuth", "JwtAuthorizer", "AWS_IAM"]}
+
+
+def test_scheduled_functions_run_on_the_configured_schedules(resources: dict):
+    for name, parameter in (("CompactFunction", "CompactionSchedule"), ("ReconcileFunction", "ReconcileSchedule")):
+        (event,) = resources[name]["Properties"]["Events"].values()
+        assert event["Type"] == "Schedule" and event["Properties"]["Schedule"] == {"Ref": parameter}
+
+
+def test_layer_pins_match_the_project_dependencies():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    layer = {
+        canonicalize_name(r.name): r
+        for r in map(Requirement, _requirement_lines(REPO / "shared" / "requirements.txt"))
+    }
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name == "boto3":  # provided by the Lambda runtime
+            assert name not in layer
+            continue
+        assert name in layer, f"{name} is missing from shared/requirements.txt"
+        pinned = next(iter(layer[name].specifier)).version
+        assert requirement.specifier.contains(pinned), f"{name}: layer pins {pinned}, project wants {requirement}"
+        assert requirement.extras <= layer[name].extras
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+# --- events for `sam local invoke -e` -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, event_name", [("sqs-s3-put.json", "ObjectCreated:Put"), ("sqs-s3-delete.json", "ObjectRemoved:Delete")])
+def test_sqs_events_carry_s3_notifications_for_a_dataset_image(name: str, event_name: str):
+    sqs = SqsModel.model_validate_json((EVENTS / name).read_text())
+    (record,) = sqs.Records
+    notification = S3Model.model_validate_json(record.body)
+    (s3_record,) = notification.Records
+    assert s3_record.eventName == event_name
+    assert s3_record.s3.object.key == "datasets/demo/beach_1.jpeg"
+
+
+@pytest.mark.parametrize(
+    "name, route_key",
+    [
+        ("http-search-text.json", "POST /datasets/{dataset}/search/text"),
+        ("http-search-image-key.json", "POST /datasets/{dataset}/search/image"),
+        ("http-list-datasets.json", "GET /datasets"),
+    ],
+)
+def test_http_events_are_v2_payloads_of_template_routes(name: str, route_key: str):
+    event = APIGatewayProxyEventV2Model.model_validate_json((EVENTS / name).read_text())
+    assert event.routeKey == route_key == event.requestContext.routeKey
+    method, route = route_key.split(" ", 1)
+    assert (method, route) in {(m, p) for _, m, p in EXPECTED_ROUTES}
+    assert event.requestContext.http.method == method
+    expected_path = route.replace("{dataset}", (event.pathParameters or {}).get("dataset", ""))
+    assert event.rawPath == expected_path
+
+
+def test_events_readme_names_every_event_file():
+    readme = (EVENTS / "README.md").read_text()
+    for path in EVENTS.glob("*.json"):
+        assert f"events/{path.name}" in readme
+
+
+# --- sam build ------------------------------------------------------------------------------------
+
+
+def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
+    build_dir = tmp_path / "build"
+    result = _run(
+        [
+            str(SAM_VENV / "bin" / "sam"), "build", "--template-file", str(TEMPLATE), "--base-dir", str(REPO),
+            "--build-dir", str(build_dir), "--cache-dir", str(tmp_path / "cache"),
+        ],
+        _sam_env(),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    layer = build_dir / "ClipsearchLayer" / "python"
+    assert (layer / "clipsearch" / "__init__.py").is_file()
+    assert not list(layer.rglob("__pycache__"))
+    layer_bytes = _tree_bytes(layer.parent)
+    for name in ("PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction"):
+        function_dir = build_dir / name
+        assert (function_dir / "app.py").is_file()
+        assert layer_bytes + _tree_bytes(function_dir) < LAMBDA_UNZIPPED_LIMIT, f"{name}: {layer_bytes} bytes of layer"
+    _assert_layer_dependencies_complete(layer)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def _assert_layer_dependencies_complete(layer: Path) -> None:
+    """--no-deps installs: every requirement of every installed distribution must be installed too."""
+    installed: dict[str, dict] = {}
+    for metadata_path in layer.glob("*.dist-info/METADATA"):
+        text = metadata_path.read_text(encoding="utf-8", errors="replace")
+        name = canonicalize_name(re.search(r"^Name: (.+)$", text, re.MULTILINE).group(1))
+        installed[name] = {"requires": re.findall(r"^Requires-Dist: (.+)$", text, re.MULTILINE)}
+    requested = {
+        canonicalize_name(r.name): r.extras
+        for r in map(Requirement, _requirement_lines(REPO / "shared" / "requirements.txt"))
+    }
+    assert set(requested) <= set(installed)
+    lambda_environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+                          "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+                          "platform_python_implementation": "CPython", "os_name": "posix"}
+    # Only Tokenizer.from_pretrained needs it; the layer loads tokenizer.json from the model directory.
+    left_out = {"huggingface-hub"}
+    for name, dist in installed.items():
+        for line in dist["requires"]:
+            requirement = Requirement(line)
+            extras = requested.get(name, set()) | {""}
+            if requirement.marker and not any(
+                requirement.marker.evaluate({**lambda_environment, "extra": extra}) for extra in extras
+            ):
+                continue
+            dependency = canonicalize_name(requirement.name)
+            assert dependency in installed or dependency in left_out, f"{name} needs {requirement}, not in the layer"
