@@ -13,10 +13,9 @@ from transformers import AutoConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, 
 
 from model_export import clip_vocab
 from model_export.errors import CheckpointNotClip, CheckpointUnavailable, ExportError
+from model_export.options import RANDOM_ARCHITECTURES
 
 log = logging.getLogger(__name__)
-
-RANDOM_ARCHITECTURES = ("vit-b-32", "tiny")
 
 # PIL resampling filter codes, as CLIPImageProcessor stores them.
 RESAMPLE_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -38,16 +37,24 @@ def load_checkpoint(model: str) -> Checkpoint:
     """Load a CLIP checkpoint from a local directory or a Hugging Face model id."""
     local = Path(model).is_dir()
     source = str(Path(model).resolve()) if local else model
+    # Without config.json transformers guesses the model type from the folder name ("empty" -> "mpt").
+    if local and not (Path(source) / "config.json").is_file():
+        raise CheckpointNotClip(model, "the directory has no config.json")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         if local:
-            raise CheckpointNotClip(model, f"no readable config.json ({error})") from error
+            raise CheckpointNotClip(model, f"no readable config.json ({_first_line(error)})") from error
         raise CheckpointUnavailable(model, _first_line(error)) from error
     if config.model_type != "clip":
         raise CheckpointNotClip(model, f"its config has model_type {config.model_type!r}, expected 'clip'")
     log.info("loading CLIP weights from %s", source)
-    clip = CLIPModel.from_pretrained(source, torch_dtype=torch.float32).eval()
+    try:
+        clip = CLIPModel.from_pretrained(source, dtype=torch.float32).eval()
+    except OSError as error:
+        if local:
+            raise CheckpointNotClip(model, f"no loadable CLIP weights ({_first_line(error)})") from error
+        raise CheckpointUnavailable(model, _first_line(error)) from error
     try:
         tokenizer = CLIPTokenizerFast.from_pretrained(source)
     except (OSError, ValueError) as error:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from clipsearch.errors import ModelFilesInvalid
+from model_export.errors import ExportError
 
 BPE_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGE_COUNT = 49152 - 256 - 2  # lines 1..48894 of the vocabulary file, as the reference reads them
@@ -24,10 +24,10 @@ def bpe_vocab_path() -> Path:
     """The vocabulary inside the installed open_clip package, found without importing it (that needs torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFilesInvalid("open_clip_torch is not installed: pip install --no-deps open_clip_torch==3.3.0")
+        raise ExportError("open_clip_torch is not installed: pip install --no-deps open_clip_torch==3.3.0")
     path = Path(next(iter(spec.submodule_search_locations))) / BPE_VOCAB_FILE
     if not path.is_file():
-        raise ModelFilesInvalid(f"{path} is missing from the open_clip_torch installation")
+        raise ExportError(f"{path} is missing from the open_clip_torch installation")
     return path
 
 
@@ -46,7 +46,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes)}
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 def build_tokenizer_json() -> str:
@@ -95,7 +95,7 @@ def normalize_tokenizer_json(text: str) -> str:
     vocab = document["model"]["vocab"]
     for token in (START_OF_TEXT, END_OF_TEXT):
         if token not in vocab:
-            raise ModelFilesInvalid(f"tokenizer.json has no {token} token")
+            raise ExportError(f"tokenizer.json has no {token} token")
     document["added_tokens"] = []
     document["normalizer"] = None
     document["truncation"] = None

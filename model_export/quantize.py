@@ -34,7 +34,7 @@ class QuantizedCandidate:
         return self.figures["image_neighbours"]["mean_overlap"], worst
 
 
-def quantize_towers(fp32_dir: Path, target_dir: Path, weight_type: QuantType) -> None:
+def _quantize_towers(fp32_dir: Path, target_dir: Path, weight_type: QuantType) -> None:
     for graph in (TEXT_GRAPH, VISION_GRAPH):
         (target_dir / graph).parent.mkdir(parents=True, exist_ok=True)
         quantize_dynamic(fp32_dir / graph, target_dir / graph, weight_type=weight_type)
@@ -53,10 +53,12 @@ def best_quantization(
     for weight_type in WEIGHT_TYPES:
         directory = scratch_dir / weight_type.name
         log.info("quantizing both towers with %s weights", weight_type.name)
-        quantize_towers(fp32_dir, directory, weight_type)
+        _quantize_towers(fp32_dir, directory, weight_type)
         quantized = onnx_embeddings(directory, texts, images, threads)
         figures = {
-            "text": agreement(np.concatenate([fp32.text, fp32.text_padded]), np.concatenate([quantized.text, quantized.text_padded])),
+            "text": agreement(
+                np.concatenate([fp32.text, fp32.text_padded]), np.concatenate([quantized.text, quantized.text_padded])
+            ),
             "image": agreement(fp32.image, quantized.image),
             "image_neighbours": neighbour_overlap(fp32.image, quantized.image),
         }

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 CONTEXT_LENGTH = 77
 END_OF_TEXT = "<|endoftext|>"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Enough for ~200+ vectors in the neighbour check (each photo also gives a crop) at a bounded cost.
+MAX_PHOTOS = 150
 
 SAMPLE_TEXTS = (
     "a photo of a cat",
@@ -61,7 +63,7 @@ def text_samples(tokenizer_json: str) -> TextSamples:
     for text in SAMPLE_TEXTS:
         ids = tokenizer.encode(text).ids
         if len(ids) > CONTEXT_LENGTH:
-            ids = ids[: CONTEXT_LENGTH - 1] + [end_of_text]
+            ids = [*ids[: CONTEXT_LENGTH - 1], end_of_text]
         token_ids.append(np.asarray(ids, dtype=np.int64))
     padded = np.zeros((len(token_ids), CONTEXT_LENGTH), dtype=np.int64)
     for row, ids in enumerate(token_ids):
@@ -76,19 +78,23 @@ def image_samples(preprocess: dict[str, Any], photo_dir: Path | None, seed: int 
     random_pixels = rng.standard_normal((4, 3, size, size)).astype(np.float32)
     structured = _normalize(_structured_images(size, rng), preprocess)
     parts = {"random": random_pixels, "structured": structured}
-    photos = _photo_paths(photo_dir)
-    if photos:
-        processor = _image_processor(preprocess)
-        originals, crops = [], []
-        for path in photos:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                originals.append(image)
-                crops.append(_random_crop(image, rng))
-        parts["photos"] = processor(images=originals, return_tensors="np")["pixel_values"].astype(np.float32)
-        parts["photo_crops"] = processor(images=crops, return_tensors="np")["pixel_values"].astype(np.float32)
+    processor = _image_processor(preprocess)
+    originals, crops = [], []
+    for path in _photo_paths(photo_dir):
+        # Keep only the preprocessed pixels: a folder of camera photos would not fit in memory decoded.
+        try:
+            with Image.open(path) as photo:
+                image = ImageOps.exif_transpose(photo).convert("RGB")
+        except OSError as error:
+            log.warning("skipping sample photo %s: %s", path, error)
+            continue
+        originals.append(processor(images=image, return_tensors="np")["pixel_values"])
+        crops.append(processor(images=_random_crop(image, rng), return_tensors="np")["pixel_values"])
+    if originals:
+        parts["photos"] = np.concatenate(originals).astype(np.float32)
+        parts["photo_crops"] = np.concatenate(crops).astype(np.float32)
     elif photo_dir is not None:
-        log.warning("no photos under %s: checking on synthetic images only", photo_dir)
+        log.warning("no readable photos under %s: checking on synthetic images only", photo_dir)
     counts = {kind: len(pixels) for kind, pixels in parts.items()}
     return ImageSamples(pixel_values=np.concatenate(list(parts.values())), counts=counts)
 
@@ -112,10 +118,13 @@ def _structured_images(size: int, rng: np.random.Generator, count: int = 60) -> 
             mix = np.zeros_like(x)
         else:
             coarse = rng.random((8, 8)).astype(np.float32)
-            mix = np.asarray(
-                Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
-                dtype=np.float32,
-            ) / 255
+            mix = (
+                np.asarray(
+                    Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
+                    dtype=np.float32,
+                )
+                / 255
+            )
         images.append(mix[None] * colour_a[:, None, None] + (1 - mix[None]) * colour_b[:, None, None])
     return np.stack(images).astype(np.float32)
 
@@ -149,4 +158,4 @@ def _random_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 def _photo_paths(photo_dir: Path | None) -> list[Path]:
     if photo_dir is None or not photo_dir.is_dir():
         return []
-    return sorted(path for path in photo_dir.rglob("*") if path.suffix.lower() in PHOTO_SUFFIXES)
+    return sorted(path for path in photo_dir.rglob("*") if path.suffix.lower() in PHOTO_SUFFIXES)[:MAX_PHOTOS]

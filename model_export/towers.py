@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 
 import onnx
@@ -77,9 +78,7 @@ def export_towers(clip: CLIPModel, directory: Path, opset: int | None) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         for produced in scratch.glob("model.onnx*"):
             produced.rename(target.parent / produced.name)
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
+        shutil.rmtree(scratch)
     return graph_opset(directory / TEXT_GRAPH)
 
 

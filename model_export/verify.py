@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from transformers import CLIPModel
 
+from model_export.errors import ParityFailure
 from model_export.samples import ImageSamples, TextSamples
 from model_export.towers import TEXT_GRAPH, VISION_GRAPH
 
+log = logging.getLogger(__name__)
+
 IMAGE_BATCH = 16
+PARITY_THRESHOLD = 0.99999
 NEIGHBOURS = 10
 
 
@@ -41,9 +47,7 @@ def torch_embeddings(clip: CLIPModel, texts: TextSamples, images: ImageSamples) 
     return SampleEmbeddings(text=text, text_padded=text_padded, image=image)
 
 
-def onnx_embeddings(
-    model_dir: Path, texts: TextSamples, images: ImageSamples, threads: int | None
-) -> SampleEmbeddings:
+def onnx_embeddings(model_dir: Path, texts: TextSamples, images: ImageSamples, threads: int | None) -> SampleEmbeddings:
     text_session = _session(model_dir / TEXT_GRAPH, threads)
     text = np.concatenate([text_session.run(["text_embeds"], {"input_ids": ids[None]})[0] for ids in texts.token_ids])
     text_padded = text_session.run(["text_embeds"], {"input_ids": texts.padded})[0]
@@ -55,11 +59,38 @@ def onnx_embeddings(
     return SampleEmbeddings(text=text, text_padded=text_padded, image=image)
 
 
+def check_onnx_vs_torch(reference: SampleEmbeddings, exported: SampleEmbeddings) -> dict[str, Any]:
+    """Agreement of the exported graphs with PyTorch; raise ParityFailure below the threshold."""
+    figures = {
+        "threshold": PARITY_THRESHOLD,
+        "text": agreement(
+            np.concatenate([reference.text, reference.text_padded]),
+            np.concatenate([exported.text, exported.text_padded]),
+        ),
+        "image": agreement(reference.image, exported.image),
+        "text_padding_max_abs_diff": float(np.abs(exported.text - exported.text_padded).max()),
+    }
+    log.info(
+        "ONNX vs PyTorch: text min cosine %.8f (max abs diff %.2e), image min cosine %.8f (max abs diff %.2e)",
+        figures["text"]["min_cosine"],
+        figures["text"]["max_abs_diff"],
+        figures["image"]["min_cosine"],
+        figures["image"]["max_abs_diff"],
+    )
+    worst = min(figures["text"]["min_cosine"], figures["image"]["min_cosine"])
+    if worst < PARITY_THRESHOLD:
+        raise ParityFailure(
+            f"ONNX graphs drift from PyTorch: min cosine {worst:.8f} < {PARITY_THRESHOLD} "
+            f"(text {figures['text']}, image {figures['image']}); nothing was published"
+        )
+    return figures
+
+
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | int]:
     """Row-wise cosine (min, mean) and the largest absolute difference between two embedding matrices."""
     cosine = np.sum(_unit(reference) * _unit(candidate), axis=1)
     return {
-        "samples": int(len(reference)),
+        "samples": len(reference),
         "min_cosine": float(cosine.min()),
         "mean_cosine": float(cosine.mean()),
         "max_abs_diff": float(np.abs(reference - candidate).max()),
@@ -73,7 +104,12 @@ def neighbour_overlap(reference: np.ndarray, candidate: np.ndarray, k: int = NEI
     overlaps = np.array(
         [len(set(ours) & set(theirs)) / k for ours, theirs in zip(reference_lists, candidate_lists, strict=True)]
     )
-    return {"vectors": int(len(reference)), "k": k, "mean_overlap": float(overlaps.mean()), "min_overlap": float(overlaps.min())}
+    return {
+        "vectors": len(reference),
+        "k": k,
+        "mean_overlap": float(overlaps.mean()),
+        "min_overlap": float(overlaps.min()),
+    }
 
 
 def _neighbour_lists(vectors: np.ndarray, k: int) -> np.ndarray:
