@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk; nothing may pull torchvision.
-.venv/bin/python -m pip install -q -e ".[export,dev]"
+.venv/bin/python -m pip install -q -e ".[export,local,dev]"
 # open_clip's wheel carries the reference CLIP BPE vocabulary and tokenizer; its dependencies would pull a
 # CUDA torchvision, so it is installed alone.
 .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"

@@ -1,0 +1,207 @@
+"""`clipsearch ingest` and `clipsearch sync`: put a folder's images in the bucket and wait until indexed."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import mimetypes
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from botocore.exceptions import BotoCoreError, ClientError
+from tqdm import tqdm
+
+from clipsearch.cli.output import emit_json, note, random_weights_note
+from clipsearch.client import ApiError, ClipsearchClient
+from clipsearch.datasets import (
+    IMAGE_SUFFIXES,
+    dataset_prefix,
+    has_image_suffix,
+    image_key,
+)
+from clipsearch.errors import ClipsearchError
+from clipsearch.ingest import SOURCE_PATH_METADATA
+
+_POLL_SECONDS = 1.0
+
+
+@dataclass
+class IngestResult:
+    dataset: str
+    found: int = 0
+    uploaded: int = 0
+    skipped: int = 0
+    indexed: int = 0
+    pending: int = 0
+    failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _LocalImage:
+    path: Path
+    key: str
+    md5: str
+
+
+def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    started = time.monotonic()
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise ClipsearchError(f"not a folder: {folder}")
+    images = _local_images(folder, args.dataset)
+    if not images:
+        raise ClipsearchError(f"no images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    result = IngestResult(args.dataset, found=len(images))
+    before = _counts(client, args.dataset)
+    stored = {item.key: item.etag for item in client.object_store().list(dataset_prefix(args.dataset))}
+    changed = [image for image in images if stored.get(image.key) != image.md5]
+    result.skipped = len(images) - len(changed)
+    _upload(client, changed, args.workers)
+    result.uploaded = len(changed)
+    keys = {image.key: image.path for image in images}
+    summary = None
+    if not args.no_wait:
+        expected = len({*stored, *keys})  # every image of the dataset in the bucket now
+        replaced = sum(image.key in stored for image in changed)
+        summary = _wait_indexed(client, args.dataset, expected, before if replaced else None, args.timeout)
+        _fill(result, summary, keys)
+    result.seconds = round(time.monotonic() - started, 1)
+    _report(args, client, result, summary)
+    return 3 if result.failed else 0
+
+
+def sync(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    """Reconciles one dataset (announces what the catalog lacks), then waits until it is indexed."""
+    from clipsearch.cli.maintenance import reconcile
+
+    report = reconcile(client, args.dataset)
+    summary = _wait_indexed(client, args.dataset, report["scanned"], None, args.timeout)
+    counts = summary["counts"]
+    document = {**report, "indexed": counts.get("indexed", 0), "pending": counts.get("pending", 0),
+                "failed": [{"key": failure["key"], "reason": failure["reason"]}
+                           for failure in summary.get("recent_failures", [])]}
+    if args.json:
+        emit_json(document)
+    else:
+        print(f"dataset {args.dataset}: {report['scanned']} images in the bucket, {report['enqueued']} queued "
+              f"for indexing, {report['marked_deleted']} gone from the bucket marked deleted; "
+              f"now {document['indexed']} indexed, {len(document['failed'])} failed")
+        for failure in document["failed"]:
+            print(f"  failed: {failure['key']}: {failure['reason']}")
+    return 0
+
+
+def _local_images(folder: Path, dataset: str) -> list[_LocalImage]:
+    images = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and has_image_suffix(path.name) and not path.name.startswith("."):
+            relative = path.relative_to(folder).as_posix()
+            images.append(_LocalImage(path, image_key(dataset, relative), _md5(path)))
+    return images
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _upload(client: ClipsearchClient, images: list[_LocalImage], workers: int) -> None:
+    if not images:
+        return
+
+    def put(image: _LocalImage) -> None:
+        content_type = mimetypes.guess_type(image.path.name)[0] or "application/octet-stream"
+        # S3 metadata is ASCII: anything else in the path is percent-encoded.
+        source = quote(str(image.path.resolve()), safe="/ !#$&'()*+,:;=?@[]~-._")
+        client.s3.put_object(
+            Bucket=client.target.bucket, Key=image.key, Body=image.path.read_bytes(),
+            ContentType=content_type, Metadata={SOURCE_PATH_METADATA: source},
+        )
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(images), desc="uploading", unit="img", disable=None, leave=False
+    ) as progress:
+        futures = {pool.submit(put, image): image for image in images}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except (BotoCoreError, ClientError, OSError) as error:
+                for pending in futures:
+                    pending.cancel()
+                raise ClipsearchError(f"upload of {futures[future].path} failed: {error}") from None
+            progress.update()
+
+
+def _counts(client: ClipsearchClient, dataset: str) -> dict | None:
+    try:
+        return client.get_dataset(dataset)
+    except ApiError as error:
+        if error.code == "dataset_not_found":
+            return None
+        raise
+
+
+def _wait_indexed(client: ClipsearchClient, dataset: str, expected: int, before: dict | None, timeout: float) -> dict:
+    """Polls the dataset until `expected` images are indexed or failed and none is pending.
+
+    `before` (the dataset before replacing images) also requires the index to have moved on, since
+    replaced images keep their count while they are re-indexed.
+    """
+    deadline = time.monotonic() + timeout
+    with tqdm(total=expected, desc="indexing", unit="img", disable=None, leave=False) as progress:
+        while True:
+            summary = _counts(client, dataset)
+            counts = (summary or {}).get("counts", {})
+            done = counts.get("indexed", 0) + counts.get("failed", 0)
+            progress.n = min(done, expected)
+            progress.refresh()
+            moved = before is None or summary is None or (
+                summary["index_version"] != before["index_version"]
+                or counts.get("failed", 0) != before["counts"].get("failed", 0)
+            )
+            if summary is not None and done >= expected and counts.get("pending", 0) == 0 and moved:
+                return summary
+            if expected == 0:
+                return summary or {"counts": {}, "recent_failures": []}
+            if time.monotonic() > deadline:
+                raise ClipsearchError(
+                    f"timed out after {timeout:.0f} s waiting for dataset {dataset!r} to be indexed: "
+                    f"{counts.get('indexed', 0)} indexed, {counts.get('pending', 0)} pending, "
+                    f"{counts.get('failed', 0)} failed of {expected} (see `clipsearch local status`)"
+                )
+            time.sleep(_POLL_SECONDS)
+
+
+def _fill(result: IngestResult, summary: dict, keys: dict[str, Path]) -> None:
+    counts = summary.get("counts", {})
+    result.indexed = counts.get("indexed", 0)
+    result.pending = counts.get("pending", 0)
+    result.failed = [
+        {"path": str(keys.get(failure["key"], failure["key"])), "key": failure["key"], "reason": failure["reason"]}
+        for failure in summary.get("recent_failures", [])
+    ]
+
+
+def _report(args: argparse.Namespace, client: ClipsearchClient, result: IngestResult, summary: dict | None) -> None:
+    if summary and summary.get("model") and client.model_has_random_weights(summary["model"]):
+        note(random_weights_note(summary["model"]))
+    if args.json:
+        emit_json({"dataset": result.dataset, "found": result.found, "uploaded": result.uploaded,
+                   "skipped": result.skipped, "indexed": result.indexed, "pending": result.pending,
+                   "failed": [{"path": item["path"], "reason": item["reason"]} for item in result.failed],
+                   "seconds": result.seconds, "model": (summary or {}).get("model")})
+        return
+    print(f"dataset {result.dataset}: {result.found} images found, {result.uploaded} uploaded, "
+          f"{result.skipped} unchanged (skipped)")
+    if summary is not None:
+        print(f"indexed: {result.indexed} images in the dataset, {len(result.failed)} failed "
+              f"({result.seconds:.1f} s)")
+        for failure in result.failed:
+            print(f"  failed: {failure['path']}: {failure['reason']}")

