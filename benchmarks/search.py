@@ -1,0 +1,496 @@
+"""Benchmark search: warm p50/p99 (text, image), cold start and peak memory, next to the original project's way.
+
+For each size (clustered synthetic 512-d vectors, stored as the segment compaction would leave, with one
+catalog row per vector in a throwaway PostgreSQL, in a moto S3 endpoint over HTTP):
+- ours: a fresh process imports functions/search/app.py and answers HTTP API v2 events; cold start is
+  process start to first answer with the int8 text tower and the segment fetched from the S3 endpoint;
+- baseline: what the original project does per query: encode with PyTorch CLIP (random ViT-B/32, seed 0,
+  transformers), read the FAISS file from disk, open a new database connection for the paths;
+- scans: the in-memory scan alternatives on the same vectors (FAISS flat with 1 and 2 threads, NumPy
+  matrix-vector product, HNSW), to choose how search runs.
+
+    .venv/bin/python benchmarks/search.py [--sizes 10000,100000[,1000000]] [--queries 200]
+
+Needs the int8 ViT-B/32 model directory (exported when missing:
+python -m model_export --random-arch vit-b-32 --seed 0 --quantize int8 --out .cache/models/random-vit-b-32-seed0-int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_EVAL = REPO.parent / "shared" / "datasets" / "seed-eval"
+DEFAULT_MODEL = REPO / ".cache" / "models" / "random-vit-b-32-seed0-int8"
+DIM = 512
+K = 10
+TEXT_QUERIES = [
+    "a photo of a dog",
+    "sunset over the beach",
+    "a red car parked in front of the eiffel tower",
+    "two cats sleeping on a sofa",
+    "a bowl of fruit on a wooden table",
+    "people playing soccer in a stadium",
+    "a ship in a storm",
+    "flowers in a garden",
+]
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    if args.child:
+        return _child(args)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    model_dir = _model_dir(args.model)
+    rows = []
+    with _services() as (endpoint, database_url), tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
+        from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
+        from clipsearch.adapters.postgres_connection import Database
+
+        environment = _environment(endpoint, database_url, model_dir, Path(scratch))
+        store = _store(environment)
+        _upload_model(store, model_dir, _model_id(model_dir))
+        database = Database(database_url)
+        migrate(database)
+        catalog = PostgresCatalog(database)
+        for size in sizes:
+            vectors = _clustered(size, seed=size)
+            scans = _compare_scans(vectors, args.hnsw_max)
+            baseline = None
+            for layout in args.layouts.split(","):
+                dataset = f"bench{size}{layout}"
+                started = time.perf_counter()
+                index_type, ids = _index_dataset(catalog, store, dataset, _model_id(model_dir), vectors, layout)
+                _log(f"{dataset}: {size} vectors indexed as one {index_type} segment in "
+                     f"{time.perf_counter() - started:.1f} s")
+                ours = _run_child("service", environment, dataset, args, Path(scratch))
+                if baseline is None:
+                    baseline_file = Path(scratch) / f"{dataset}.faiss"
+                    _write_baseline_index(ids, vectors, baseline_file)
+                    baseline = _run_child("baseline", environment, dataset, args, Path(scratch), baseline_file)
+                rows.append({"size": size, "index_type": index_type, "ours": ours, "baseline": baseline,
+                             "scans": scans})
+                _print_size(rows[-1])
+            del vectors
+        database.close()
+    _print_summary(rows)
+    return 0
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+def _clustered(count: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """Real-like embeddings: tight clusters (approximate indexes look far better or worse on uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, DIM), dtype=np.float32)
+    vectors = np.empty((count, DIM), dtype=np.float32)
+    for start in range(0, count, 100_000):
+        stop = min(count, start + 100_000)
+        chunk = centres[rng.integers(0, clusters, stop - start)]
+        chunk += 0.6 * rng.standard_normal(chunk.shape, dtype=np.float32)
+        vectors[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return vectors
+
+
+def _index_dataset(
+    catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
+) -> tuple[str, np.ndarray]:
+    """One catalog row per vector, and the vectors as one segment: the type compaction would choose
+    ("compacted"), or HNSW whatever the size ("hnsw")."""
+    from clipsearch.datasets import image_key, segment_key
+    from clipsearch.ports import IndexedImage, NewImage, NewSegment
+    from clipsearch.segments import (
+        HNSW,
+        SegmentVectors,
+        build_segment,
+        choose_index_type,
+    )
+
+    row = catalog.ensure_dataset(dataset, model_id)
+    claims = catalog.claim_images(
+        row.id,
+        [
+            NewImage(store.bucket, image_key(dataset, f"img{i:07d}.jpg"), f"etag{i}", f"/data/photos/img{i:07d}.jpg",
+                     "0" * 64, 1000)
+            for i in range(len(vectors))
+        ],
+    )
+    ids = np.array([claim.id for claim in claims], dtype=np.int64)
+    index_type = choose_index_type(len(vectors)) if layout == "compacted" else HNSW
+    segment_id = uuid.uuid4().hex
+    segment = NewSegment(segment_id, segment_key(dataset, segment_id), len(vectors), index_type)
+    store.put(segment.object_key, build_segment(SegmentVectors(ids, vectors), index_type))
+    catalog.commit_batch(row.id, segment, [IndexedImage(int(i), 640, 480) for i in ids], [])
+    return index_type, ids
+
+
+def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
+    """The original project's index: one flat FAISS file on disk with the image ids."""
+    import faiss
+    from clipsearch.segments import SegmentVectors, build_index
+
+    faiss.write_index(build_index(SegmentVectors(ids, vectors)), str(path))
+
+
+# --- scan alternatives -------------------------------------------------------------------------------
+
+
+def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
+    import faiss
+    from clipsearch.segments import HNSW, SegmentVectors, build_index
+
+    rng = np.random.default_rng(7)
+    queries = vectors[rng.integers(0, len(vectors), 100)] + 0.05 * rng.standard_normal((100, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(vectors)
+    results: dict[str, float] = {}
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        results[f"faiss flat, {threads} thread{'s' if threads > 1 else ''}"] = _p50(
+            lambda q: flat.search(q[None], K), queries
+        )
+    results["numpy matrix-vector"] = _p50(lambda q: np.argpartition(vectors @ q, -K)[-K:], queries)
+    if len(vectors) <= hnsw_max:
+        started = time.perf_counter()
+        ids = np.arange(len(vectors), dtype=np.int64)
+        hnsw = build_index(SegmentVectors(ids, vectors), HNSW)
+        build_s = time.perf_counter() - started
+        faiss.omp_set_num_threads(1)
+        results["hnsw, 1 thread"] = _p50(lambda q: hnsw.search(q[None], K), queries)
+        _, exact = flat.search(queries, K)
+        _, approximate = hnsw.search(queries, K)
+        results["hnsw recall@10"] = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(approximate, exact)]))
+        results["hnsw build s"] = build_s
+    faiss.omp_set_num_threads(2)
+    return results
+
+
+def _p50(search, queries: np.ndarray) -> float:
+    search(queries[0])
+    durations = []
+    for query in queries:
+        started = time.perf_counter()
+        search(query)
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations) * 1000
+
+
+# --- child processes ---------------------------------------------------------------------------------
+
+
+def _run_child(kind: str, environment: dict, dataset: str, args, scratch: Path, index_file: Path | None = None) -> dict:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--child", kind, "--dataset", dataset,
+        "--queries", str(args.queries if kind == "service" else args.baseline_queries),
+        "--image-queries", str(args.image_queries if kind == "service" else args.baseline_image_queries),
+        "--model", str(args.model),
+    ] + (["--verbose"] if args.verbose else [])
+    if index_file:
+        command += ["--index-file", str(index_file)]
+    child_environment = {
+        **os.environ, **environment,
+        "CLIPSEARCH_MODEL_CACHE_DIR": str(scratch / f"model-cache-{uuid.uuid4().hex[:8]}"),  # cold: fetch again
+        "BENCH_SPAWNED_AT": repr(time.time()),
+    }
+    _log(f"{dataset}: running {kind}")
+    completed = subprocess.run(
+        command, env=child_environment, capture_output=True, text=True, cwd=REPO, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{completed.stderr[-4000:]}")
+    if args.verbose:
+        print(completed.stderr, file=sys.stderr)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _child(args) -> int:
+    spawned_at = float(os.environ["BENCH_SPAWNED_AT"])
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
+    query_images = _query_images(args.image_queries)
+    if args.child == "service":
+        text, image = _service_searchers(args.dataset)
+    else:
+        text, image = _baseline_searchers(
+            args.dataset, Path(args.index_file), os.environ["CLIPSEARCH_DATABASE_URL"], args.model
+        )
+    first_hits = text(TEXT_QUERIES[0])
+    cold_start_s = time.time() - spawned_at
+    started = time.perf_counter()
+    image(query_images[0])
+    first_image_s = time.perf_counter() - started
+    text_ms = _latencies(text, [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(args.queries)])
+    image_ms = _latencies(image, [query_images[i % len(query_images)] for i in range(args.image_queries)])
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    parts = _warm_text_parts(args.dataset, args.queries) if args.child == "service" else {}
+    print(json.dumps({
+        "cold_start_s": cold_start_s,
+        "first_image_query_s": first_image_s,
+        "first_hits": first_hits,
+        "text_p50_ms": float(np.percentile(text_ms, 50)),
+        "text_p99_ms": float(np.percentile(text_ms, 99)),
+        "image_p50_ms": float(np.percentile(image_ms, 50)),
+        "image_p99_ms": float(np.percentile(image_ms, 99)),
+        "peak_rss_mb": peak_rss_mb,
+        "parts": parts,
+    }))
+    return 0
+
+
+def _service_searchers(dataset: str):
+    """The real function: its module imported fresh, called with HTTP API v2 events."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_app", REPO / "functions" / "search" / "app.py")
+    function = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(function)
+
+    def call(path: str, body: str, content_type: str, encoded: bool) -> int:
+        event = {
+            "version": "2.0", "routeKey": f"POST {path}", "rawPath": path, "rawQueryString": f"k={K}",
+            "queryStringParameters": {"k": str(K)},
+            "headers": {"content-type": content_type}, "isBase64Encoded": encoded, "body": body,
+            "requestContext": {"http": {"method": "POST", "path": path}, "stage": "$default"},
+        }
+        response = function.handler(event, None)
+        if response["statusCode"] != 200:
+            raise RuntimeError(f"search failed: {response}")
+        return len(json.loads(response["body"])["results"])
+
+    def text(query: str) -> int:
+        return call(f"/datasets/{dataset}/search/text", json.dumps({"query": query, "k": K}), "application/json", False)
+
+    def image(data: bytes) -> int:
+        return call(f"/datasets/{dataset}/search/image", base64.b64encode(data).decode(), "image/jpeg", True)
+
+    return text, image
+
+
+def _baseline_searchers(dataset: str, index_file: Path, database_url: str, model_dir: Path):
+    """Per query: PyTorch encode, read the FAISS file, new database connection (the original project)."""
+    import faiss
+    import psycopg
+    import torch
+    from clipsearch.images import ImagePreprocessor
+    from clipsearch.model_files import ModelFiles
+
+    from model_export.checkpoint import build_random_checkpoint
+
+    clip = build_random_checkpoint("vit-b-32", 0).model.eval()
+    files = ModelFiles.open(model_dir)  # the same tokenizer and preprocessing as ours
+    tokenizer, preprocessor = files.tokenizer(), ImagePreprocessor(files.preprocess())
+
+    def lookup(vector: np.ndarray) -> int:
+        index = faiss.read_index(str(index_file))
+        _, ids = index.search(vector[None].astype(np.float32), K)
+        with psycopg.connect(database_url) as connection:
+            rows = connection.execute(
+                "SELECT id, object_key, source_path FROM images WHERE id = ANY(%s)", ([int(i) for i in ids[0]],)
+            ).fetchall()
+        return len(rows)
+
+    def text(query: str) -> int:
+        with torch.no_grad():
+            ids = torch.from_numpy(tokenizer.encode(query).ids[None].astype(np.int64))
+            vector = clip.get_text_features(input_ids=ids)[0].numpy()
+        return lookup(vector / np.linalg.norm(vector))
+
+    def image(data: bytes) -> int:
+        with torch.no_grad():
+            pixels = torch.from_numpy(preprocessor.prepare(data, "query").pixel_values[None])
+            vector = clip.get_image_features(pixel_values=pixels)[0].numpy()
+        return lookup(vector / np.linalg.norm(vector))
+
+    return text, image
+
+
+def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
+    """Where a warm text query's time goes: the text tower and the two catalog reads, timed alone."""
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.config import Settings
+    from clipsearch.encoders import OnnxTextEncoder
+    from clipsearch.model_files import ModelFiles
+    from clipsearch.wiring import build_database
+
+    settings = Settings.from_env()
+    files = ModelFiles.open(settings.model_cache_dir / settings.model_id)
+    encoder = OnnxTextEncoder.from_model_files(files, threads=1)  # as clipsearch.wiring builds it
+    catalog = PostgresCatalog(build_database(settings))
+    ids = list(range(1, 11))
+    queries = [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(count)]
+    return {
+        "text tower p50 ms": float(np.percentile(_latencies(encoder.embed_text, queries), 50)),
+        "dataset row p50 ms": float(np.percentile(_latencies(catalog.get_dataset, [dataset] * count), 50)),
+        "paths of 10 ids p50 ms": float(np.percentile(_latencies(lambda _: catalog.image_locations(ids), queries), 50)),
+    }
+
+
+def _latencies(search, queries: list) -> np.ndarray:
+    durations = []
+    for query in queries:
+        started = time.perf_counter()
+        search(query)
+        durations.append((time.perf_counter() - started) * 1000)
+    return np.array(durations)
+
+
+def _query_images(count: int) -> list[bytes]:
+    photos = sorted((SEED_EVAL / "val").glob("*.jp*g"))[: max(count, 1)]
+    if photos:
+        return [photo.read_bytes() for photo in photos]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        images.append(buffer.getvalue())
+    return images
+
+
+# --- services and setup ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _services():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
+
+    from clipsearch.local.postgres import start_cluster
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with tempfile.TemporaryDirectory(prefix="search-bench-pg-") as pg_dir:
+        cluster = start_cluster(Path(pg_dir) / "data")
+        try:
+            yield f"http://{host}:{port}", cluster.url
+        finally:
+            cluster.stop()
+            server.stop()
+
+
+def _environment(endpoint: str, database_url: str, model_dir: Path, scratch: Path) -> dict[str, str]:
+    return {
+        "CLIPSEARCH_BUCKET": "clipsearch-bench",
+        "CLIPSEARCH_MODEL_ID": _model_id(model_dir),
+        "CLIPSEARCH_DATABASE_URL": database_url,
+        "CLIPSEARCH_S3_ENDPOINT_URL": endpoint,
+        "CLIPSEARCH_MODEL_CACHE_DIR": str(scratch / "model-cache"),
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+def _store(environment: dict[str, str]):
+    from clipsearch.config import Settings
+    from clipsearch.wiring import aws_client, build_object_store
+
+    settings = Settings.from_env(environment)
+    aws_client("s3", settings).create_bucket(Bucket=settings.bucket)
+    return build_object_store(settings)
+
+
+def _upload_model(store, model_dir: Path, model_id: str) -> None:
+    from clipsearch.datasets import model_prefix
+
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            store.put(model_prefix(model_id) + path.relative_to(model_dir).as_posix(), path.read_bytes())
+
+
+def _model_dir(model: Path) -> Path:
+    if not (model / "manifest.json").exists():
+        _log(f"exporting {model} (int8 random ViT-B/32, seed 0)")
+        subprocess.run(
+            [sys.executable, "-m", "model_export", "--random-arch", "vit-b-32", "--seed", "0",
+             "--quantize", "int8", "--out", str(model)],
+            check=True, cwd=REPO,
+        )
+    return model
+
+
+def _model_id(model_dir: Path) -> str:
+    return json.loads((model_dir / "manifest.json").read_text())["model_id"]
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+
+def _print_size(row: dict) -> None:
+    ours, baseline = row["ours"], row["baseline"]
+    print(f"\n== {row['size']:,} vectors ({row['index_type']} segment) ==")
+    print(f"{'':26}{'ours':>12}{'baseline':>12}{'speed-up':>10}")
+    for label, key, unit in (
+        ("warm text p50", "text_p50_ms", "ms"), ("warm text p99", "text_p99_ms", "ms"),
+        ("warm image p50", "image_p50_ms", "ms"), ("warm image p99", "image_p99_ms", "ms"),
+        ("cold start (text)", "cold_start_s", "s"), ("first image query", "first_image_query_s", "s"),
+        ("peak RSS", "peak_rss_mb", "MB"),
+    ):
+        ratio = baseline[key] / ours[key] if ours[key] else float("nan")
+        print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{baseline[key]:12.2f}{ratio:9.1f}x")
+    print("parts of a warm text query, timed alone (ms):")
+    for name, value in ours["parts"].items():
+        print(f"  {name:28}{value:10.3f}")
+    print("scan alternatives (p50 ms per query, k=10):")
+    for name, value in row["scans"].items():
+        print(f"  {name:28}{value:10.3f}")
+    sys.stdout.flush()
+
+
+def _print_summary(rows: list[dict]) -> None:
+    print("\nsummary: size, warm text p50 ms (target <= 15 at 100k), cold start s (<= 2 at 100k), "
+          "text speed-up over baseline (>= 20x)")
+    for row in rows:
+        ours, baseline = row["ours"], row["baseline"]
+        print(f"  {row['size']:>9,} {row['index_type']:>5}  {ours['text_p50_ms']:7.2f} ms  {ours['cold_start_s']:5.2f} s  "
+              f"{baseline['text_p50_ms'] / ours['text_p50_ms']:6.1f}x")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated vector counts (1000000 optional)")
+    parser.add_argument("--layouts", default="compacted,hnsw",
+                        help="segment layouts to measure: compacted (the type compaction picks), hnsw")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="int8 model directory")
+    parser.add_argument("--queries", type=int, default=200, help="warm text queries (ours)")
+    parser.add_argument("--image-queries", type=int, default=40, help="warm image queries (ours)")
+    parser.add_argument("--baseline-queries", type=int, default=15)
+    parser.add_argument("--baseline-image-queries", type=int, default=8)
+    parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build an HNSW for comparison")
+    parser.add_argument("--verbose", action="store_true", help="show the timed log of each child process")
+    parser.add_argument("--child", choices=["service", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--index-file", help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

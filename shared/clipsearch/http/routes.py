@@ -1,0 +1,236 @@
+"""Route definitions of the search and dataset functions, and the OpenAPI document generated from them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler import (
+    APIGatewayHttpResolver,
+    Response,
+    content_types,
+)
+from aws_lambda_powertools.event_handler.openapi.params import Query
+from pydantic import ValidationError
+
+from clipsearch.dataset_service import DatasetService
+from clipsearch.errors import InvalidRequest, UnsupportedMediaType
+from clipsearch.http.errors import register_error_handlers
+from clipsearch.http.models import (
+    DatasetDeleted,
+    DatasetDetail,
+    DatasetList,
+    DatasetOut,
+    ErrorResponse,
+    FailureOut,
+    ImageSearchRequest,
+    SearchHitOut,
+    SearchResponse,
+    TextSearchRequest,
+)
+from clipsearch.ports import DatasetSummary
+from clipsearch.search import DEFAULT_K, MAX_K, SearchResult, SearchService
+
+API_TITLE = "clipsearch"
+API_VERSION = "1"
+
+KParam = Annotated[int | None, Query(ge=1, le=MAX_K, description=f"How many results (default {DEFAULT_K}).")]
+PresignParam = Annotated[bool, Query(description="Add a presigned GET URL to each result.")]
+
+
+def _responses(success: type, *errors: int) -> dict:
+    """The documented responses: Powertools drops its default 200 once any response is given."""
+    error = {"application/json": {"model": ErrorResponse}}
+    documented = {200: {"description": "OK", "content": {"application/json": {"model": success}}}}
+    documented.update({status: {"description": HTTPStatus(status).phrase, "content": error} for status in errors})
+    return documented
+
+
+_IMAGE_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ImageSearchRequest.model_json_schema()},
+        },
+    }
+}
+
+
+def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpResolver:
+    app = _resolver()
+
+    @app.post(
+        "/datasets/<dataset>/search/text",
+        summary="Search a dataset's images by text",
+        responses=_responses(SearchResponse, 400, 404, 409, 415, 500),
+        tags=["search"],
+    )
+    def search_text(dataset: str, request: TextSearchRequest, presign: PresignParam = False) -> SearchResponse:
+        started = time.perf_counter()
+        result = search_service().search_text(dataset, request.query, request.k, presign)
+        return _search_response(result, started)
+
+    @app.post(
+        "/datasets/<dataset>/search/image",
+        summary="Search a dataset's images by an example image",
+        description=(
+            "The image as the raw body (Content-Type image/*), or JSON with image_base64 or the key of "
+            "an image in the bucket (under datasets/; a missing key is 404)."
+        ),
+        responses=_responses(SearchResponse, 400, 404, 409, 413, 415, 500),
+        tags=["search"],
+        openapi_extensions=_IMAGE_REQUEST_BODY,
+    )
+    def search_image(dataset: str, k: KParam = None, presign: PresignParam = False) -> SearchResponse:
+        started = time.perf_counter()
+        service = search_service()
+        content_type = (app.current_event.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if content_type.startswith("image/"):
+            image = _raw_body(app.current_event)
+            result = service.search_image(dataset, image, "request body", k or DEFAULT_K, presign)
+        elif content_type in ("application/json", ""):
+            request = _image_request(app.current_event.decoded_body)
+            k = request.k or k or DEFAULT_K
+            if request.key is not None:
+                result = service.search_stored_image(dataset, request.key, k, presign)
+            else:
+                image = _base64(request.image_base64 or "")
+                result = service.search_image(dataset, image, "image_base64", k, presign)
+        else:
+            raise UnsupportedMediaType(
+                f"content type {content_type!r}: send image/* or application/json"
+            )
+        return _search_response(result, started)
+
+    _openapi_route(app)
+    return app
+
+
+def datasets_api(dataset_service: Callable[[], DatasetService]) -> APIGatewayHttpResolver:
+    app = _resolver()
+
+    @app.get("/datasets", summary="List datasets", responses=_responses(DatasetList, 500), tags=["datasets"])
+    def list_datasets() -> DatasetList:
+        return DatasetList(datasets=[_dataset_out(summary) for summary in dataset_service().list()])
+
+    @app.get(
+        "/datasets/<dataset>",
+        summary="Describe a dataset, with its most recent failures",
+        responses=_responses(DatasetDetail, 400, 404, 500),
+        tags=["datasets"],
+    )
+    def get_dataset(dataset: str) -> DatasetDetail:
+        summary = dataset_service().describe(dataset)
+        return DatasetDetail(
+            **_dataset_out(summary).model_dump(),
+            recent_failures=[
+                FailureOut(key=failure.key, reason=failure.reason, failed_at=failure.failed_at)
+                for failure in summary.recent_failures
+            ],
+        )
+
+    @app.delete(
+        "/datasets/<dataset>",
+        summary="Delete a dataset: its catalog rows, segments and images",
+        responses=_responses(DatasetDeleted, 400, 404, 500),
+        tags=["datasets"],
+    )
+    def delete_dataset(dataset: str) -> DatasetDeleted:
+        deletion = dataset_service().delete(dataset)
+        return DatasetDeleted(
+            dataset=deletion.dataset,
+            images=deletion.images,
+            segments=deletion.segments,
+            objects_deleted=deletion.objects_deleted,
+        )
+
+    _openapi_route(app)
+    return app
+
+
+def _resolver() -> APIGatewayHttpResolver:
+    app = APIGatewayHttpResolver(enable_validation=True)
+    register_error_handlers(app)
+    return app
+
+
+def _openapi_route(app: APIGatewayHttpResolver) -> None:
+    document: list[str] = []
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi():
+        if not document:  # generated on first request: nothing at import time
+            document.append(_without_422(app.get_openapi_json_schema(title=API_TITLE, version=API_VERSION)))
+        return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=document[0])
+
+
+def _without_422(document: str) -> str:
+    """Powertools documents 422 for validation errors; this API answers them with 400 (see http.errors)."""
+    parsed = json.loads(document)
+    for operations in parsed.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    return json.dumps(parsed)
+
+
+def _search_response(result: SearchResult, started: float) -> SearchResponse:
+    return SearchResponse(
+        dataset=result.dataset,
+        model=result.model_id,
+        k=result.k,
+        results=[
+            SearchHitOut(rank=hit.rank, score=hit.score, path=hit.path, key=hit.key, url=hit.url)
+            for hit in result.hits
+        ],
+        took_ms=round((time.perf_counter() - started) * 1000, 3),
+        truncated=result.truncated,
+    )
+
+
+def _dataset_out(summary: DatasetSummary) -> DatasetOut:
+    dataset = summary.dataset
+    return DatasetOut(
+        name=dataset.name,
+        model=dataset.model_id,
+        index_version=dataset.index_version,
+        counts=dict(summary.counts),
+        created_at=dataset.created_at,
+        updated_at=dataset.updated_at,
+    )
+
+
+def _raw_body(event) -> bytes:
+    body = event.body or ""
+    if event.is_base64_encoded:
+        return _base64(body)
+    return body.encode("utf-8", errors="surrogateescape")
+
+
+def _image_request(body: str | None) -> ImageSearchRequest:
+    if not body:
+        raise InvalidRequest("send the image as the body (image/*) or JSON with image_base64 or key")
+    try:
+        return ImageSearchRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise InvalidRequest(_validation_message(error)) from None
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for detail in error.errors(include_input=False, include_url=False):
+        location = ".".join(str(part) for part in detail["loc"])
+        parts.append(f"body.{location}: {detail['msg']}" if location else f"body: {detail['msg']}")
+    return "; ".join(parts)
+
+
+def _base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("the image is not valid base64") from None

@@ -1,0 +1,336 @@
+"""The search use case: embed a query, search the dataset's cached segments, return the top hits with paths.
+
+Warm caches live for the execution environment: the encoders (built lazily, text and vision apart, so
+a text query never loads the vision graph) and, per dataset, an immutable snapshot of its loaded
+segments and deleted ids. Each request reads the dataset row once; when `index_version` moved, only
+new segments are fetched (in parallel), retired ones are dropped and the deleted ids re-read.
+Snapshots are swapped whole, so concurrent requests never see a half-refreshed index.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import faiss
+import numpy as np
+
+from clipsearch.datasets import parse_image_key, validate_dataset_name
+from clipsearch.errors import (
+    DatasetNotFound,
+    ImageTooLarge,
+    InvalidRequest,
+    ModelMismatch,
+    ObjectNotFound,
+    TransientError,
+)
+from clipsearch.ports import Dataset, ObjectStore, SearchCatalog, SegmentRef
+from clipsearch.segments import load_segment
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 1000
+DEFAULT_K = 5
+
+
+class QueryVector(Protocol):
+    vector: np.ndarray  # float32 [embedding_dim], L2-normalized
+
+
+class TextQuery(QueryVector, Protocol):
+    truncated: bool  # the query was longer than the model's context
+
+
+class TextQueryEncoder(Protocol):
+    def embed_text(self, text: str) -> TextQuery: ...
+
+
+class ImageQueryEncoder(Protocol):
+    def embed_image(self, data: bytes, name: str) -> QueryVector: ...  # raises InvalidImage, ImageTooLarge
+
+
+class FaissSegment:
+    """A loaded segment (flat or HNSW, as it was built): its vector ids and a top-k inner-product search."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self._index = index
+        self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+
+    @classmethod
+    def load(cls, data: bytes) -> FaissSegment:
+        return cls(load_segment(data))
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the k nearest vectors to `query` ([1, dim]), best first."""
+        k = min(k, self._index.ntotal)
+        if k == 0:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        scores, ids = self._index.search(query, k)
+        return scores[0], ids[0]
+
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """Builds a value on first use, once, even when concurrent requests ask for it together."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._value is not None
+
+    def get(self) -> T:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._build()
+        return self._value
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    score: float
+    image_id: int
+    key: str
+    path: str  # the source path recorded at ingest, else the s3:// URI
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    dataset: str
+    model_id: str
+    k: int
+    hits: Sequence[SearchHit]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedSegment:
+    ref: SegmentRef
+    segment: FaissSegment
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """One dataset's segments as of `index_version`, with the deleted ids each segment still holds."""
+
+    dataset_id: int
+    index_version: int
+    segments: tuple[LoadedSegment, ...]
+    deleted_ids: np.ndarray  # sorted int64
+    deleted_per_segment: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls, dataset: Dataset, segments: Sequence[LoadedSegment], deleted_ids: set[int]
+    ) -> DatasetIndex:
+        deleted = np.array(sorted(deleted_ids), dtype=np.int64)
+        return cls(
+            dataset_id=dataset.id,
+            index_version=dataset.index_version,
+            segments=tuple(segments),
+            deleted_ids=deleted,
+            deleted_per_segment=tuple(
+                int(np.isin(loaded.segment.ids, deleted, assume_unique=True).sum()) for loaded in segments
+            ),
+        )
+
+    def is_current(self, dataset: Dataset) -> bool:
+        """True when this snapshot is at least as new as the row a request read (the catalog is read
+        after the row, so a snapshot may be newer than its label, never older)."""
+        return self.dataset_id == dataset.id and self.index_version >= dataset.index_version
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The k best live (image id, score) pairs: each segment is asked for k plus its deleted count,
+        so filtering deleted ids still leaves k; an id found in two segments counts once."""
+        candidates: list[tuple[float, int]] = []
+        for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
+            scores, ids = loaded.segment.search(vector, k + deleted_count)
+            found = ids >= 0
+            scores, ids = scores[found], ids[found]
+            if deleted_count:
+                live = ~np.isin(ids, self.deleted_ids)
+                scores, ids = scores[live], ids[live]
+            candidates.extend(zip(scores.tolist(), ids.tolist()))
+        candidates.sort(key=lambda candidate: -candidate[0])
+        hits: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for score, image_id in candidates:
+            if image_id not in seen:
+                seen.add(image_id)
+                hits.append((image_id, score))
+                if len(hits) == k:
+                    break
+        return hits
+
+
+class SearchService:
+    """Text and image search over one model's datasets, with caches kept warm between requests."""
+
+    def __init__(
+        self,
+        catalog: SearchCatalog,
+        store: ObjectStore,
+        model_id: str,
+        text_encoder: Callable[[], TextQueryEncoder],
+        image_encoder: Callable[[], ImageQueryEncoder],
+        max_image_bytes: int,
+        segment_load_threads: int = 8,
+    ) -> None:
+        self._catalog = catalog
+        self._store = store
+        self.model_id = model_id
+        self._text_encoder = Lazy(text_encoder)
+        self._image_encoder = Lazy(image_encoder)
+        self._max_image_bytes = max_image_bytes
+        self._segment_load_threads = segment_load_threads
+        self._background = Lazy(lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm-up"))
+        self._indexes: dict[str, DatasetIndex] = {}
+        self._refresh_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def search_text(self, dataset: str, query: str, k: int = DEFAULT_K, presign: bool = False) -> SearchResult:
+        _check_k(k)
+        if not query.strip():
+            raise InvalidRequest("query is empty")
+        self._warm_up(self._text_encoder)
+        row = self._dataset(dataset)
+        self._prefetch_index(row)
+        embedding = self._text_encoder.get().embed_text(query)
+        return self._search(row, embedding.vector, k, presign, truncated=embedding.truncated)
+
+    def search_image(
+        self, dataset: str, image: bytes, name: str = "query image", k: int = DEFAULT_K, presign: bool = False
+    ) -> SearchResult:
+        _check_k(k)
+        if len(image) > self._max_image_bytes:
+            raise ImageTooLarge(name, f"{len(image)} bytes is over the limit of {self._max_image_bytes}")
+        if not image:
+            raise InvalidRequest("the image is empty")
+        self._warm_up(self._image_encoder)
+        row = self._dataset(dataset)
+        self._prefetch_index(row)
+        embedding = self._image_encoder.get().embed_image(image, name)
+        return self._search(row, embedding.vector, k, presign)
+
+    def search_stored_image(
+        self, dataset: str, key: str, k: int = DEFAULT_K, presign: bool = False
+    ) -> SearchResult:
+        """Query by an image already in the bucket: any key under datasets/ (missing -> ObjectNotFound)."""
+        _check_k(k)
+        if parse_image_key(key) is None:
+            raise InvalidRequest(f"key {key!r} is not an image key under datasets/<dataset>/")
+        self._warm_up(self._image_encoder)
+        row = self._dataset(dataset)
+        self._prefetch_index(row)
+        image = self._store.get(key)
+        embedding = self._image_encoder.get().embed_image(image.data, key)
+        return self._search(row, embedding.vector, k, presign)
+
+    def _dataset(self, name: str) -> Dataset:
+        validate_dataset_name(name)
+        try:
+            row = self._catalog.get_dataset(name)
+        except DatasetNotFound:
+            self._indexes.pop(name, None)
+            raise
+        if row.model_id != self.model_id:
+            raise ModelMismatch(
+                f"dataset {name!r} was embedded by model {row.model_id!r}; this function serves {self.model_id!r}"
+            )
+        return row
+
+    def _search(
+        self, dataset: Dataset, vector: np.ndarray, k: int, presign: bool, truncated: bool = False
+    ) -> SearchResult:
+        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+        ranked = self._index(dataset).search(query, k)
+        locations = self._catalog.image_locations([image_id for image_id, _ in ranked]) if ranked else {}
+        hits = []
+        for image_id, score in ranked:
+            location = locations.get(image_id)
+            if location is None:  # removed between the index snapshot and now
+                continue
+            hits.append(
+                SearchHit(
+                    rank=len(hits) + 1,
+                    score=score,
+                    image_id=image_id,
+                    key=location.key,
+                    path=location.source_path or f"s3://{location.bucket}/{location.key}",
+                    url=self._store.presigned_url(location.key) if presign else None,
+                )
+            )
+        return SearchResult(dataset.name, dataset.model_id, k, hits, truncated)
+
+    def _warm_up(self, encoder: Lazy) -> None:
+        """On a cold start, fetches the model and opens its session while the catalog is read."""
+        if not encoder.ready:
+            self._background.get().submit(encoder.get)
+
+    def _prefetch_index(self, dataset: Dataset) -> None:
+        """Starts refreshing a stale index while the query is embedded: a cold start then costs the
+        slower of (model load, segment load), not their sum. `_index` later waits for it on its lock."""
+        cached = self._indexes.get(dataset.name)
+        if cached is None or not cached.is_current(dataset):
+            self._background.get().submit(self._index, dataset)
+
+    def _index(self, dataset: Dataset) -> DatasetIndex:
+        cached = self._indexes.get(dataset.name)
+        if cached is not None and cached.is_current(dataset):
+            return cached
+        with self._refresh_lock(dataset.name):
+            cached = self._indexes.get(dataset.name)
+            if cached is not None and cached.is_current(dataset):
+                return cached
+            refreshed = self._refresh(dataset, cached if cached and cached.dataset_id == dataset.id else None)
+            self._indexes[dataset.name] = refreshed
+            return refreshed
+
+    def _refresh(self, dataset: Dataset, previous: DatasetIndex | None) -> DatasetIndex:
+        refs = self._catalog.live_segments(dataset.id)
+        kept = {loaded.ref.id: loaded for loaded in previous.segments} if previous else {}
+        missing = [ref for ref in refs if ref.id not in kept]
+        loaded = self._load_segments(missing)
+        deleted = self._catalog.deleted_image_ids(dataset.id)
+        logger.info(
+            "dataset %s: index_version %s -> %s, %d segments (%d loaded, %d retired), %d deleted ids",
+            dataset.name, previous.index_version if previous else None, dataset.index_version,
+            len(refs), len(missing), len(set(kept) - {ref.id for ref in refs}), len(deleted),
+        )
+        segments = [kept.get(ref.id) or loaded[ref.id] for ref in refs]
+        return DatasetIndex.build(dataset, segments, deleted)
+
+    def _load_segments(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
+        def load(ref: SegmentRef) -> LoadedSegment:
+            try:
+                data = self._store.get(ref.object_key).data
+            except ObjectNotFound as error:
+                # Retired by a compaction between reading the catalog and fetching: the next try sees it.
+                raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
+            return LoadedSegment(ref, FaissSegment.load(data))
+
+        if len(refs) <= 1:
+            return {ref.id: load(ref) for ref in refs}
+        with ThreadPoolExecutor(max_workers=min(self._segment_load_threads, len(refs))) as pool:
+            return {loaded.ref.id: loaded for loaded in pool.map(load, refs)}
+
+    def _refresh_lock(self, dataset: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._refresh_locks.setdefault(dataset, threading.Lock())
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise InvalidRequest(f"k must be between 1 and {MAX_K}, got {k}")

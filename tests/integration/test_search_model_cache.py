@@ -1,0 +1,54 @@
+"""ModelCache against the S3 endpoint: fetch only a tower's files, once, with checksums verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from clipsearch.adapters.s3_store import S3ObjectStore
+from clipsearch.errors import ModelFilesInvalid
+from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
+from search_stack import MODEL_ID, upload_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(s3_client, bucket: str, tiny_model_dir: Path) -> S3ObjectStore:
+    upload_model(s3_client, bucket, tiny_model_dir)
+    return S3ObjectStore(s3_client, bucket)
+
+
+def test_fetches_only_the_tower_asked_for_and_only_once(store: S3ObjectStore, tmp_path: Path) -> None:
+    cache = ModelCache(store, tmp_path)
+    files = cache.model_files(MODEL_ID, TEXT_TOWER_FILES)
+    assert files.model_id == MODEL_ID and files.text_graph.is_file() and not files.vision_graph.exists()
+
+    # Once cached, the bucket is not read again for these files.
+    store.delete_many([f"models/{MODEL_ID}/{name}" for name in ("manifest.json", *TEXT_TOWER_FILES)])
+    again = ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES)
+    assert again.text_graph == files.text_graph
+
+    vision = cache.model_files(MODEL_ID, VISION_TOWER_FILES)
+    assert vision.vision_graph.is_file() and vision.preprocess_path.is_file()
+
+
+def test_a_corrupt_file_is_refused_and_not_kept(store: S3ObjectStore, tmp_path: Path, tiny_model_dir: Path) -> None:
+    graph = (tiny_model_dir / "text" / "model.onnx").read_bytes()
+    store.put(f"models/{MODEL_ID}/text/model.onnx", graph[:-1] + bytes([graph[-1] ^ 1]))
+    with pytest.raises(ModelFilesInvalid, match="sha256"):
+        ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES)
+    assert not (tmp_path / MODEL_ID / "text" / "model.onnx").exists()
+
+    store.put(f"models/{MODEL_ID}/text/model.onnx", graph)  # repaired upstream: the next try succeeds
+    assert ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES).text_graph.is_file()
+
+
+def test_a_missing_or_misnamed_model_is_refused(store: S3ObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesInvalid, match="no models/other-model/manifest.json"):
+        ModelCache(store, tmp_path).model_files("other-model", TEXT_TOWER_FILES)
+
+    manifest = store.get(f"models/{MODEL_ID}/manifest.json").data
+    store.put("models/renamed-model/manifest.json", manifest)
+    with pytest.raises(ModelFilesInvalid, match="names model 'random-tiny-seed0'"):
+        ModelCache(store, tmp_path).model_files("renamed-model", TEXT_TOWER_FILES)
