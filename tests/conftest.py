@@ -7,8 +7,10 @@ CLIPSEARCH_TEST_DATABASE_URL and CLIPSEARCH_TEST_AWS_ENDPOINT_URL; otherwise the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,18 +49,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server_url() -> Iterator[str]:
     url = os.environ.get("CLIPSEARCH_TEST_DATABASE_URL")
     if url:
         yield url
         return
     from clipsearch.local.postgres import start_cluster
 
-    cluster = start_cluster(tmp_path_factory.mktemp("pg") / "data")
+    # Outside pytest's basetemp: pytest resets that tree to mode 0700, which locks the server user out.
+    home = Path(tempfile.mkdtemp(prefix="clipsearch-test-pg-"))
+    cluster = start_cluster(home / "data")
     try:
         yield cluster.url
     finally:
         cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

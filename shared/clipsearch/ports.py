@@ -122,3 +122,141 @@ class SearchCatalog(Protocol):
     def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]: ...
 
     def remove_dataset(self, name: str) -> DatasetRemoval: ...  # raises DatasetNotFound
+
+
+# --- ingestion side -------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402  (appended section; numpy is a runtime dependency)
+
+from clipsearch.errors import InvalidImage  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Bytes of one image to embed, named for error messages."""
+
+    name: str
+    data: bytes
+
+
+class EmbeddedImage(Protocol):
+    vector: np.ndarray  # float32 [embedding_dim], L2-normalized
+    width: int
+    height: int
+
+
+class ImageEncoder(Protocol):
+    """Embeds images together; an undecodable image comes back as an InvalidImage, not raised."""
+
+    def embed_images(self, items: Sequence[ImageInput]) -> list[EmbeddedImage | InvalidImage]: ...
+
+
+class MessageQueue(Protocol):
+    """The ingestion queue: reconciliation feeds it S3-notification-shaped messages."""
+
+    def send(self, bodies: Sequence[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An object fetched from the bucket, about to be claimed for embedding."""
+
+    bucket: str
+    key: str
+    etag: str
+    source_path: str | None
+    sha256: str
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class ClaimedImage:
+    """A pending image row: its id becomes the FAISS vector id."""
+
+    id: int
+    key: str
+    etag: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    id: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NewSegment:
+    id: str
+    object_key: str
+    vector_count: int
+    index_type: str
+
+
+@dataclass(frozen=True)
+class BatchCommit:
+    """The outcome of committing a batch.
+
+    `stale_ids` non-empty means the batch's segment was not registered: those images were settled by
+    a concurrent batch, or carry content older than their key's live row; commit again without them.
+    """
+
+    index_version: int | None
+    stale_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class LiveImage:
+    id: int
+    key: str
+    etag: str
+    status: str
+
+
+class Catalog(SearchCatalog, Protocol):
+    """The catalog as ingestion, compaction and reconciliation write it."""
+
+    def ensure_dataset(self, name: str, model_id: str) -> Dataset: ...  # raises ModelMismatch
+
+    def claim_images(self, dataset_id: int, images: Sequence[NewImage]) -> list[ClaimedImage | None]:
+        """A pending row per image (reused after a crash), or None where that version is already live."""
+        ...
+
+    def commit_batch(
+        self,
+        dataset_id: int,
+        segment: NewSegment | None,
+        indexed: Sequence[IndexedImage],
+        failed: Sequence[FailedImage],
+    ) -> BatchCommit: ...
+
+    def remove_images(self, dataset: str, key: str, keep_etag: str | None) -> int:
+        """Marks deleted the live rows of `key` (except the version `keep_etag`); returns how many."""
+        ...
+
+    def remove_image_ids(self, dataset_id: int, ids: Sequence[int]) -> int: ...
+
+    def live_images(self, dataset: str) -> Mapping[str, LiveImage]: ...  # by key; pending included
+
+    def segment_members(self, dataset_id: int) -> Mapping[int, str]:
+        """Indexed image id -> the one segment whose copy of its vector counts."""
+        ...
+
+    def publish_compaction(
+        self, dataset_id: int, merged: NewSegment, replaced: Sequence[str], kept_ids: Sequence[int]
+    ) -> int | None:
+        """Swaps `replaced` for `merged` under the dataset's lock; None if another compaction won."""
+        ...
+
+    def retired_segments(self, dataset_id: int, retired_before: datetime) -> Sequence[SegmentRef]: ...
+
+    def forget_segments(self, ids: Sequence[str]) -> None: ...
+
+    def segment_keys(self, dataset_id: int) -> set[str]: ...

@@ -53,3 +53,96 @@ def get_object_store() -> S3ObjectStore:
 @lru_cache(maxsize=1)
 def get_database() -> Database:
     return build_database(get_settings())
+
+
+# --- search and dataset functions -----------------------------------------------------------------
+# Imports inside the factories: the datasets function never pays for onnxruntime or faiss.
+
+
+@lru_cache(maxsize=1)
+def get_search_service():
+    import faiss
+
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.encoders import OnnxImageEncoder, OnnxTextEncoder
+    from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
+    from clipsearch.search import SearchService
+
+    settings = get_settings()
+    # One query at a time scans faster on one thread than on two (benchmarks/search.py), and the
+    # other core stays free for a concurrent request or the text tower.
+    faiss.omp_set_num_threads(1)
+    models = ModelCache(get_object_store(), settings.model_cache_dir)
+    # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
+    # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
+    text_threads = settings.onnx_threads or 1
+    return SearchService(
+        catalog=PostgresCatalog(get_database()),
+        store=get_object_store(),
+        model_id=settings.model_id,
+        text_encoder=lambda: OnnxTextEncoder.from_model_files(
+            models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads
+        ),
+        image_encoder=lambda: OnnxImageEncoder.from_model_files(
+            models.model_files(settings.model_id, VISION_TOWER_FILES),
+            settings.onnx_threads or None,
+            settings.max_image_pixels,
+        ),
+        max_image_bytes=settings.max_request_image_bytes,
+    )
+
+
+@lru_cache(maxsize=1)
+def get_dataset_service():
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.dataset_service import DatasetService
+
+    return DatasetService(PostgresCatalog(get_database()), get_object_store())
+
+
+# --- ingestion and maintenance functions ----------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def get_ingest_service():
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.encoders import OnnxImageEncoder
+    from clipsearch.ingest import IngestService
+    from clipsearch.model_cache import VISION_TOWER_FILES, ModelCache
+
+    settings = get_settings()
+    files = ModelCache(get_object_store(), settings.model_cache_dir).model_files(
+        settings.model_id, VISION_TOWER_FILES
+    )
+    encoder = OnnxImageEncoder.from_model_files(
+        files, settings.onnx_threads or None, settings.max_image_pixels
+    )
+    return IngestService(get_object_store(), PostgresCatalog(get_database()), encoder, settings.model_id)
+
+
+@lru_cache(maxsize=1)
+def get_compaction_service():
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.compaction import CompactionPolicy, CompactionService
+
+    settings = get_settings()
+    policy = CompactionPolicy(
+        max_segments=settings.compact_max_segments,
+        deleted_fraction=settings.compact_deleted_fraction,
+        orphan_grace_seconds=settings.orphan_grace_seconds,
+    )
+    return CompactionService(get_object_store(), PostgresCatalog(get_database()), policy)
+
+
+@lru_cache(maxsize=1)
+def get_reconcile_service():
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.adapters.sqs_queue import SqsQueue
+    from clipsearch.config import ConfigurationError
+    from clipsearch.reconcile import ReconcileService
+
+    settings = get_settings()
+    if not settings.queue_url:
+        raise ConfigurationError("reconciliation needs CLIPSEARCH_QUEUE_URL (the ingestion queue)")
+    queue = SqsQueue(aws_client("sqs", settings), settings.queue_url)
+    return ReconcileService(get_object_store(), PostgresCatalog(get_database()), queue)

@@ -1,0 +1,30 @@
+"""The compaction function: on a schedule (all datasets) or for {"dataset": name, "force": bool}."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from clipsearch.compaction import CompactionService
+from clipsearch.wiring import get_compaction_service
+
+logger = Logger(service="clipsearch-compact")
+metrics = Metrics(namespace="clipsearch", service="compact")
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def handler(event: dict, context) -> dict:
+    return handle(event, get_compaction_service())
+
+
+def handle(event: dict, service: CompactionService) -> dict:
+    force = bool(event.get("force", False))
+    dataset = event.get("dataset")
+    reports = [service.compact_dataset(dataset, force)] if dataset else service.compact_all(force)
+    for report in reports:
+        metrics.add_metric("SegmentsMerged", MetricUnit.Count, report.merged_segments)
+        metrics.add_metric("VectorsDropped", MetricUnit.Count, report.vectors_dropped)
+        metrics.add_metric("SegmentObjectsRemoved", MetricUnit.Count, report.objects_removed)
+    return {"datasets": [asdict(report) for report in reports]}

@@ -1,0 +1,56 @@
+"""The preprocessing function: SQS batches of S3 notifications -> index segments + catalog rows."""
+
+from __future__ import annotations
+
+import time
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from clipsearch.errors import InvalidRequest, TransientError
+from clipsearch.events import parse_message
+from clipsearch.ingest import IngestService
+from clipsearch.wiring import get_ingest_service
+
+logger = Logger(service="clipsearch-preprocess")
+metrics = Metrics(namespace="clipsearch", service="preprocess")
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def handler(event: dict, context) -> dict:
+    return handle(event, context, get_ingest_service())
+
+
+def handle(event: dict, context, service: IngestService) -> dict:
+    """Embeds the whole batch together, then reports the messages to retry as batchItemFailures."""
+    started = time.perf_counter()
+    events, failures = [], {}
+    for record in event["Records"]:
+        try:
+            events.extend(parse_message(record["messageId"], record["body"]))
+        except InvalidRequest as error:  # left to the dead-letter queue, where someone can read it
+            logger.error("unreadable message", extra={"message_id": record["messageId"], "error": str(error)})
+            failures[record["messageId"]] = str(error)
+    report = service.ingest(events)
+    failures.update(report.retry)
+
+    def record_handler(record: SQSRecord) -> None:
+        if record.message_id in failures:
+            raise TransientError(failures[record.message_id])
+
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    response = process_partial_response(event, record_handler, processor, context)
+    metrics.add_metric("ImagesIndexed", MetricUnit.Count, report.indexed)
+    metrics.add_metric("ImagesFailed", MetricUnit.Count, report.failed)
+    metrics.add_metric("ImagesRemoved", MetricUnit.Count, report.removed)
+    metrics.add_metric("MessagesRetried", MetricUnit.Count, len(failures))
+    metrics.add_metric("BatchLatency", MetricUnit.Milliseconds, (time.perf_counter() - started) * 1000)
+    for size in report.segment_bytes:
+        metrics.add_metric("SegmentBytes", MetricUnit.Bytes, size)
+    return response

@@ -1,0 +1,436 @@
+"""PostgresCatalog: datasets, segments and images in PostgreSQL (psycopg 3), plus the schema migrations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from importlib import resources
+
+import psycopg
+
+from clipsearch.adapters.postgres_connection import Database
+from clipsearch.datasets import validate_dataset_name
+from clipsearch.errors import DatasetNotFound, ModelMismatch
+from clipsearch.ports import (
+    IMAGE_STATUSES,
+    BatchCommit,
+    ClaimedImage,
+    Dataset,
+    DatasetRemoval,
+    DatasetSummary,
+    FailedImage,
+    ImageFailure,
+    ImageLocation,
+    IndexedImage,
+    LiveImage,
+    NewImage,
+    NewSegment,
+    SegmentRef,
+)
+
+logger = logging.getLogger(__name__)
+
+# Any constant works: it only has to be the same for every process applying migrations.
+_MIGRATION_LOCK = 0x636C6970  # "clip"
+_DATASET_COLUMNS = "id, name, model_id, index_version, created_at, updated_at"
+
+
+def migrate(database: Database) -> list[str]:
+    """Applies the migrations not yet recorded, in order, in one transaction; returns their names.
+
+    Idempotent and safe to run concurrently: an advisory lock makes a second caller wait, then find
+    everything applied.
+    """
+    scripts = sorted(
+        (entry for entry in (resources.files("clipsearch") / "migrations").iterdir()
+         if entry.name.endswith(".sql")),
+        key=lambda entry: entry.name,
+    )
+    applied: list[str] = []
+    with database.transaction() as connection:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in connection.execute("SELECT version FROM schema_migrations")}
+        for script in scripts:
+            if script.name in done:
+                continue
+            connection.execute(script.read_text(encoding="utf-8"))
+            connection.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (script.name,))
+            applied.append(script.name)
+    if applied:
+        logger.info("applied migrations %s", applied)
+    return applied
+
+
+def _dataset(row: Mapping) -> Dataset:
+    return Dataset(
+        id=row["id"],
+        name=row["name"],
+        model_id=row["model_id"],
+        index_version=row["index_version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _segment(row: Mapping) -> SegmentRef:
+    return SegmentRef(row["id"], row["object_key"], row["vector_count"], row["index_type"])
+
+
+class PostgresCatalog:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    # --- as search reads it -----------------------------------------------------------------------
+
+    def get_dataset(self, name: str) -> Dataset:
+        validate_dataset_name(name)
+        with self._database.transaction() as connection:
+            row = connection.execute(
+                f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = %s", (name,)
+            ).fetchone()
+        if row is None:
+            raise DatasetNotFound(name)
+        return _dataset(row)
+
+    def list_datasets(self) -> Sequence[DatasetSummary]:
+        with self._database.transaction() as connection:
+            datasets = [
+                _dataset(row)
+                for row in connection.execute(f"SELECT {_DATASET_COLUMNS} FROM datasets ORDER BY name")
+            ]
+            counts = self._counts(connection, [dataset.id for dataset in datasets])
+        return [DatasetSummary(dataset, counts[dataset.id]) for dataset in datasets]
+
+    def summarize_dataset(self, name: str, failure_limit: int = 20) -> DatasetSummary:
+        dataset = self.get_dataset(name)
+        with self._database.transaction() as connection:
+            counts = self._counts(connection, [dataset.id])[dataset.id]
+            failures = [
+                ImageFailure(row["object_key"], row["failure_reason"] or "", row["updated_at"])
+                for row in connection.execute(
+                    "SELECT object_key, failure_reason, updated_at FROM images"
+                    " WHERE dataset_id = %s AND status = 'failed'"
+                    " ORDER BY updated_at DESC, id DESC LIMIT %s",
+                    (dataset.id, failure_limit),
+                )
+            ]
+        return DatasetSummary(dataset, counts, failures)
+
+    @staticmethod
+    def _counts(connection, dataset_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        counts = {dataset_id: dict.fromkeys(IMAGE_STATUSES, 0) for dataset_id in dataset_ids}
+        for row in connection.execute(
+            "SELECT dataset_id, status, count(*) AS n FROM images"
+            " WHERE dataset_id = ANY(%s) GROUP BY dataset_id, status",
+            (list(dataset_ids),),
+        ):
+            counts[row["dataset_id"]][row["status"]] = row["n"]
+        return counts
+
+    def live_segments(self, dataset_id: int) -> Sequence[SegmentRef]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT id, object_key, vector_count, index_type FROM segments"
+                " WHERE dataset_id = %s AND retired_at IS NULL ORDER BY created_version, id",
+                (dataset_id,),
+            ).fetchall()
+        return [_segment(row) for row in rows]
+
+    def deleted_image_ids(self, dataset_id: int) -> set[int]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT i.id FROM images i JOIN segments s ON s.id = i.segment_id"
+                " WHERE i.dataset_id = %s AND i.status = 'deleted' AND s.retired_at IS NULL",
+                (dataset_id,),
+            ).fetchall()
+        return {row["id"] for row in rows}
+
+    def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT id, bucket, object_key, source_path FROM images WHERE id = ANY(%s)",
+                ([int(image_id) for image_id in ids],),
+            ).fetchall()
+        return {
+            row["id"]: ImageLocation(row["id"], row["bucket"], row["object_key"], row["source_path"])
+            for row in rows
+        }
+
+    def remove_dataset(self, name: str) -> DatasetRemoval:
+        validate_dataset_name(name)
+        with self._database.transaction() as connection:
+            row = connection.execute(
+                "SELECT id FROM datasets WHERE name = %s FOR UPDATE", (name,)
+            ).fetchone()
+            if row is None:
+                raise DatasetNotFound(name)
+            image_keys = [
+                r["object_key"]
+                for r in connection.execute(
+                    "SELECT DISTINCT object_key FROM images WHERE dataset_id = %s ORDER BY object_key",
+                    (row["id"],),
+                )
+            ]
+            segment_keys = [
+                r["object_key"]
+                for r in connection.execute(
+                    "SELECT object_key FROM segments WHERE dataset_id = %s ORDER BY object_key",
+                    (row["id"],),
+                )
+            ]
+            connection.execute("DELETE FROM datasets WHERE id = %s", (row["id"],))
+        return DatasetRemoval(name, image_keys, segment_keys)
+
+    # --- as ingestion writes it -------------------------------------------------------------------
+
+    def ensure_dataset(self, name: str, model_id: str) -> Dataset:
+        validate_dataset_name(name)
+        with self._database.transaction() as connection:
+            connection.execute(
+                "INSERT INTO datasets (name, model_id) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, model_id),
+            )
+            dataset = _dataset(
+                connection.execute(
+                    f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = %s", (name,)
+                ).fetchone()
+            )
+        if dataset.model_id != model_id:
+            raise ModelMismatch(
+                f"dataset {name!r} is embedded with model {dataset.model_id!r}, not {model_id!r}"
+            )
+        return dataset
+
+    def claim_images(self, dataset_id: int, images: Sequence[NewImage]) -> list[ClaimedImage | None]:
+        """One statement for the whole list: one round trip per chunk, not two per image."""
+        distinct = list({(image.key, image.etag): image for image in images}.values())
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "WITH incoming AS ("
+                "  SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+                "    %s::bigint[]) AS t(bucket, object_key, etag, source_path, sha256, byte_size))"
+                " INSERT INTO images"
+                " (dataset_id, bucket, object_key, etag, source_path, sha256, byte_size, attempts)"
+                " SELECT %s, i.bucket, i.object_key, i.etag, i.source_path, i.sha256, i.byte_size, 1"
+                " FROM incoming i WHERE NOT EXISTS ("
+                "   SELECT 1 FROM images l WHERE l.dataset_id = %s AND l.object_key = i.object_key"
+                "   AND l.etag = i.etag AND l.status IN ('indexed', 'failed'))"
+                " ON CONFLICT (dataset_id, object_key, etag) WHERE status = 'pending'"
+                " DO UPDATE SET attempts = images.attempts + 1, updated_at = now()"
+                " RETURNING id, object_key, etag, attempts",
+                (
+                    [image.bucket for image in distinct],
+                    [image.key for image in distinct],
+                    [image.etag for image in distinct],
+                    [image.source_path for image in distinct],
+                    [image.sha256 for image in distinct],
+                    [image.byte_size for image in distinct],
+                    dataset_id,
+                    dataset_id,
+                ),
+            ).fetchall()
+        claimed = {
+            (row["object_key"], row["etag"]): ClaimedImage(row["id"], row["object_key"], row["etag"], row["attempts"])
+            for row in rows
+        }
+        return [claimed.get((image.key, image.etag)) for image in images]
+
+    def commit_batch(
+        self,
+        dataset_id: int,
+        segment: NewSegment | None,
+        indexed: Sequence[IndexedImage],
+        failed: Sequence[FailedImage],
+    ) -> BatchCommit:
+        ids = [image.id for image in indexed] + [image.id for image in failed]
+        refused: frozenset[int] = frozenset()
+        with self._database.transaction() as connection:
+            # The dataset row lock serializes commits (and compactions) of one dataset.
+            version = connection.execute(
+                "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
+                " WHERE id = %s RETURNING index_version",
+                (dataset_id,),
+            ).fetchone()["index_version"]
+            pending = {
+                row["id"]: row["object_key"]
+                for row in connection.execute(
+                    "SELECT id, object_key FROM images WHERE id = ANY(%s) AND status = 'pending'"
+                    " FOR UPDATE",
+                    (ids,),
+                )
+            }
+            # A claim older than the live row of its key carries older content (its batch fetched
+            # the object before the newer upload): it must not replace that row.
+            outdated = [
+                row["id"]
+                for row in connection.execute(
+                    "SELECT p.id FROM images p JOIN images l ON l.dataset_id = p.dataset_id"
+                    " AND l.object_key = p.object_key AND l.status IN ('indexed', 'failed')"
+                    " AND l.id > p.id WHERE p.id = ANY(%s)",
+                    (list(pending),),
+                )
+            ]
+            refused = (frozenset(ids) - pending.keys()) | frozenset(outdated)
+            if outdated:
+                connection.execute(
+                    "UPDATE images SET status = 'deleted', deleted_version = %s, updated_at = now()"
+                    " WHERE id = ANY(%s)",
+                    (version, outdated),
+                )
+            elif refused:
+                raise psycopg.Rollback()
+            else:
+                self._apply_batch(connection, dataset_id, version, segment, indexed, failed,
+                                  sorted(set(pending.values())))
+        if refused:
+            return BatchCommit(None, refused)
+        return BatchCommit(version)
+
+    @staticmethod
+    def _apply_batch(connection, dataset_id, version, segment, indexed, failed, keys) -> None:
+        """Supersedes the keys' live rows, registers the segment, and settles the claimed rows."""
+        connection.execute(
+            "UPDATE images SET status = 'deleted', deleted_version = %s, updated_at = now()"
+            " WHERE dataset_id = %s AND object_key = ANY(%s) AND status IN ('indexed', 'failed')",
+            (version, dataset_id, keys),
+        )
+        if segment is not None:
+            connection.execute(
+                "INSERT INTO segments (id, dataset_id, object_key, vector_count, index_type,"
+                " created_version) VALUES (%s, %s, %s, %s, %s, %s)",
+                (segment.id, dataset_id, segment.object_key, segment.vector_count, segment.index_type,
+                 version),
+            )
+        with connection.cursor() as cursor:
+            if indexed:
+                cursor.executemany(
+                    "UPDATE images SET status = 'indexed', segment_id = %s, width = %s, height = %s,"
+                    " failure_reason = NULL, updated_at = now() WHERE id = %s",
+                    [(segment.id, image.width, image.height, image.id) for image in indexed],
+                )
+            if failed:
+                cursor.executemany(
+                    "UPDATE images SET status = 'failed', failure_reason = %s, updated_at = now()"
+                    " WHERE id = %s",
+                    [(image.reason, image.id) for image in failed],
+                )
+
+    def remove_images(self, dataset: str, key: str, keep_etag: str | None) -> int:
+        with self._database.transaction() as connection:
+            row = connection.execute("SELECT id FROM datasets WHERE name = %s", (dataset,)).fetchone()
+            if row is None:
+                return 0
+            return self._remove(
+                connection,
+                row["id"],
+                "object_key = %s AND etag IS DISTINCT FROM %s",
+                (key, keep_etag),
+            )
+
+    def remove_image_ids(self, dataset_id: int, ids: Sequence[int]) -> int:
+        with self._database.transaction() as connection:
+            return self._remove(connection, dataset_id, "id = ANY(%s)", (list(ids),))
+
+    @staticmethod
+    def _remove(connection, dataset_id: int, condition: str, params: tuple) -> int:
+        """Marks matching live or pending rows deleted; bumps index_version only when something changed."""
+        connection.execute("SELECT 1 FROM datasets WHERE id = %s FOR UPDATE", (dataset_id,))
+        victims = connection.execute(
+            f"SELECT id FROM images WHERE dataset_id = %s AND status <> 'deleted' AND {condition}"
+            " FOR UPDATE",
+            (dataset_id, *params),
+        ).fetchall()
+        if not victims:
+            return 0
+        version = connection.execute(
+            "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
+            " WHERE id = %s RETURNING index_version",
+            (dataset_id,),
+        ).fetchone()["index_version"]
+        connection.execute(
+            "UPDATE images SET status = 'deleted', deleted_version = %s, updated_at = now()"
+            " WHERE id = ANY(%s)",
+            (version, [row["id"] for row in victims]),
+        )
+        return len(victims)
+
+    def live_images(self, dataset: str) -> Mapping[str, LiveImage]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT i.id, i.object_key, i.etag, i.status FROM images i"
+                " JOIN datasets d ON d.id = i.dataset_id"
+                " WHERE d.name = %s AND i.status <> 'deleted' ORDER BY i.id",
+                (dataset,),
+            ).fetchall()
+        # Ordered by id, so a later pending version of a key wins over its live predecessor.
+        return {row["object_key"]: LiveImage(row["id"], row["object_key"], row["etag"], row["status"])
+                for row in rows}
+
+    # --- as compaction writes it ------------------------------------------------------------------
+
+    def segment_members(self, dataset_id: int) -> Mapping[int, str]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT id, segment_id FROM images WHERE dataset_id = %s AND status = 'indexed'",
+                (dataset_id,),
+            ).fetchall()
+        return {row["id"]: row["segment_id"] for row in rows}
+
+    def publish_compaction(
+        self, dataset_id: int, merged: NewSegment, replaced: Sequence[str], kept_ids: Sequence[int]
+    ) -> int | None:
+        with self._database.transaction() as connection:
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (dataset_id,))
+            still_live = connection.execute(
+                "SELECT count(*) AS n FROM segments WHERE id = ANY(%s) AND retired_at IS NULL",
+                (list(replaced),),
+            ).fetchone()["n"]
+            if still_live != len(replaced):
+                return None
+            version = connection.execute(
+                "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
+                " WHERE id = %s RETURNING index_version",
+                (dataset_id,),
+            ).fetchone()["index_version"]
+            connection.execute(
+                "INSERT INTO segments (id, dataset_id, object_key, vector_count, index_type,"
+                " created_version) VALUES (%s, %s, %s, %s, %s, %s)",
+                (merged.id, dataset_id, merged.object_key, merged.vector_count, merged.index_type,
+                 version),
+            )
+            connection.execute(
+                "UPDATE segments SET retired_at = now(), retired_version = %s WHERE id = ANY(%s)",
+                (version, list(replaced)),
+            )
+            connection.execute(
+                "UPDATE images SET segment_id = %s WHERE segment_id = ANY(%s) AND id = ANY(%s)",
+                (merged.id, list(replaced), list(kept_ids)),
+            )
+        return version
+
+    def retired_segments(self, dataset_id: int, retired_before: datetime) -> Sequence[SegmentRef]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT id, object_key, vector_count, index_type FROM segments"
+                " WHERE dataset_id = %s AND retired_at < %s ORDER BY id",
+                (dataset_id, retired_before),
+            ).fetchall()
+        return [_segment(row) for row in rows]
+
+    def forget_segments(self, ids: Sequence[str]) -> None:
+        with self._database.transaction() as connection:
+            connection.execute(
+                "DELETE FROM segments WHERE id = ANY(%s) AND retired_at IS NOT NULL", (list(ids),)
+            )
+
+    def segment_keys(self, dataset_id: int) -> set[str]:
+        with self._database.transaction() as connection:
+            rows = connection.execute(
+                "SELECT object_key FROM segments WHERE dataset_id = %s", (dataset_id,)
+            ).fetchall()
+        return {row["object_key"] for row in rows}

@@ -1,0 +1,283 @@
+"""The preprocessing use case: a batch of object events -> one immutable segment per dataset + one commit.
+
+Order of work for a batch: fetch every created object (in parallel, using the ETag actually fetched so
+a late, reordered event cannot bring back old content), claim a pending row per new version, embed the
+claimed images together (chunk by chunk while later fetches continue), then per dataset write the
+segment object first and commit second. Deletions are applied last.
+
+Two batches carrying the same (key, etag) claim the same pending row. Commits of one dataset are
+serialized on its row; the second commit sees that row no longer pending, commits nothing, and this
+service rebuilds its segment without those vectors and commits again. So a vector never sits in two
+live segments; the abandoned segment object is an orphan that compaction deletes after a grace period.
+
+If a key is overwritten while another batch still embeds the older version, the older commit can
+land last. Claims are ordered by id, so a claim older than its key's live row is refused (marked
+deleted) instead of replacing it. The order of claims follows the order of GETs except when two
+batches interleave between their GET and their claim; reconciliation (catalog etag != bucket etag)
+repairs that rare case.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import sha256
+
+import numpy as np
+
+from clipsearch.datasets import segment_key
+from clipsearch.errors import (
+    InvalidImage,
+    ModelMismatch,
+    ObjectNotFound,
+    TransientError,
+)
+from clipsearch.events import EventKind, ObjectEvent, chunks
+from clipsearch.ports import (
+    Catalog,
+    ClaimedImage,
+    Dataset,
+    FailedImage,
+    ImageEncoder,
+    ImageInput,
+    IndexedImage,
+    NewImage,
+    NewSegment,
+    ObjectStore,
+    StoredObject,
+)
+from clipsearch.segments import FLAT, SegmentVectors, build_segment
+
+logger = logging.getLogger(__name__)
+
+SOURCE_PATH_METADATA = "source-path"
+DEFAULT_FETCH_WORKERS = 4
+DEFAULT_EMBED_CHUNK = 64  # fewer restarts of the encoder's decode pipeline; 2 chunks of bytes in memory
+_COMMIT_ATTEMPTS = 5
+
+
+@dataclass
+class IngestReport:
+    """What a batch did; `retry` names the messages to hand back to the queue, with the reason."""
+
+    indexed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    skipped: int = 0
+    segments: list[NewSegment] = field(default_factory=list)
+    segment_bytes: list[int] = field(default_factory=list)
+    retry: dict[str, str] = field(default_factory=dict)
+
+    def retry_messages(self, events: Sequence[ObjectEvent], reason: str) -> None:
+        for event in events:
+            self.retry.setdefault(event.message_id, reason)
+
+
+@dataclass
+class _DatasetBatch:
+    """The images of one dataset embedded in this batch, waiting for their segment and commit."""
+
+    dataset: Dataset
+    rejection: str | None = None  # why none of its images may be embedded here (a model mismatch)
+    events: list[ObjectEvent] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    indexed: list[IndexedImage] = field(default_factory=list)
+    failed: list[FailedImage] = field(default_factory=list)
+
+    def drop(self, stale: frozenset[int]) -> None:
+        keep = [position for position, image_id in enumerate(self.ids) if image_id not in stale]
+        self.ids = [self.ids[position] for position in keep]
+        self.vectors = [self.vectors[position] for position in keep]
+        self.indexed = [image for image in self.indexed if image.id not in stale]
+        self.failed = [image for image in self.failed if image.id not in stale]
+
+
+@dataclass
+class _Fetched:
+    events: list[ObjectEvent]
+    stored: StoredObject
+
+
+class IngestService:
+    def __init__(
+        self,
+        store: ObjectStore,
+        catalog: Catalog,
+        encoder: ImageEncoder,
+        model_id: str,
+        fetch_workers: int = DEFAULT_FETCH_WORKERS,
+        embed_chunk: int = DEFAULT_EMBED_CHUNK,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._encoder = encoder
+        self._model_id = model_id
+        self._fetch_workers = fetch_workers
+        self._embed_chunk = embed_chunk
+
+    def ingest(self, events: Sequence[ObjectEvent]) -> IngestReport:
+        report = IngestReport()
+        ours = [event for event in events if self._is_ours(event, report)]
+        created: dict[str, list[ObjectEvent]] = {}
+        for event in ours:
+            if event.kind is EventKind.CREATED:
+                created.setdefault(event.key, []).append(event)
+        batches = self._embed(created, report)
+        for batch in batches.values():
+            if batch.indexed or batch.failed:
+                self._publish(batch, report)
+        for event in ours:
+            if event.kind is EventKind.REMOVED:
+                self._remove(event, report)
+        return report
+
+    def _is_ours(self, event: ObjectEvent, report: IngestReport) -> bool:
+        if event.bucket != self._store.bucket:
+            logger.warning("ignoring %r: bucket %r is not %r", event.key, event.bucket, self._store.bucket)
+            report.skipped += 1
+            return False
+        return True
+
+    def _embed(self, created: dict[str, list[ObjectEvent]], report: IngestReport) -> dict[str, _DatasetBatch]:
+        """Fetches one chunk ahead of the one being embedded: S3 latency hides behind inference, and
+        memory holds two chunks of image bytes, whatever the batch size."""
+        batches: dict[str, _DatasetBatch] = {}
+        key_chunks = list(chunks(list(created.items()), self._embed_chunk))
+        with ThreadPoolExecutor(self._fetch_workers, thread_name_prefix="fetch") as pool:
+
+            def fetch(chunk: Sequence[tuple[str, list[ObjectEvent]]]) -> list:
+                return [(events, pool.submit(self._store.get, key)) for key, events in chunk]
+
+            upcoming = fetch(key_chunks[0]) if key_chunks else []
+            for position in range(len(key_chunks)):
+                current = upcoming
+                upcoming = fetch(key_chunks[position + 1]) if position + 1 < len(key_chunks) else []
+                fetched = [item for item in (self._fetched(*pair, report) for pair in current) if item]
+                claimed = self._claim(fetched, batches, report)
+                results = self._encoder.embed_images(
+                    [ImageInput(item.stored.key, item.stored.data) for _, _, item in claimed]
+                )
+                for (batch, claim, item), result in zip(claimed, results):
+                    batch.events.extend(item.events)
+                    if isinstance(result, InvalidImage):
+                        batch.failed.append(FailedImage(claim.id, result.reason))
+                    else:
+                        batch.ids.append(claim.id)
+                        batch.vectors.append(result.vector)
+                        batch.indexed.append(IndexedImage(claim.id, result.width, result.height))
+        return batches
+
+    def _fetched(
+        self, events: list[ObjectEvent], future: Future[StoredObject], report: IngestReport
+    ) -> _Fetched | None:
+        try:
+            return _Fetched(events, future.result())
+        except ObjectNotFound:
+            logger.info("skipping %r: gone from the bucket (its removal event follows)", events[0].key)
+            report.skipped += 1
+        except TransientError as error:
+            logger.warning("will retry %r: %s", events[0].key, error)
+            report.retry_messages(events, str(error))
+        return None
+
+    def _claim(
+        self, fetched: list[_Fetched], batches: dict[str, _DatasetBatch], report: IngestReport
+    ) -> list[tuple[_DatasetBatch, ClaimedImage, _Fetched]]:
+        by_dataset: dict[str, list[_Fetched]] = {}
+        for item in fetched:
+            by_dataset.setdefault(item.events[0].dataset, []).append(item)
+        claimed = []
+        for name, items in by_dataset.items():
+            try:
+                batch = batches.get(name) or batches.setdefault(name, self._open_batch(name))
+                claims = self._catalog.claim_images(batch.dataset.id, [_new_image(item) for item in items])
+            except TransientError as error:
+                logger.warning("will retry %d images of %r: %s", len(items), name, error)
+                report.retry_messages([event for item in items for event in item.events], str(error))
+                continue
+            for item, claim in zip(items, claims):
+                if claim is None:
+                    report.duplicates += 1
+                elif batch.rejection:
+                    batch.events.extend(item.events)
+                    batch.failed.append(FailedImage(claim.id, batch.rejection))
+                else:
+                    claimed.append((batch, claim, item))
+        return claimed
+
+    def _open_batch(self, name: str) -> _DatasetBatch:
+        try:
+            return _DatasetBatch(self._catalog.ensure_dataset(name, self._model_id))
+        except ModelMismatch as error:
+            logger.error("not embedding images of %r: %s", name, error)
+            return _DatasetBatch(self._catalog.get_dataset(name), rejection=str(error))
+
+    def _publish(self, batch: _DatasetBatch, report: IngestReport) -> None:
+        name = batch.dataset.name
+        try:
+            for _ in range(_COMMIT_ATTEMPTS):
+                segment, size = self._write_segment(batch)
+                outcome = self._catalog.commit_batch(batch.dataset.id, segment, batch.indexed, batch.failed)
+                if not outcome.stale_ids:
+                    break
+                logger.info("%d images of %r were settled by a concurrent batch; recommitting without them",
+                            len(outcome.stale_ids), name)
+                batch.drop(outcome.stale_ids)
+            else:
+                raise TransientError(f"dataset {name!r}: concurrent batches kept claiming the same images")
+        except TransientError as error:
+            logger.warning("will retry the batch of %r: %s", name, error)
+            report.retry_messages(batch.events, str(error))
+            return
+        report.indexed += len(batch.indexed)
+        report.failed += len(batch.failed)
+        if segment is not None:
+            report.segments.append(segment)
+            report.segment_bytes.append(size)
+        logger.info("dataset %r at version %s: %d indexed, %d failed", name, outcome.index_version,
+                    len(batch.indexed), len(batch.failed))
+
+    def _write_segment(self, batch: _DatasetBatch) -> tuple[NewSegment | None, int]:
+        """Object first: the segment is in the bucket before any row names it."""
+        if not batch.ids:
+            return None, 0
+        content = SegmentVectors(np.array(batch.ids, np.int64), np.stack(batch.vectors))
+        data = build_segment(content, FLAT)
+        segment_id = new_segment_id()
+        key = segment_key(batch.dataset.name, segment_id)
+        self._store.put(key, data, content_type="application/octet-stream")
+        return NewSegment(segment_id, key, len(batch.ids), FLAT), len(data)
+
+    def _remove(self, event: ObjectEvent, report: IngestReport) -> None:
+        try:
+            # A removal event can arrive after the key was uploaded again: keep that version.
+            current = self._store.head(event.key)
+            report.removed += self._catalog.remove_images(
+                event.dataset, event.key, current.etag if current else None
+            )
+        except TransientError as error:
+            logger.warning("will retry the removal of %r: %s", event.key, error)
+            report.retry_messages([event], str(error))
+
+
+def new_segment_id() -> str:
+    """Sortable by creation time, unique without coordination."""
+    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
+
+
+def _new_image(item: _Fetched) -> NewImage:
+    stored = item.stored
+    return NewImage(
+        bucket=item.events[0].bucket,
+        key=stored.key,
+        etag=stored.etag,
+        source_path=stored.metadata.get(SOURCE_PATH_METADATA),
+        sha256=sha256(stored.data).hexdigest(),
+        byte_size=len(stored.data),
+    )

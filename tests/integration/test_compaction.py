@@ -1,0 +1,116 @@
+"""Compaction keeps exactly the live set, picks the index type by size, and removes released objects."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from clipsearch.compaction import CompactionPolicy, CompactionService
+from clipsearch.segments import FLAT, HNSW, load_segment, segment_vectors
+from http_events import load_function
+from ingest_stack import CONTEXT, ingest_stack, preprocess_function
+from test_ingest import CrashingCommit
+
+__all__ = ["ingest_stack"]
+
+DATASET = "testDataset"
+
+
+def ingest(stack, preprocess, service=None) -> dict:
+    return preprocess.handle(stack.drain(), CONTEXT, service or stack.service())
+
+
+@pytest.fixture
+def churned(ingest_stack, seed_eval_photos):
+    """Four batches (one crashed and retried), one deletion, one replacement: 7 live images."""
+    stack, preprocess = ingest_stack, preprocess_function()
+    photos = [path.read_bytes() for path in seed_eval_photos[:9]]
+    for batch in range(3):
+        for position in range(2):
+            stack.upload(f"datasets/{DATASET}/b{batch}-{position}.jpg", photos[2 * batch + position])
+        ingest(stack, preprocess)
+    stack.s3.delete_object(Bucket=stack.bucket, Key=f"datasets/{DATASET}/b0-0.jpg")
+    stack.upload(f"datasets/{DATASET}/b1-1.jpg", photos[6])
+    ingest(stack, preprocess)
+    stack.upload(f"datasets/{DATASET}/late-0.jpg", photos[7])
+    stack.upload(f"datasets/{DATASET}/late-1.jpg", photos[8])
+    event = stack.drain()
+    crashing = stack.service(CrashingCommit(stack.database))
+    response = preprocess.handle(event, CONTEXT, crashing)  # leaves an orphan segment object
+    assert preprocess.handle(event, CONTEXT, crashing) == {"batchItemFailures": []} != response
+    return stack
+
+
+def live_rows(stack) -> dict[int, dict]:
+    return {row["id"]: row for row in stack.rows(DATASET) if row["status"] == "indexed"}
+
+
+@pytest.mark.unit
+def test_policy_thresholds() -> None:
+    policy = CompactionPolicy(max_segments=4, deleted_fraction=0.25)
+    assert not policy.needs_compaction(4, 100, 25)
+    assert policy.needs_compaction(5, 100, 0)
+    assert policy.needs_compaction(2, 100, 26)
+    assert not policy.needs_compaction(0, 0, 0)
+
+
+@pytest.mark.integration
+def test_compaction_keeps_exactly_the_live_set(churned) -> None:
+    stack = churned
+    dataset = stack.catalog.get_dataset(DATASET)
+    before = list(stack.catalog.live_segments(dataset.id))
+    live = live_rows(stack)
+    assert len(live) == 7 and len(before) == 5
+    old_vectors = {}
+    for segment in before:
+        content = segment_vectors(load_segment(stack.store.get(segment.object_key).data))
+        old_vectors.update({int(i): v for i, v in zip(content.ids, content.vectors) if int(i) in live})
+
+    relaxed = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=8, deleted_fraction=0.5))
+    assert relaxed.compact_dataset(DATASET).merged_segments == 0  # 5 segments, 2 of 9 vectors dead
+
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=4))
+    report = service.compact_dataset(DATASET)
+
+    assert (report.merged_segments, report.vectors_kept, report.vectors_dropped) == (5, 7, 2)
+    assert report.index_type == FLAT and report.index_version == dataset.index_version + 1
+    (merged,) = stack.catalog.live_segments(dataset.id)
+    assert stack.live_vectors(DATASET) == {image_id: 1 for image_id in live}
+    content = segment_vectors(load_segment(stack.store.get(merged.object_key).data))
+    for image_id, vector in zip(content.ids, content.vectors):
+        np.testing.assert_array_equal(vector, old_vectors[int(image_id)])
+    assert {row["segment_id"] for row in live_rows(stack).values()} == {merged.id}
+    assert stack.catalog.deleted_image_ids(dataset.id) == set()
+    # the grace period keeps the retired and orphan objects for searches still reading them
+    assert report.objects_removed == 0
+    assert len(list(stack.store.list(f"indexes/{DATASET}/segments/"))) == 7
+
+
+@pytest.mark.integration
+def test_released_objects_are_removed_after_the_grace_period(churned) -> None:
+    stack = churned
+    CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1)).compact_dataset(DATASET)
+    immediate = CompactionService(stack.store, stack.catalog, CompactionPolicy(orphan_grace_seconds=-5))
+    report = immediate.compact_dataset(DATASET)
+    assert report.merged_segments == 0 and report.objects_removed == 6  # 5 retired + 1 orphan
+    dataset = stack.catalog.get_dataset(DATASET)
+    (merged,) = stack.catalog.live_segments(dataset.id)
+    assert [item.key for item in stack.store.list(f"indexes/{DATASET}/segments/")] == [merged.object_key]
+    assert stack.catalog.segment_keys(dataset.id) == {merged.object_key}
+
+
+@pytest.mark.integration
+def test_a_large_merge_becomes_hnsw(churned) -> None:
+    stack = churned
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(flat_limit=3))
+    result = load_function("compact").handle({"dataset": DATASET, "force": True}, service)
+    (report,) = result["datasets"]
+    assert report["index_type"] == HNSW and report["vectors_kept"] == 7
+    dataset = stack.catalog.get_dataset(DATASET)
+    (merged,) = stack.catalog.live_segments(dataset.id)
+    index = load_segment(stack.store.get(merged.object_key).data)
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexHNSWFlat)
+    probe = segment_vectors(index)
+    _, found = index.search(probe.vectors, 1)
+    assert found[:, 0].tolist() == probe.ids.tolist()
+    assert sorted(probe.ids.tolist()) == sorted(live_rows(stack))
