@@ -10,12 +10,13 @@ import numpy as np
 FLAT = "flat"
 HNSW = "hnsw"
 
-# Exact search while it is fast enough: a flat scan of 100k 512-d vectors takes ~24 ms per query on
-# this class of machine and grows linearly (250 ms at 1M). Beyond, HNSW answers in a few ms. Measured
-# on 20k 512-d vectors in 200 loose gaussian clusters (member-to-center cosine ~0.74): with M=32 and
-# efConstruction=80 (build 15 s), recall@10 is 0.80 at efSearch 128, 0.91 at 256 and 0.967 at 512
-# (3.7 ms per query), so the search depth is 512. Only compaction pays the build.
-FLAT_LIMIT = 100_000
+# Exact search while it fits the query budget: a warm text query must answer in <= 15 ms, the int8
+# text tower takes ~6 ms, and a one-thread flat scan of 512-d vectors costs ~0.12 ms per 1k vectors here
+# (11.6 ms at 100k, benchmarks/search.py), so flat stays exact up to 50k. Beyond, HNSW answers in a few
+# ms. Measured on 20k 512-d vectors in 200 loose gaussian clusters (member-to-center cosine ~0.74): with
+# M=32 and efConstruction=80 (build 15 s), recall@10 is 0.80 at efSearch 128, 0.91 at 256 and 0.967 at
+# 512 (3.7 ms per query), so the search depth is 512. Only compaction pays the build.
+FLAT_LIMIT = 50_000
 HNSW_NEIGHBORS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import time
 from pathlib import Path
@@ -185,3 +186,33 @@ def test_tokenizes_a_typical_query_in_well_under_a_millisecond(tokenizer) -> Non
         tokenizer.encode(query)
     per_query = (time.perf_counter() - start) / len(queries)
     assert per_query < 1e-3, f"{per_query * 1e6:.0f} us per query"
+
+
+def test_built_vocabulary_has_clip_size_and_no_added_tokens() -> None:
+    from model_export.clip_vocab import build_tokenizer_json
+
+    document = json.loads(build_tokenizer_json())
+    assert len(document["model"]["vocab"]) == 49408
+    assert document["model"]["vocab"]["<|startoftext|>"] == 49406
+    assert document["added_tokens"] == [] and document["normalizer"] is None
+
+
+def test_a_normalized_hugging_face_tokenizer_matches_the_reference(reference, tmp_path: Path) -> None:
+    """The path a real checkpoint takes: HF's CLIPTokenizerFast file, then normalize_tokenizer_json."""
+    from transformers import CLIPTokenizerFast
+
+    from model_export.clip_vocab import build_tokenizer_json, normalize_tokenizer_json
+
+    model = json.loads(build_tokenizer_json())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    hugging_face = CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
+    raw = hugging_face.backend_tokenizer.to_str()
+    assert json.loads(raw)["added_tokens"]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(normalize_tokenizer_json(raw), encoding="utf-8")
+    tokenizer = ClipTokenizer.from_file(path)
+    strings = TRICKY + fuzzed_strings(300, seed=3)
+    mismatches = [text for text in strings if tokenizer.encode(text).ids.tolist() != reference_ids(reference, text)]
+    assert mismatches == []

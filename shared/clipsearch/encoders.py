@@ -1,0 +1,234 @@
+"""`OnnxTextEncoder` and `OnnxImageEncoder`: CLIP embeddings from onnxruntime sessions, L2-normalized."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from clipsearch.errors import InvalidImage, ModelFilesInvalid
+from clipsearch.images import DEFAULT_DRAFT_FACTOR, DEFAULT_MAX_PIXELS, ImagePreprocessor, PreparedImage
+from clipsearch.model_files import TEXT_GRAPH, VISION_GRAPH, ModelFiles
+from clipsearch.ports import ImageInput
+from clipsearch.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
+IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
+# int8 ViT-B/32 on 2 cores: 24.0 / 25.8 / 25.9 img/s at batch 1 / 8 / 32 (FACTS.md: 26 / 29 / 21).
+DEFAULT_IMAGE_BATCH_SIZE = 8
+DEFAULT_TEXT_BATCH_SIZE = 32
+DEFAULT_DECODE_WORKERS = 1
+
+SessionSource = ort.InferenceSession | Callable[[], ort.InferenceSession]
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    vector: np.ndarray
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """The embedding and the image's original size as displayed (the catalog records it)."""
+
+    vector: np.ndarray
+    width: int
+    height: int
+
+
+def create_session(graph: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session with every graph optimization, denormals flushed to zero, and no spin-waiting."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Denormals slowed an fp32 tower 3-6x in one measurement here (FACTS.md); flushing costs nothing.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Spinning threads steal the cores that decode workers and other processes need. On 2 shared cores,
+    # int8 ViT-B/32 image tower, median of 4 interleaved runs: 19.6 -> 25.8 img/s at batch 8 without it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own untyped errors for unreadable graphs
+        raise ModelFilesInvalid(f"{graph}: onnxruntime cannot load it ({error})") from error
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+class _OnceSession:
+    """The session given, or the one `load` creates on first use (once, even with concurrent callers)."""
+
+    def __init__(self, source: SessionSource) -> None:
+        self._session = source if isinstance(source, ort.InferenceSession) else None
+        self._load = None if self._session is not None else source
+        self._lock = threading.Lock()
+
+    def get(self) -> ort.InferenceSession:
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._load()
+        return self._session
+
+
+def _loader(files: ModelFiles, graph: str, threads: int | None) -> Callable[[], ort.InferenceSession]:
+    def load() -> ort.InferenceSession:
+        files.verify([graph])
+        session = create_session(files.directory / graph, threads)
+        dim = session.get_outputs()[0].shape[-1]
+        if dim != files.embedding_dim:
+            raise ModelFilesInvalid(
+                f"{files.directory / graph}: embeds {dim} values, the manifest says {files.embedding_dim}"
+            )
+        log.info("loaded %s for %s", graph, files.model_id)
+        return session
+
+    return load
+
+
+class OnnxTextEncoder:
+    """Runs the text tower at the query's true token length: the tower is causal and pools at
+    <|endoftext|>, so padding to 77 gives the same embedding, only slower."""
+
+    def __init__(
+        self, tokenizer: ClipTokenizer, session: SessionSource, batch_size: int = DEFAULT_TEXT_BATCH_SIZE
+    ) -> None:
+        self.tokenizer = tokenizer
+        self._session = _OnceSession(session)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_model_files(cls, files: ModelFiles, threads: int | None = None) -> OnnxTextEncoder:
+        """Loads the tokenizer now and the text graph on first use; never touches the vision graph."""
+        return cls(files.tokenizer(), _loader(files, TEXT_GRAPH, threads))
+
+    def embed_text(self, text: str) -> TextEmbedding:
+        tokenized = self.tokenizer.encode(text)
+        vector = self._run(tokenized.ids[np.newaxis, :])[0]
+        return TextEmbedding(normalized(vector), len(tokenized.ids), tokenized.truncated)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim]; batches of similar length, each padded with 0 after <|endoftext|>."""
+        token_ids = [self.tokenizer.encode(text).ids for text in texts]
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+        embeddings: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            batch = np.zeros((len(chunk), max(len(token_ids[i]) for i in chunk)), dtype=np.int64)
+            for row, index in enumerate(chunk):
+                batch[row, : len(token_ids[index])] = token_ids[index]
+            vectors = self._run(batch)
+            if embeddings is None:
+                embeddings = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            embeddings[chunk] = normalized(vectors)
+        return embeddings if embeddings is not None else np.empty((0, 0), dtype=np.float32)
+
+    def _run(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._session.get().run([TEXT_OUTPUT], {TEXT_INPUT: input_ids})[0]
+
+
+class OnnxImageEncoder:
+    """Embeds images in batches while a thread pool decodes the next ones (onnxruntime releases the GIL)."""
+
+    def __init__(
+        self,
+        preprocessor: ImagePreprocessor,
+        session: SessionSource,
+        batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
+        decode_workers: int = DEFAULT_DECODE_WORKERS,
+    ) -> None:
+        self.preprocessor = preprocessor
+        self._session = _OnceSession(session)
+        self.batch_size = batch_size
+        self.decode_workers = decode_workers
+
+    @classmethod
+    def from_model_files(
+        cls,
+        files: ModelFiles,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
+        batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
+        decode_workers: int = DEFAULT_DECODE_WORKERS,
+    ) -> OnnxImageEncoder:
+        preprocessor = ImagePreprocessor(files.preprocess(), max_pixels=max_pixels, draft_factor=draft_factor)
+        return cls(preprocessor, _loader(files, VISION_GRAPH, threads), batch_size, decode_workers)
+
+    def embed_image(self, data: bytes | Path, name: str) -> ImageEmbedding:
+        """Raises InvalidImage (or ImageTooLarge) naming the image and the reason."""
+        prepared = self.preprocessor.prepare(data, name)
+        return self._embed_batch([prepared])[0]
+
+    def embed_images(self, items: Sequence[ImageInput]) -> list[ImageEmbedding | InvalidImage]:
+        """One result per input, in order: an embedding, or the InvalidImage that input raised."""
+        results: list[ImageEmbedding | InvalidImage | None] = [None] * len(items)
+        waiting: list[tuple[int, PreparedImage]] = []
+        for index, outcome in self._prepared(items):
+            if isinstance(outcome, InvalidImage):
+                results[index] = outcome
+                continue
+            waiting.append((index, outcome))
+            if len(waiting) == self.batch_size:
+                self._embed_into(results, waiting)
+                waiting = []
+        if waiting:
+            self._embed_into(results, waiting)
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _embed_into(self, results: list, waiting: list[tuple[int, PreparedImage]]) -> None:
+        embeddings = self._embed_batch([prepared for _, prepared in waiting])
+        for (index, _), embedding in zip(waiting, embeddings, strict=True):
+            results[index] = embedding
+
+    def _prepare(self, item: ImageInput) -> PreparedImage | InvalidImage:
+        try:
+            return self.preprocessor.prepare(item.data, item.name)
+        except InvalidImage as error:
+            log.info("skipping %s", error)
+            return error
+
+    def _prepared(self, items: Sequence[ImageInput]) -> Iterator[tuple[int, PreparedImage | InvalidImage]]:
+        """Decoded images in input order; workers stay one batch ahead so memory stays bounded."""
+        if self.decode_workers <= 0:
+            for index, item in enumerate(items):
+                yield index, self._prepare(item)
+            return
+        ahead = self.batch_size + self.decode_workers
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+            pending: deque[tuple[int, Future[PreparedImage | InvalidImage]]] = deque()
+            upcoming = iter(enumerate(items))
+            for index, item in upcoming:
+                pending.append((index, pool.submit(self._prepare, item)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                index, future = pending.popleft()
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append((following[0], pool.submit(self._prepare, following[1])))
+                yield index, future.result()
+
+    def _embed_batch(self, batch: list[PreparedImage]) -> list[ImageEmbedding]:
+        pixels = np.stack([prepared.pixel_values for prepared in batch])
+        vectors = normalized(self._session.get().run([IMAGE_OUTPUT], {IMAGE_INPUT: pixels})[0])
+        return [
+            ImageEmbedding(vector, prepared.width, prepared.height)
+            for vector, prepared in zip(vectors, batch, strict=True)
+        ]

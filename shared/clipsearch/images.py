@@ -1,0 +1,168 @@
+"""Decode and preprocess an image into CLIP pixel values (EXIF orientation, modes, size limits, JPEG draft)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from clipsearch.errors import ImageTooLarge, InvalidImage
+
+RESAMPLE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+DEFAULT_MAX_PIXELS = 80_000_000
+# JPEG DCT scaling keeps at least this multiple of the target size, so the final BICUBIC resize still
+# antialiases. On 12 MP JPEGs: 3.8x faster to prepare (159 -> 42 ms); pixels differ from full decoding by
+# 0.003 on average (factor 1: 0.009); random ViT-B/32 embeddings min cosine 0.999999 fp32, 0.99989 int8.
+DEFAULT_DRAFT_FACTOR = 2.0
+# Past this resized long side (extreme panoramas), resize only the cropped window instead of the
+# whole strip: the same filter, off by at most a few levels, without a multi-gigapixel intermediate.
+MAX_RESIZED_ASPECT = 16
+ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The model's preprocess.json: shortest side to `size`, centre crop `crop_size`, rescale, normalize."""
+
+    size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str
+    rescale_factor: float
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> PreprocessConfig:
+        parsed = cls(
+            size=int(config["size"]),
+            crop_size=int(config["crop_size"]),
+            mean=tuple(float(value) for value in config["mean"]),
+            std=tuple(float(value) for value in config["std"]),
+            resample=str(config["resample"]),
+            rescale_factor=float(config["rescale_factor"]),
+        )
+        if not 0 < parsed.crop_size <= parsed.size:
+            raise ValueError(f"crop_size {parsed.crop_size} must be in 1..size ({parsed.size})")
+        if len(parsed.mean) != 3 or len(parsed.std) != 3 or min(parsed.std) <= 0:
+            raise ValueError(f"mean {parsed.mean} and std {parsed.std} need 3 values, std positive")
+        if parsed.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample {parsed.resample!r} is not one of {sorted(RESAMPLE_FILTERS)}")
+        return parsed
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Pixel values float32 [3, crop, crop] and the original size as displayed (after EXIF orientation)."""
+
+    pixel_values: np.ndarray
+    width: int
+    height: int
+
+
+class ImagePreprocessor:
+    """Equal to transformers' CLIPImageProcessor (within 1e-5) on fully decoded images, plus EXIF orientation.
+
+    `draft_factor`: decode large JPEGs at a reduced DCT scale that keeps the shortest side at least
+    `draft_factor * size`; None decodes every image in full.
+    """
+
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
+    ) -> None:
+        self.config = config
+        self.max_pixels = max_pixels
+        self.draft_factor = draft_factor
+        self._resample = RESAMPLE_FILTERS[config.resample]
+        # out = pixel * scale + offset == (pixel * rescale_factor - mean) / std, per channel
+        std = np.asarray(config.std, dtype=np.float64)
+        self._scale = (config.rescale_factor / std).astype(np.float32)
+        self._offset = (-np.asarray(config.mean, dtype=np.float64) / std).astype(np.float32)
+
+    def prepare(self, source: bytes | Path, name: str) -> PreparedImage:
+        """Raise InvalidImage (ImageTooLarge for size limits) naming `name` and the reason."""
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                self._check_size(image, name)
+                width, height = image.size
+                orientation = image.getexif().get(ORIENTATION_TAG, 1)
+                self._draft(image)
+                if orientation in TRANSPOSING_ORIENTATIONS:
+                    image = ImageOps.exif_transpose(image)
+                    if orientation in SWAPPING_ORIENTATIONS:
+                        width, height = height, width
+                rgb = _to_rgb(image)
+                cropped = self._resize_and_crop(rgb)
+        except InvalidImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageTooLarge(name, f"decompression bomb refused by Pillow ({error})") from error
+        except Image.UnidentifiedImageError as error:
+            raise InvalidImage(name, "not a recognizable image format") from error
+        except FileNotFoundError as error:
+            raise InvalidImage(name, f"file not found ({error})") from error
+        except Exception as error:  # Pillow's decoders raise many types (OSError, ValueError, SyntaxError, ...)
+            raise InvalidImage(name, f"corrupt or truncated image ({type(error).__name__}: {error})") from error
+        return PreparedImage(self._normalize(cropped), width, height)
+
+    def _check_size(self, image: Image.Image, name: str) -> None:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidImage(name, f"zero-size image ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(name, f"{width}x{height} is over the limit of {self.max_pixels} pixels")
+
+    def _draft(self, image: Image.Image) -> None:
+        if self.draft_factor is None or image.format != "JPEG":
+            return
+        wanted = math.ceil(self.draft_factor * self.config.size)
+        if min(image.size) >= 2 * wanted:
+            image.draft(None, (wanted, wanted))
+
+    def _resize_and_crop(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        size, crop = self.config.size, self.config.crop_size
+        # As transformers' get_resize_output_image_size(default_to_square=False): the long side is floored.
+        if width <= height:
+            new_width, new_height = size, int(size * height / width)
+        else:
+            new_width, new_height = int(size * width / height), size
+        left, top = (new_width - crop) // 2, (new_height - crop) // 2
+        if max(new_width, new_height) <= MAX_RESIZED_ASPECT * size:
+            resized = image.resize((new_width, new_height), self._resample)
+            return resized.crop((left, top, left + crop, top + crop))
+        x_scale, y_scale = width / new_width, height / new_height
+        window = (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)
+        return image.resize((crop, crop), self._resample, box=window)
+
+    def _normalize(self, image: Image.Image) -> np.ndarray:
+        pixels = np.asarray(image, dtype=np.float32) * self._scale + self._offset
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Image.convert("RGB") as the reference does, except 16-bit samples, which it would clip to white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.getextrema()[1] > 255):
+        samples = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((samples + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
