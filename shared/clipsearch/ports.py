@@ -8,6 +8,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
+from clipsearch.errors import InvalidImage
+
 IMAGE_STATUSES = ("pending", "indexed", "failed", "deleted")
 
 
@@ -126,17 +130,13 @@ class SearchCatalog(Protocol):
 
 # --- ingestion side -------------------------------------------------------------------------------
 
-import numpy as np  # noqa: E402  (appended section; numpy is a runtime dependency)
-
-from clipsearch.errors import InvalidImage  # noqa: E402
-
 
 @dataclass(frozen=True)
 class ImageInput:
-    """Bytes of one image to embed, named for error messages."""
+    """One image to embed, as bytes or a file path, named for error messages."""
 
     name: str
-    data: bytes
+    data: bytes | Path
 
 
 class EmbeddedImage(Protocol):
