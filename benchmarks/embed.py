@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,23 +25,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, peak_rss_mib
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-SEED_EVAL = REPO.parent / "shared" / "datasets" / "seed-eval"
 DEFAULT_MODELS = [REPO / ".cache/models/random-vit-b-32-seed0", REPO / ".cache/models/random-vit-b-32-seed0-int8"]
 BATCH_SIZES = (1, 8, 32)
 LARGE_SIZE = (4000, 3000)
-QUERIES = [
-    "a photo of a dog",
-    "sunset over the beach",
-    "a red car parked in front of the eiffel tower",
-    "two cats sleeping on a sofa",
-    "a bowl of fruit on a wooden table",
-    "people playing soccer in a stadium",
-    "a ship in a storm",
-    "flowers in a garden",
-]
 LONG_QUERY = " ".join(["a detailed photo of a colorful bird sitting on a branch near a lake"] * 8)
 
 
@@ -74,10 +62,6 @@ def tower_input(pixel_values: list[np.ndarray]) -> np.ndarray:
     """Enough preprocessed photos for the largest batch (repeated when fewer photos were sampled)."""
     repeats = math.ceil(max(BATCH_SIZES) / len(pixel_values))
     return np.stack(pixel_values * repeats)[: max(BATCH_SIZES)]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_onnx(model_dir: Path, photos: list[Path], large: list[Path], threads: int, tower_images: int) -> dict:
@@ -122,20 +106,20 @@ def measure_onnx(model_dir: Path, photos: list[Path], large: list[Path], threads
 
     text = OnnxTextEncoder(files.tokenizer(), text_session)
     figures["text query ms, true length"] = 1000 * statistics.mean(
-        timed(lambda query=query: text.embed_text(query), 5) for query in QUERIES
+        timed(lambda query=query: text.embed_text(query), 5) for query in TEXT_QUERIES
     )
     figures["text query tokens, true length (mean)"] = statistics.mean(
-        len(text.tokenizer.encode(query).ids) for query in QUERIES
+        len(text.tokenizer.encode(query).ids) for query in TEXT_QUERIES
     )
     padded = np.zeros((1, files.context_length), dtype=np.int64)
-    ids = text.tokenizer.encode(QUERIES[0]).ids
+    ids = text.tokenizer.encode(TEXT_QUERIES[0]).ids
     padded[0, : len(ids)] = ids
     figures["text query ms, 77 tokens"] = 1000 * timed(
         lambda: text_session.run(["text_embeds"], {"input_ids": padded}), 10
     )
     figures["text long query ms (77 tokens, truncated)"] = 1000 * timed(lambda: text.embed_text(LONG_QUERY), 5)
-    figures["tokenize us per query"] = 1e6 * timed(lambda: [text.tokenizer.encode(q) for q in QUERIES], 20) / len(
-        QUERIES
+    figures["tokenize us per query"] = 1e6 * timed(lambda: [text.tokenizer.encode(q) for q in TEXT_QUERIES], 20) / len(
+        TEXT_QUERIES
     )
 
     photo_items = [ImageInput(path.name, path.read_bytes()) for path in photos]
@@ -194,9 +178,9 @@ def measure_torch(photos: list[Path], large: list[Path], threads: int, tower_ima
             return features / features.norm(dim=-1, keepdim=True)
 
         figures["text query ms, true length"] = 1000 * statistics.mean(
-            timed(lambda query=query: embed_query(query, None), 3) for query in QUERIES
+            timed(lambda query=query: embed_query(query, None), 3) for query in TEXT_QUERIES
         )
-        figures["text query ms, 77 tokens"] = 1000 * timed(lambda: embed_query(QUERIES[0], 77), 5)
+        figures["text query ms, 77 tokens"] = 1000 * timed(lambda: embed_query(TEXT_QUERIES[0], 77), 5)
 
         def embed_one_at_a_time(paths: list[Path]) -> None:
             for path in paths:

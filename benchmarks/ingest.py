@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_common import MODELS, REPO, SEED_EVAL
 from PIL import Image, ImageEnhance
 
-REPO = Path(__file__).resolve().parent.parent
-SEED_EVAL = REPO.parent / "shared" / "datasets" / "seed-eval"
-DEFAULT_MODEL = REPO / ".cache/models/random-vit-b-32-seed0-int8"
+DEFAULT_MODEL = MODELS / "random-vit-b-32-seed0-int8"
 EXPORT_HINT = (
     "python -m model_export --random-arch vit-b-32 --seed 0 --quantize int8 "
     "--out .cache/models/random-vit-b-32-seed0-int8"

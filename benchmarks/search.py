@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,22 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, peak_rss_mib
 
-REPO = Path(__file__).resolve().parent.parent
-SEED_EVAL = REPO.parent / "shared" / "datasets" / "seed-eval"
 DEFAULT_MODEL = REPO / ".cache" / "models" / "random-vit-b-32-seed0-int8"
 DIM = 512
 K = 10
-TEXT_QUERIES = [
-    "a photo of a dog",
-    "sunset over the beach",
-    "a red car parked in front of the eiffel tower",
-    "two cats sleeping on a sofa",
-    "a bowl of fruit on a wooden table",
-    "people playing soccer in a stadium",
-    "a ship in a storm",
-    "flowers in a garden",
-]
 
 
 def main() -> int:
@@ -239,7 +227,7 @@ def _child(args) -> int:
     first_image_s = time.perf_counter() - started
     text_ms = _latencies(text, [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(args.queries)])
     image_ms = _latencies(image, [query_images[i % len(query_images)] for i in range(args.image_queries)])
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = peak_rss_mib()
     parts = _warm_text_parts(args.dataset, args.queries) if args.child == "service" else {}
     print(json.dumps({
         "cold_start_s": cold_start_s,
