@@ -25,9 +25,8 @@ class Settings:
     sqs_endpoint_url: str | None = None
     queue_url: str | None = None
     model_cache_dir: Path = Path("/tmp/clipsearch/models")
-    segment_cache_dir: Path = Path("/tmp/clipsearch/segments")
     onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
     max_request_image_bytes: int = 6 * 1024 * 1024
     compact_max_segments: int = 8
     compact_deleted_fraction: float = 0.2
@@ -63,9 +62,6 @@ class Settings:
             sqs_endpoint_url=env.get("CLIPSEARCH_SQS_ENDPOINT_URL") or None,
             queue_url=env.get("CLIPSEARCH_QUEUE_URL") or None,
             model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),
-            segment_cache_dir=Path(
-                env.get("CLIPSEARCH_SEGMENT_CACHE_DIR") or defaults.segment_cache_dir
-            ),
             onnx_threads=number("CLIPSEARCH_ONNX_THREADS", defaults.onnx_threads),
             max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
             max_request_image_bytes=number(
