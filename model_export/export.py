@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from clipsearch.model_files import MODEL_FORMAT
 from model_export.checkpoint import Checkpoint
 from model_export.errors import ExportError
 from model_export.options import QUANTIZATIONS, ExportOptions
@@ -20,7 +21,6 @@ from model_export.verify import SampleEmbeddings, check_onnx_vs_torch, onnx_embe
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "clipsearch-model/1"
 
 
 def export_model(checkpoint: Checkpoint, options: ExportOptions) -> dict[str, Any]:

@@ -12,10 +12,9 @@ from optimum.exporters.onnx import onnx_export_from_model
 from optimum.exporters.onnx.model_configs import CLIPTextWithProjectionOnnxConfig, CLIPVisionModelOnnxConfig
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-log = logging.getLogger(__name__)
+from clipsearch.model_files import TEXT_GRAPH, VISION_GRAPH
 
-TEXT_GRAPH = "text/model.onnx"
-VISION_GRAPH = "vision/model.onnx"
+log = logging.getLogger(__name__)
 
 
 class TextEmbedsOnnxConfig(CLIPTextWithProjectionOnnxConfig):

@@ -105,7 +105,7 @@ class ModelFiles:
             fingerprint = [stat.st_size, stat.st_mtime_ns]
             if marker.get(name) == fingerprint:
                 continue
-            if _sha256(path) != self.checksums[name]:
+            if file_sha256(path) != self.checksums[name]:
                 raise ModelFilesInvalid(f"{path}: sha256 does not match {MANIFEST}")
             newly_verified[name] = fingerprint
         if newly_verified:
@@ -155,7 +155,7 @@ def _checksums(manifest: dict[str, Any], directory: Path) -> dict[str, str]:
     return dict(files)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
