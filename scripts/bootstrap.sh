@@ -3,27 +3,41 @@
 # and .venv-sam (AWS SAM CLI, kept apart because it pins older boto3/click). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p .cache
+log=.cache/bootstrap.log
+: > "$log"
+
+# Runs a step quietly; on failure shows the end of its output.
+quiet() {
+  if ! "$@" >> "$log" 2>&1; then
+    echo "bootstrap: failed: $*" >&2
+    tail -n 30 "$log" >&2
+    exit 1
+  fi
+}
+echo "bootstrap: installing into .venv and .venv-sam (log: $log)" >&2
 
 need_apt=()
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} from Debian" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  quiet apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive quiet apt-get install -y -qq "${need_apt[@]}"
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  quiet python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+quiet .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk; nothing may pull torchvision.
-.venv/bin/python -m pip install -q -e ".[export,local,dev]"
+quiet .venv/bin/python -m pip install -q -e ".[export,local,dev]"
 # open_clip's wheel carries the reference CLIP BPE vocabulary and tokenizer; its dependencies would pull a
 # CUDA torchvision, so it is installed alone.
-.venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+quiet .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
 
 if [ "${CLIPSEARCH_SKIP_SAM:-0}" != "1" ] && [ ! -x .venv-sam/bin/sam ]; then
-  python3 -m venv .venv-sam
-  .venv-sam/bin/python -m pip install -q --upgrade pip
-  .venv-sam/bin/python -m pip install -q "aws-sam-cli==1.170.0" "cfn-lint==1.58.0"
+  quiet python3 -m venv .venv-sam
+  quiet .venv-sam/bin/python -m pip install -q --upgrade pip
+  quiet .venv-sam/bin/python -m pip install -q "aws-sam-cli==1.170.0" "cfn-lint==1.58.0"
 fi
 echo "bootstrap: done" >&2
