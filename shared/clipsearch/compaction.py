@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from clipsearch.datasets import INDEXES_PREFIX, segment_key
-from clipsearch.ingest import new_segment_id
+from clipsearch.errors import DatasetNotFound, MaintenanceFailed
 from clipsearch.ports import Catalog, Dataset, NewSegment, ObjectStore, SegmentRef
 from clipsearch.segments import (
     FLAT_LIMIT,
@@ -27,6 +27,7 @@ from clipsearch.segments import (
     build_segment,
     choose_index_type,
     load_segment,
+    new_segment_id,
     segment_vectors,
 )
 
@@ -67,7 +68,24 @@ class CompactionService:
         self._policy = policy
 
     def compact_all(self, force: bool = False) -> list[CompactionReport]:
-        return [self.compact_dataset(summary.dataset.name, force) for summary in self._catalog.list_datasets()]
+        """Every dataset, each on its own: one failing dataset does not hold back the others.
+
+        Raises MaintenanceFailed naming the failed datasets once all were tried, so the scheduled
+        invocation is marked failed.
+        """
+        reports, failed = [], []
+        for summary in self._catalog.list_datasets():
+            name = summary.dataset.name
+            try:
+                reports.append(self.compact_dataset(name, force))
+            except DatasetNotFound:
+                logger.info("dataset %r was deleted before its compaction", name)
+            except Exception:  # any failure: datasets are independent; re-raised below
+                logger.exception("compaction of dataset %r failed", name)
+                failed.append(name)
+        if failed:
+            raise MaintenanceFailed(f"compaction failed for datasets {failed} ({len(reports)} compacted)")
+        return reports
 
     def compact_dataset(self, name: str, force: bool = False) -> CompactionReport:
         """Merges when the policy (or `force`) says so, then removes what the grace period releases."""

@@ -28,6 +28,7 @@ class Settings:
     onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
     max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
     max_request_image_bytes: int = 6 * 1024 * 1024
+    max_ingest_image_bytes: int = 50 * 1024 * 1024
     compact_max_segments: int = 8
     compact_deleted_fraction: float = 0.2
     orphan_grace_seconds: int = 3600
@@ -66,6 +67,9 @@ class Settings:
             max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
             max_request_image_bytes=number(
                 "CLIPSEARCH_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes
+            ),
+            max_ingest_image_bytes=number(
+                "CLIPSEARCH_MAX_INGEST_IMAGE_BYTES", defaults.max_ingest_image_bytes
             ),
             compact_max_segments=number("CLIPSEARCH_COMPACT_MAX_SEGMENTS", defaults.compact_max_segments),
             compact_deleted_fraction=number(

@@ -56,5 +56,13 @@ class ModelFilesInvalid(ClipsearchError):
     """A model directory is incomplete or fails its checksums."""
 
 
+class CatalogError(ClipsearchError):
+    """The catalog refused a statement for a reason other than a lost connection or a conflict."""
+
+
+class MaintenanceFailed(ClipsearchError):
+    """A maintenance run (compaction, reconciliation) failed for some datasets; the rest were done."""
+
+
 class TransientError(ClipsearchError):
     """A dependency (object store, database) failed in a way worth retrying."""

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 from urllib.parse import quote_plus, unquote_plus
 
 from clipsearch.datasets import has_image_suffix, parse_image_key
@@ -25,7 +26,10 @@ class EventKind(Enum):
 
 @dataclass(frozen=True)
 class ObjectEvent:
-    """One image created or removed under `datasets/<dataset>/`, from the SQS message `message_id`."""
+    """One image created or removed under `datasets/<dataset>/`, from the SQS message `message_id`.
+
+    `size` is the byte size the notification announced (S3 sends it for created objects).
+    """
 
     message_id: str
     kind: EventKind
@@ -33,12 +37,14 @@ class ObjectEvent:
     key: str
     dataset: str
     etag: str | None
+    size: int | None = None
 
 
 def parse_message(message_id: str, body: str) -> list[ObjectEvent]:
     """The dataset-image events in one SQS message body; logs and drops everything else.
 
-    Raises InvalidRequest for a body that is not an S3 notification at all.
+    Raises InvalidRequest for a body that is not an S3 notification, or holds a record of the wrong
+    shape: only that message fails, and the queue hands it to its dead-letter queue after its retries.
     """
     try:
         notification = json.loads(body)
@@ -59,13 +65,16 @@ def parse_message(message_id: str, body: str) -> list[ObjectEvent]:
     return events
 
 
-def _parse_record(message_id: str, record: Mapping) -> ObjectEvent | None:
-    name = str(record.get("eventName", ""))
-    try:
-        bucket = record["s3"]["bucket"]["name"]
-        raw_key = record["s3"]["object"]["key"]
-    except (KeyError, TypeError) as error:
-        raise InvalidRequest(f"message {message_id} has an S3 record without {error}") from error
+def _parse_record(message_id: str, record: object) -> ObjectEvent | None:
+    if not isinstance(record, dict):
+        raise InvalidRequest(f"message {message_id} has an S3 record that is not an object")
+    name = record.get("eventName", "")
+    s3 = _field(message_id, record, "s3", dict)
+    bucket = _field(message_id, _field(message_id, s3, "bucket", dict), "name", str)
+    stored = _field(message_id, s3, "object", dict)
+    raw_key = _field(message_id, stored, "key", str)
+    if not isinstance(name, str):
+        raise InvalidRequest(f"message {message_id} has an S3 record whose eventName is not a string")
     if name.startswith("ObjectCreated:"):
         kind = EventKind.CREATED
     elif name.startswith("ObjectRemoved:"):
@@ -81,8 +90,22 @@ def _parse_record(message_id: str, record: Mapping) -> ObjectEvent | None:
     if not has_image_suffix(key):
         logger.info("ignoring %r: not an image file name", key)
         return None
-    etag = record["s3"]["object"].get("eTag") or record["s3"]["object"].get("etag")
-    return ObjectEvent(message_id, kind, bucket, key, image.dataset, etag)
+    etag = stored.get("eTag") or stored.get("etag")
+    size = stored.get("size")
+    if not (etag is None or isinstance(etag, str)) or not (size is None or _is_count(size)):
+        raise InvalidRequest(f"message {message_id} has an S3 record of {key!r} with a malformed eTag or size")
+    return ObjectEvent(message_id, kind, bucket, key, image.dataset, etag, size)
+
+
+def _field(message_id: str, parent: Mapping, name: str, kind: type) -> Any:
+    value = parent.get(name)
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"message {message_id} has an S3 record without a valid {name!r}")
+    return value
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def created_notification(bucket: str, objects: Sequence[ObjectInfo]) -> str:

@@ -3,7 +3,8 @@
 Order of work for a batch: fetch every created object (in parallel, using the ETag actually fetched so
 a late, reordered event cannot bring back old content), claim a pending row per new version, embed the
 claimed images together (chunk by chunk while later fetches continue), then per dataset write the
-segment object first and commit second. Deletions are applied last.
+segment object first and commit second. Deletions are applied last. An object over the byte limit (by
+the size its event announced, confirmed by a HEAD) is recorded as failed without being fetched.
 
 Two batches carrying the same (key, etag) claim the same pending row. Commits of one dataset are
 serialized on its row; the second commit sees that row no longer pending, commits nothing, and this
@@ -12,16 +13,20 @@ live segments; the abandoned segment object is an orphan that compaction deletes
 
 If a key is overwritten while another batch still embeds the older version, the older commit can
 land last. Claims are ordered by id, so a claim older than its key's live row is refused (marked
-deleted) instead of replacing it. The order of claims follows the order of GETs except when two
-batches interleave between their GET and their claim; reconciliation (catalog etag != bucket etag)
-repairs that rare case.
+deleted) instead of replacing it, and a commit retires the older pending claims of its keys. The
+order of claims follows the order of GETs except when two batches interleave between their GET and
+their claim: the older content can then become the live row, and reconciliation repairs it (the
+catalog etag differs from the bucket's, so the key is announced again and its current version,
+claimed anew, replaces the live row). A claim left pending by a crashed batch after its key changed
+is retired by the next claim that finds the bucket's version already live (reconciliation announces
+pending keys, so it is never left waiting).
+
+A dataset deleted while its batch is in flight settles its images: they are logged and skipped.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ import numpy as np
 
 from clipsearch.datasets import segment_key
 from clipsearch.errors import (
+    ClipsearchError,
+    DatasetNotFound,
     InvalidImage,
     ModelMismatch,
     ObjectNotFound,
@@ -38,6 +45,7 @@ from clipsearch.errors import (
 )
 from clipsearch.events import EventKind, ObjectEvent, chunks
 from clipsearch.ports import (
+    BatchCommit,
     Catalog,
     ClaimedImage,
     Dataset,
@@ -50,14 +58,18 @@ from clipsearch.ports import (
     ObjectStore,
     StoredObject,
 )
-from clipsearch.segments import FLAT, SegmentVectors, build_segment
+from clipsearch.segments import FLAT, SegmentVectors, build_segment, new_segment_id
 
 logger = logging.getLogger(__name__)
 
 SOURCE_PATH_METADATA = "source-path"
 DEFAULT_FETCH_WORKERS = 4
 DEFAULT_EMBED_CHUNK = 64  # fewer restarts of the encoder's decode pipeline; 2 chunks of bytes in memory
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024  # a whole object sits in memory, times workers and chunks
 _COMMIT_ATTEMPTS = 5
+# A version claimed this often sits in batches that keep failing; with no error logged, the function
+# itself dies on that batch (memory, timeout), and its messages end in the dead-letter queue.
+_REPEATED_CLAIMS = 3
 
 
 @dataclass
@@ -84,6 +96,7 @@ class _DatasetBatch:
 
     dataset: Dataset
     rejection: str | None = None  # why none of its images may be embedded here (a model mismatch)
+    gone: bool = False  # the dataset was deleted while this batch was in flight
     events: list[ObjectEvent] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
@@ -100,8 +113,12 @@ class _DatasetBatch:
 
 @dataclass
 class _Fetched:
+    """An object version to claim: its bytes, or `refusal` when it was too large to fetch."""
+
     events: list[ObjectEvent]
-    stored: StoredObject
+    image: NewImage
+    data: bytes | None
+    refusal: str | None = None
 
 
 class IngestService:
@@ -113,6 +130,7 @@ class IngestService:
         model_id: str,
         fetch_workers: int = DEFAULT_FETCH_WORKERS,
         embed_chunk: int = DEFAULT_EMBED_CHUNK,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -120,6 +138,7 @@ class IngestService:
         self._model_id = model_id
         self._fetch_workers = fetch_workers
         self._embed_chunk = embed_chunk
+        self._max_image_bytes = max_image_bytes
 
     def ingest(self, events: Sequence[ObjectEvent]) -> IngestReport:
         report = IngestReport()
@@ -152,7 +171,7 @@ class IngestService:
         with ThreadPoolExecutor(self._fetch_workers, thread_name_prefix="fetch") as pool:
 
             def fetch(chunk: Sequence[tuple[str, list[ObjectEvent]]]) -> list:
-                return [(events, pool.submit(self._store.get, key)) for key, events in chunk]
+                return [(events, pool.submit(self._fetch, key, events)) for key, events in chunk]
 
             upcoming = fetch(key_chunks[0]) if key_chunks else []
             for position in range(len(key_chunks)):
@@ -161,7 +180,7 @@ class IngestService:
                 fetched = [item for item in (self._fetched(*pair, report) for pair in current) if item]
                 claimed = self._claim(fetched, batches, report)
                 results = self._encoder.embed_images(
-                    [ImageInput(item.stored.key, item.stored.data) for _, _, item in claimed]
+                    [ImageInput(item.image.key, item.data) for _, _, item in claimed]
                 )
                 for (batch, claim, item), result in zip(claimed, results):
                     batch.events.extend(item.events)
@@ -173,11 +192,25 @@ class IngestService:
                         batch.indexed.append(IndexedImage(claim.id, result.width, result.height))
         return batches
 
+    def _fetch(self, key: str, events: list[ObjectEvent]) -> _Fetched:
+        """GETs the object unless it is too large; a size the events lack or exceed is checked by HEAD."""
+        if any(event.size is None or event.size > self._max_image_bytes for event in events):
+            current = self._store.head(key)
+            if current is None:
+                raise ObjectNotFound(key)
+            if current.size > self._max_image_bytes:
+                refusal = (f"the object is {current.size} bytes, over the ingest limit of "
+                           f"{self._max_image_bytes} bytes; not fetched")
+                image = NewImage(events[0].bucket, key, current.etag, None, None, current.size)
+                return _Fetched(events, image, None, refusal)
+        stored = self._store.get(key)
+        return _Fetched(events, _new_image(events[0].bucket, stored), stored.data)
+
     def _fetched(
-        self, events: list[ObjectEvent], future: Future[StoredObject], report: IngestReport
+        self, events: list[ObjectEvent], future: Future[_Fetched], report: IngestReport
     ) -> _Fetched | None:
         try:
-            return _Fetched(events, future.result())
+            return future.result()
         except ObjectNotFound:
             logger.info("skipping %r: gone from the bucket (its removal event follows)", events[0].key)
             report.skipped += 1
@@ -194,19 +227,33 @@ class IngestService:
             by_dataset.setdefault(item.events[0].dataset, []).append(item)
         claimed = []
         for name, items in by_dataset.items():
+            batch = batches.get(name)
+            if batch is not None and batch.gone:
+                _skip_deleted(name, len(items), report)
+                continue
             try:
-                batch = batches.get(name) or batches.setdefault(name, self._open_batch(name))
-                claims = self._catalog.claim_images(batch.dataset.id, [_new_image(item) for item in items])
-            except TransientError as error:
+                if batch is None:
+                    batch = batches[name] = self._open_batch(name)
+                claims = self._catalog.claim_images(batch.dataset.id, [item.image for item in items])
+            except DatasetNotFound:
+                if batch is not None:
+                    batch.gone = True
+                _skip_deleted(name, len(items), report)
+                continue
+            except ClipsearchError as error:
                 logger.warning("will retry %d images of %r: %s", len(items), name, error)
                 report.retry_messages([event for item in items for event in item.events], str(error))
                 continue
             for item, claim in zip(items, claims):
                 if claim is None:
                     report.duplicates += 1
-                elif batch.rejection:
+                    continue
+                if claim.attempts >= _REPEATED_CLAIMS:
+                    logger.warning("%r (etag %s) claimed %d times: the batches carrying it keep failing",
+                                   claim.key, claim.etag, claim.attempts)
+                if batch.rejection or item.refusal:
                     batch.events.extend(item.events)
-                    batch.failed.append(FailedImage(claim.id, batch.rejection))
+                    batch.failed.append(FailedImage(claim.id, batch.rejection or item.refusal))
                 else:
                     claimed.append((batch, claim, item))
         return claimed
@@ -221,20 +268,18 @@ class IngestService:
     def _publish(self, batch: _DatasetBatch, report: IngestReport) -> None:
         name = batch.dataset.name
         try:
-            for _ in range(_COMMIT_ATTEMPTS):
-                segment, size = self._write_segment(batch)
-                outcome = self._catalog.commit_batch(batch.dataset.id, segment, batch.indexed, batch.failed)
-                if not outcome.stale_ids:
-                    break
-                logger.info("%d images of %r were settled by a concurrent batch; recommitting without them",
-                            len(outcome.stale_ids), name)
-                batch.drop(outcome.stale_ids)
-            else:
-                raise TransientError(f"dataset {name!r}: concurrent batches kept claiming the same images")
-        except TransientError as error:
+            committed = self._commit(batch)
+        except DatasetNotFound:
+            _skip_deleted(name, len(batch.indexed) + len(batch.failed), report)
+            return
+        except ClipsearchError as error:
             logger.warning("will retry the batch of %r: %s", name, error)
             report.retry_messages(batch.events, str(error))
             return
+        if committed is None:
+            logger.info("every image of %r was settled by a concurrent batch", name)
+            return
+        outcome, segment, size = committed
         report.indexed += len(batch.indexed)
         report.failed += len(batch.failed)
         if segment is not None:
@@ -242,6 +287,34 @@ class IngestService:
             report.segment_bytes.append(size)
         logger.info("dataset %r at version %s: %d indexed, %d failed", name, outcome.index_version,
                     len(batch.indexed), len(batch.failed))
+
+    def _commit(self, batch: _DatasetBatch) -> tuple[BatchCommit, NewSegment | None, int] | None:
+        """Writes and commits the batch's segment, again without the images a concurrent batch settled;
+        None when that leaves nothing to commit."""
+        for _ in range(_COMMIT_ATTEMPTS):
+            if not (batch.indexed or batch.failed):
+                return None
+            segment, size = self._write_segment(batch)
+            try:
+                outcome = self._catalog.commit_batch(batch.dataset.id, segment, batch.indexed, batch.failed)
+            except DatasetNotFound:
+                self._discard(segment)
+                raise
+            if not outcome.stale_ids:
+                return outcome, segment, size
+            logger.info("%d images of %r were settled by a concurrent batch; recommitting without them",
+                        len(outcome.stale_ids), batch.dataset.name)
+            batch.drop(outcome.stale_ids)
+        raise TransientError(f"dataset {batch.dataset.name!r}: concurrent batches kept claiming the same images")
+
+    def _discard(self, segment: NewSegment | None) -> None:
+        """Compaction cleans orphans only under datasets it knows: a deleted dataset's are removed here."""
+        if segment is None:
+            return
+        try:
+            self._store.delete_many([segment.object_key])
+        except TransientError as error:
+            logger.warning("leaving orphan segment %s: %s", segment.object_key, error)
 
     def _write_segment(self, batch: _DatasetBatch) -> tuple[NewSegment | None, int]:
         """Object first: the segment is in the bucket before any row names it."""
@@ -266,15 +339,15 @@ class IngestService:
             report.retry_messages([event], str(error))
 
 
-def new_segment_id() -> str:
-    """Sortable by creation time, unique without coordination."""
-    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
+def _skip_deleted(dataset: str, count: int, report: IngestReport) -> None:
+    """Settled, not retried: the images went with their dataset."""
+    logger.warning("skipping %d images of %r: the dataset was deleted while this batch ran", count, dataset)
+    report.skipped += count
 
 
-def _new_image(item: _Fetched) -> NewImage:
-    stored = item.stored
+def _new_image(bucket: str, stored: StoredObject) -> NewImage:
     return NewImage(
-        bucket=item.events[0].bucket,
+        bucket=bucket,
         key=stored.key,
         etag=stored.etag,
         source_path=stored.metadata.get(SOURCE_PATH_METADATA),

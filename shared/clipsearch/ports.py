@@ -165,7 +165,7 @@ class NewImage:
     key: str
     etag: str
     source_path: str | None
-    sha256: str
+    sha256: str | None  # None for an object refused unread (over the size limit)
     byte_size: int
 
 

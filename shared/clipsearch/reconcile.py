@@ -19,6 +19,7 @@ from clipsearch.datasets import (
     has_image_suffix,
     parse_image_key,
 )
+from clipsearch.errors import MaintenanceFailed
 from clipsearch.events import chunks, created_notification
 from clipsearch.ports import Catalog, LiveImage, MessageQueue, ObjectInfo, ObjectStore
 
@@ -47,17 +48,26 @@ class ReconcileService:
         return self._reconcile(name, known, listed)
 
     def reconcile_all(self) -> list[ReconcileReport]:
-        """Every dataset the bucket or the catalog knows, from one listing of `datasets/`."""
+        """Every dataset the bucket or the catalog knows, from one listing of `datasets/`.
+
+        A failing dataset does not hold back the others; MaintenanceFailed names the failed ones at the end.
+        """
         names = {summary.dataset.name for summary in self._catalog.list_datasets()}
         known = {name: self._catalog.live_images(name) for name in names}
         listed: dict[str, list[ObjectInfo]] = {}
         for item in self._store.list(DATASETS_PREFIX):
             if _is_image(item):
                 listed.setdefault(parse_image_key(item.key).dataset, []).append(item)
-        return [
-            self._reconcile(name, known.get(name, {}), listed.get(name, []))
-            for name in sorted(names | listed.keys())
-        ]
+        reports, failed = [], []
+        for name in sorted(names | listed.keys()):
+            try:
+                reports.append(self._reconcile(name, known.get(name, {}), listed.get(name, [])))
+            except Exception:  # any failure: datasets are independent; re-raised below
+                logger.exception("reconciliation of dataset %r failed", name)
+                failed.append(name)
+        if failed:
+            raise MaintenanceFailed(f"reconciliation failed for datasets {failed} ({len(reports)} reconciled)")
+        return reports
 
     def _reconcile(
         self, name: str, known: Mapping[str, LiveImage], listed: Sequence[ObjectInfo]
@@ -69,10 +79,18 @@ class ReconcileService:
         for batch in chunks(missing, RECORDS_PER_MESSAGE):
             self._queue.send([created_notification(self._store.bucket, batch)])
         present = {item.key for item in listed}
-        marked = sum(self._catalog.remove_images(name, key, None) for key in known if key not in present)
+        marked = sum(self._remove_vanished(name, key) for key in known if key not in present)
         logger.info("dataset %r: %d images listed, %d enqueued, %d marked deleted",
                     name, len(listed), len(missing), marked)
         return ReconcileReport(name, len(listed), len(missing), marked)
+
+
+    def _remove_vanished(self, name: str, key: str) -> int:
+        """The listing may be minutes old: a key uploaded again since is left to its own event."""
+        if self._store.head(key) is not None:
+            logger.info("not removing %r: it was uploaded again after the listing", key)
+            return 0
+        return self._catalog.remove_images(name, key, None)
 
 
 def _is_image(item: ObjectInfo) -> bool:

@@ -1,7 +1,9 @@
-"""FAISS segments: build from (image id, vector) pairs, serialize, load, and choose the index type."""
+"""FAISS segments: build from (image id, vector) pairs, serialize, load, name, and choose the index type."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import dataclass
 
 import faiss
@@ -23,6 +25,11 @@ HNSW_EF_SEARCH = 512
 
 # FAISS switches to its bundled BLAS for >= 20 queries at once, ~10x slower here (FACTS.md).
 faiss.cvar.distance_compute_blas_threshold = 1_000_000
+
+
+def new_segment_id() -> str:
+    """Sortable by creation time, unique without coordination."""
+    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
 
 
 def choose_index_type(vector_count: int, flat_limit: int = FLAT_LIMIT) -> str:

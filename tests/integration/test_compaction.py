@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 from clipsearch.compaction import CompactionPolicy, CompactionService
+from clipsearch.errors import MaintenanceFailed
 from clipsearch.segments import FLAT, HNSW, load_segment, segment_vectors
 from http_events import load_function
 from ingest_stack import CONTEXT, ingest_stack, preprocess_function
@@ -114,3 +115,20 @@ def test_a_large_merge_becomes_hnsw(churned) -> None:
     _, found = index.search(probe.vectors, 1)
     assert found[:, 0].tolist() == probe.ids.tolist()
     assert sorted(probe.ids.tolist()) == sorted(live_rows(stack))
+
+
+@pytest.mark.integration
+def test_one_failing_dataset_does_not_stop_the_others(churned, seed_eval_photos) -> None:
+    stack = churned
+    preprocess = preprocess_function()
+    for batch in range(2):
+        stack.upload(f"datasets/a_broken/x{batch}.jpg", seed_eval_photos[batch].read_bytes())
+        ingest(stack, preprocess)
+    broken = stack.catalog.get_dataset("a_broken")
+    stack.store.delete_many([segment.object_key for segment in stack.catalog.live_segments(broken.id)])
+
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1))
+    with pytest.raises(MaintenanceFailed, match="a_broken"):
+        load_function("compact").handle({}, service)
+    assert len(stack.catalog.live_segments(stack.catalog.get_dataset(DATASET).id)) == 1  # compacted anyway
+    assert len(stack.catalog.live_segments(broken.id)) == 2

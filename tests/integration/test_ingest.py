@@ -11,7 +11,10 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from clipsearch.adapters.postgres_catalog import PostgresCatalog
 from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.errors import TransientError
+from clipsearch.events import parse_message
+from clipsearch.ingest import IngestService
 from clipsearch.segments import load_segment
 from ingest_stack import (
     CONTEXT,
@@ -255,3 +258,123 @@ def test_a_dataset_pinned_to_another_model_records_failures(ingest_stack, prepro
     assert row["status"] == "failed" and "some-other-model" in row["failure_reason"]
     assert row["attempts"] == 1
     assert stack.catalog.live_segments(stack.catalog.get_dataset(DATASET).id) == []
+
+
+def test_a_malformed_message_fails_alone(ingest_stack, preprocess, seed_eval_photos) -> None:
+    stack = ingest_stack
+    stack.upload(f"datasets/{DATASET}/a.jpg", photo(seed_eval_photos, 0))
+    event = stack.drain()
+    bad = dict(event["Records"][0], messageId="bad-1", body='{"Records": [1, {"s3": []}]}')
+    response = preprocess.handle({"Records": [*event["Records"], bad]}, CONTEXT, stack.service())
+    assert failed_ids(response) == ["bad-1"]  # retried, then left in the dead-letter queue
+    assert [row["status"] for row in stack.rows(DATASET)] == ["indexed"]
+
+
+class RecordingStore(S3ObjectStore):
+    """Notes every key it GETs."""
+
+    def __init__(self, client, bucket: str) -> None:
+        super().__init__(client, bucket)
+        self.fetched: list[str] = []
+
+    def get(self, key: str):
+        self.fetched.append(key)
+        return super().get(key)
+
+
+def test_an_object_over_the_byte_limit_fails_without_being_fetched(ingest_stack, preprocess,
+                                                                   seed_eval_photos) -> None:
+    stack = ingest_stack
+    small = photo(seed_eval_photos, 0)
+    stack.upload(f"datasets/{DATASET}/small.jpg", small)
+    stack.upload(f"datasets/{DATASET}/huge.jpg", photo(seed_eval_photos, 1) + b"\0" * len(small))
+    event = stack.drain()
+    store = RecordingStore(stack.s3, stack.bucket)
+    service = IngestService(store, stack.catalog, stack.encoder, stack.model_id, max_image_bytes=len(small))
+
+    for _ in range(2):  # a failure is final: the redelivery claims nothing
+        assert preprocess.handle(event, CONTEXT, service) == {"batchItemFailures": []}
+
+    assert set(store.fetched) == {f"datasets/{DATASET}/small.jpg"}
+    rows = {row["object_key"].rsplit("/", 1)[1]: row for row in stack.rows(DATASET)}
+    assert rows["small.jpg"]["status"] == "indexed"
+    huge = rows["huge.jpg"]
+    assert huge["status"] == "failed" and huge["sha256"] is None and huge["attempts"] == 1
+    assert huge["byte_size"] > len(small) and f"limit of {len(small)} bytes" in huge["failure_reason"]
+
+
+def test_a_claim_left_by_a_crash_is_settled_when_its_key_moves_on(ingest_stack, preprocess,
+                                                                 seed_eval_photos) -> None:
+    stack = ingest_stack
+    stack.upload(f"datasets/{DATASET}/a.jpg", photo(seed_eval_photos, 0))
+    first = stack.drain()
+    response = preprocess.handle(first, CONTEXT, stack.service(CrashingCommit(stack.database)))
+    assert failed_ids(response)  # claimed at e1, died before its commit
+    stack.upload(f"datasets/{DATASET}/a.jpg", photo(seed_eval_photos, 1))
+    assert preprocess.handle(stack.drain(), CONTEXT, stack.service()) == {"batchItemFailures": []}
+    # the retry fetches the new version, already live
+    assert preprocess.handle(records_of(first, failed_ids(response)), CONTEXT, stack.service()) == {
+        "batchItemFailures": []}
+    assert [row["status"] for row in stack.rows(DATASET)] == ["deleted", "indexed"]
+    assert stack.catalog.summarize_dataset(DATASET).counts["pending"] == 0
+
+
+class DeletedBefore(PostgresCatalog):
+    """Deletes the dataset just before the named step, as a user deleting it mid-batch would."""
+
+    def __init__(self, database: Database, step: str) -> None:
+        super().__init__(database)
+        self._step = step
+
+    def _delete(self, step: str, dataset_id: int) -> None:
+        if step == self._step:
+            self._step = ""
+            (name,) = [s.dataset.name for s in self.list_datasets() if s.dataset.id == dataset_id]
+            self.remove_dataset(name)
+
+    def claim_images(self, dataset_id, images):
+        self._delete("claim", dataset_id)
+        return super().claim_images(dataset_id, images)
+
+    def commit_batch(self, dataset_id, *args, **kwargs):
+        self._delete("commit", dataset_id)
+        return super().commit_batch(dataset_id, *args, **kwargs)
+
+
+@pytest.mark.parametrize("step", ["claim", "commit"])
+def test_a_dataset_deleted_mid_batch_settles_its_images(ingest_stack, preprocess, seed_eval_photos, step) -> None:
+    stack = ingest_stack
+    stack.catalog.ensure_dataset(DATASET, stack.model_id)
+    stack.upload(f"datasets/{DATASET}/a.jpg", photo(seed_eval_photos, 0))
+    stack.upload("datasets/other/b.jpg", photo(seed_eval_photos, 1))
+    service = stack.service(DeletedBefore(stack.database, step))
+    report = service.ingest([event for record in stack.drain()["Records"]
+                             for event in parse_message(record["messageId"], record["body"])])
+    assert (report.indexed, report.skipped, report.retry) == (1, 1, {})
+    assert [row["status"] for row in stack.rows("other")] == ["indexed"]
+    assert stack.rows(DATASET) == []
+    assert list(stack.store.list(f"indexes/{DATASET}/")) == []  # no orphan left where nobody compacts
+
+
+def test_a_batch_settled_entirely_by_another_commits_nothing(ingest_stack, preprocess, seed_eval_photos) -> None:
+    stack = ingest_stack
+    for position in range(2):
+        stack.upload(f"datasets/{DATASET}/d{position}.jpg", photo(seed_eval_photos, position))
+    event = stack.drain()
+    barrier = threading.Barrier(2)
+    databases = [Database(stack.database_url) for _ in range(2)]
+    responses: list[dict] = []
+
+    def run(database: Database) -> None:
+        responses.append(preprocess.handle(event, CONTEXT, stack.service(MeetBeforeCommit(database, barrier))))
+
+    threads = [threading.Thread(target=run, args=(database,)) for database in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for database in databases:
+        database.close()
+    assert responses == [{"batchItemFailures": []}] * 2
+    assert stack.catalog.get_dataset(DATASET).index_version == 1  # the loser found nothing left to commit
+    assert {row["status"] for row in stack.rows(DATASET)} == {"indexed"}

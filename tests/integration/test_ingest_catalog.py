@@ -8,7 +8,13 @@ import psycopg
 import pytest
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
 from clipsearch.adapters.postgres_connection import Database
-from clipsearch.errors import DatasetNotFound, InvalidDatasetName, ModelMismatch
+from clipsearch.errors import (
+    ClipsearchError,
+    DatasetNotFound,
+    InvalidDatasetName,
+    ModelMismatch,
+    TransientError,
+)
 from clipsearch.ports import FailedImage, IndexedImage, NewImage, NewSegment
 
 pytestmark = pytest.mark.integration
@@ -44,7 +50,7 @@ def test_migrate_is_idempotent_and_recorded(database: Database, database_url: st
     assert migrate(database) == []
     with psycopg.connect(database_url) as connection:
         versions = [row[0] for row in connection.execute("SELECT version FROM schema_migrations")]
-    assert versions == ["001_catalog.sql"]
+    assert versions == ["001_catalog.sql", "002_images_by_key.sql"]
 
 
 def test_dataset_name_rule_is_enforced_by_the_schema(database_url: str, database: Database) -> None:
@@ -181,4 +187,81 @@ def test_concurrent_migrations_apply_once(database_url: str) -> None:
         thread.join()
     for database in databases:
         database.close()
-    assert sorted(applied) == [[], [], ["001_catalog.sql"]]
+    assert sorted(applied) == [[], [], ["001_catalog.sql", "002_images_by_key.sql"]]
+
+
+def statuses(catalog: PostgresCatalog, dataset: str) -> dict[tuple[str, str], str]:
+    with catalog._database.transaction() as connection:
+        rows = connection.execute(
+            "SELECT object_key, etag, status FROM images i JOIN datasets d ON d.id = i.dataset_id"
+            " WHERE d.name = %s",
+            (dataset,),
+        ).fetchall()
+    return {(row["object_key"], row["etag"]): row["status"] for row in rows}
+
+
+def test_a_commit_retires_older_pending_claims_of_its_keys(catalog: PostgresCatalog) -> None:
+    """A batch claims a.jpg@e1 and dies; a.jpg is uploaded again as e2 and indexed by another batch."""
+    dataset = catalog.ensure_dataset("ds", "model-a")
+    catalog.claim_images(dataset.id, [new_image("datasets/ds/a.jpg", "e1")])
+    index_batch(catalog, dataset.id, ["datasets/ds/a.jpg"], "s1", etag="e2")
+    # the crashed batch's retry fetches e2: already live, nothing to claim
+    assert catalog.claim_images(dataset.id, [new_image("datasets/ds/a.jpg", "e2")]) == [None]
+    assert statuses(catalog, "ds") == {("datasets/ds/a.jpg", "e1"): "deleted",
+                                       ("datasets/ds/a.jpg", "e2"): "indexed"}
+    assert catalog.summarize_dataset("ds").counts["pending"] == 0
+
+
+def test_a_claim_that_finds_its_version_live_retires_unfetchable_pending_claims(catalog) -> None:
+    """e2 is indexed first; a batch that fetched e1 before the upload claims it afterwards and dies."""
+    dataset = catalog.ensure_dataset("ds", "model-a")
+    index_batch(catalog, dataset.id, ["datasets/ds/a.jpg"], "s1", etag="e2")
+    catalog.claim_images(dataset.id, [new_image("datasets/ds/a.jpg", "e1")])
+    assert catalog.live_images("ds")["datasets/ds/a.jpg"].status == "pending"  # reconciliation announces it
+    assert catalog.claim_images(dataset.id, [new_image("datasets/ds/a.jpg", "e2")]) == [None]
+    assert statuses(catalog, "ds")[("datasets/ds/a.jpg", "e1")] == "deleted"
+    assert catalog.live_images("ds")["datasets/ds/a.jpg"].etag == "e2"
+    assert catalog.get_dataset("ds").index_version == 1
+
+
+def test_a_dataset_deleted_in_flight_is_reported_as_not_found(catalog: PostgresCatalog) -> None:
+    dataset = catalog.ensure_dataset("ds", "model-a")
+    claims = catalog.claim_images(dataset.id, [new_image("datasets/ds/a.jpg")])
+    catalog.remove_dataset("ds")
+    with pytest.raises(DatasetNotFound):
+        catalog.claim_images(dataset.id, [new_image("datasets/ds/b.jpg")])
+    with pytest.raises(DatasetNotFound):
+        catalog.commit_batch(dataset.id, None, [], [FailedImage(claims[0].id, "bad")])
+    assert catalog.list_datasets() == []  # the connection is still usable
+
+
+def test_statement_errors_become_domain_errors_and_keep_the_connection(catalog, database) -> None:
+    with (pytest.raises(ClipsearchError, match="catalog statement failed") as raised,
+          database.transaction() as connection):
+        connection.execute("INSERT INTO datasets (name, model_id) VALUES ('-bad', 'm')")
+    assert not isinstance(raised.value, TransientError)
+    with database.transaction() as connection:
+        backend = connection.info.backend_pid
+    with pytest.raises(TransientError, match="aborted the transaction"), database.transaction() as connection:
+        connection.execute("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40P01'; END $$")
+    with database.transaction() as connection:
+        assert connection.info.backend_pid == backend  # a deadlock victim keeps its healthy connection
+
+
+def test_removal_by_key_uses_the_key_index(catalog: PostgresCatalog, database: Database) -> None:
+    dataset = catalog.ensure_dataset("ds", "model-a")
+    with database.transaction() as connection:
+        connection.execute(
+            "INSERT INTO images (dataset_id, bucket, object_key, etag, status)"
+            " SELECT %s, 'b', 'datasets/ds/' || n || '.jpg', 'e', 'indexed' FROM generate_series(1, 20000) n",
+            (dataset.id,),
+        )
+        connection.execute("ANALYZE images")
+        plan = "\n".join(
+            row["QUERY PLAN"] for row in connection.execute(
+                "EXPLAIN SELECT id FROM images WHERE dataset_id = %s AND status <> 'deleted'"
+                " AND object_key = %s AND etag IS DISTINCT FROM %s",
+                (dataset.id, "datasets/ds/7.jpg", None),
+            )
+        )
+    assert "images_by_key" in plan, plan

@@ -73,3 +73,30 @@ def test_reconciliation_notification_round_trips() -> None:
         ("datasets/ds/a b+c.jpg", "e1", EventKind.CREATED),
         ("datasets/ds/x/é.png", "e2", EventKind.CREATED),
     ]
+
+
+@pytest.mark.parametrize("records", [
+    [1],
+    ["ObjectCreated:Put"],
+    [{"eventName": "ObjectCreated:Put", "s3": []}],
+    [{"eventName": "ObjectCreated:Put", "s3": {"bucket": "photos", "object": {"key": "datasets/ds/a.jpg"}}}],
+    [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "photos"}, "object": {"key": 5}}}],
+    [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "photos"}, "object": "datasets/ds/a.jpg"}}],
+    [{"eventName": 7, "s3": {"bucket": {"name": "photos"}, "object": {"key": "datasets/ds/a.jpg"}}}],
+    [{"eventName": "ObjectCreated:Put",
+      "s3": {"bucket": {"name": "photos"}, "object": {"key": "datasets/ds/a.jpg", "eTag": ["x"]}}}],
+    [{"eventName": "ObjectCreated:Put",
+      "s3": {"bucket": {"name": "photos"}, "object": {"key": "datasets/ds/a.jpg", "size": "12"}}}],
+])
+def test_records_of_the_wrong_shape_are_rejected_as_invalid(records) -> None:
+    with pytest.raises(InvalidRequest, match="m1"):
+        parse_message("m1", json.dumps({"Records": records}))
+
+
+def test_the_announced_size_is_carried() -> None:
+    (created,) = parse_message("m1", body(record("ObjectCreated:Put", "datasets/ds/a.jpg")))
+    (removed,) = parse_message("m1", json.dumps({"Records": [{
+        "eventName": "ObjectRemoved:Delete",
+        "s3": {"bucket": {"name": "photos"}, "object": {"key": "datasets/ds/a.jpg"}},
+    }]}))
+    assert (created.size, removed.size) == (10, None)

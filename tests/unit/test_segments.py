@@ -17,6 +17,7 @@ from clipsearch.segments import (
     build_segment,
     choose_index_type,
     load_segment,
+    new_segment_id,
     segment_vectors,
 )
 
@@ -74,3 +75,11 @@ def test_hnsw_recall_at_10_on_clustered_vectors() -> None:
     recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
     print(f"HNSW recall@10 {recall:.4f} over 20k clustered vectors, build+serialize {build_seconds:.1f} s")
     assert recall >= 0.95
+
+
+def test_segment_ids_sort_by_creation_and_never_repeat() -> None:
+    ids = [new_segment_id() for _ in range(200)]
+    assert len(set(ids)) == 200
+    assert ids[0][:13] <= ids[-1][:13] and ids[0][:13].isdigit()
+    time.sleep(0.002)
+    assert new_segment_id() > ids[-1]

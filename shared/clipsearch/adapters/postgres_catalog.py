@@ -11,7 +11,7 @@ import psycopg
 
 from clipsearch.adapters.postgres_connection import Database
 from clipsearch.datasets import validate_dataset_name
-from clipsearch.errors import DatasetNotFound, ModelMismatch
+from clipsearch.errors import DatasetNotFound, ModelMismatch, TransientError
 from clipsearch.ports import (
     IMAGE_STATUSES,
     BatchCommit,
@@ -195,11 +195,12 @@ class PostgresCatalog:
                 "INSERT INTO datasets (name, model_id) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                 (name, model_id),
             )
-            dataset = _dataset(
-                connection.execute(
-                    f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = %s", (name,)
-                ).fetchone()
-            )
+            row = connection.execute(
+                f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = %s", (name,)
+            ).fetchone()
+        if row is None:
+            raise TransientError(f"dataset {name!r} was deleted while it was being created")
+        dataset = _dataset(row)
         if dataset.model_id != model_id:
             raise ModelMismatch(
                 f"dataset {name!r} is embedded with model {dataset.model_id!r}, not {model_id!r}"
@@ -207,38 +208,68 @@ class PostgresCatalog:
         return dataset
 
     def claim_images(self, dataset_id: int, images: Sequence[NewImage]) -> list[ClaimedImage | None]:
-        """One statement for the whole list: one round trip per chunk, not two per image."""
+        """One statement for the whole list: one round trip per chunk, not two per image.
+
+        Rows are inserted in (key, etag) order, so two batches claiming overlapping images wait for
+        each other instead of deadlocking. Where the claimed version is already live, the fetch just
+        proved the bucket holds that version: pending rows of the key's other etags can then never be
+        fetched again (a crashed batch's claim), so they are retired instead of waiting forever.
+        Raises DatasetNotFound when the dataset was deleted meanwhile.
+        """
         distinct = list({(image.key, image.etag): image for image in images}.values())
+        keys = [image.key for image in distinct]
+        etags = [image.etag for image in distinct]
         with self._database.transaction() as connection:
-            rows = connection.execute(
-                "WITH incoming AS ("
-                "  SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-                "    %s::bigint[]) AS t(bucket, object_key, etag, source_path, sha256, byte_size))"
-                " INSERT INTO images"
-                " (dataset_id, bucket, object_key, etag, source_path, sha256, byte_size, attempts)"
-                " SELECT %s, i.bucket, i.object_key, i.etag, i.source_path, i.sha256, i.byte_size, 1"
-                " FROM incoming i WHERE NOT EXISTS ("
-                "   SELECT 1 FROM images l WHERE l.dataset_id = %s AND l.object_key = i.object_key"
-                "   AND l.etag = i.etag AND l.status IN ('indexed', 'failed'))"
-                " ON CONFLICT (dataset_id, object_key, etag) WHERE status = 'pending'"
-                " DO UPDATE SET attempts = images.attempts + 1, updated_at = now()"
-                " RETURNING id, object_key, etag, attempts",
-                (
-                    [image.bucket for image in distinct],
-                    [image.key for image in distinct],
-                    [image.etag for image in distinct],
-                    [image.source_path for image in distinct],
-                    [image.sha256 for image in distinct],
-                    [image.byte_size for image in distinct],
-                    dataset_id,
-                    dataset_id,
-                ),
+            try:
+                rows = self._insert_claims(connection, dataset_id, distinct)
+            except psycopg.errors.ForeignKeyViolation as error:
+                raise DatasetNotFound(f"#{dataset_id}") from error
+            retired = connection.execute(
+                "UPDATE images p SET status = 'deleted', updated_at = now(),"
+                "  deleted_version = (SELECT index_version FROM datasets WHERE id = p.dataset_id)"
+                " FROM unnest(%s::text[], %s::text[]) AS t(object_key, etag)"
+                " WHERE p.dataset_id = %s AND p.object_key = t.object_key AND p.etag <> t.etag"
+                " AND p.status = 'pending' AND EXISTS ("
+                "   SELECT 1 FROM images l WHERE l.dataset_id = p.dataset_id"
+                "   AND l.object_key = t.object_key AND l.etag = t.etag AND l.status IN ('indexed', 'failed'))"
+                " RETURNING p.object_key, p.etag",
+                (keys, etags, dataset_id),
             ).fetchall()
+        for row in retired:
+            logger.info("retired the unfetchable pending claim of %r at etag %r", row["object_key"], row["etag"])
         claimed = {
             (row["object_key"], row["etag"]): ClaimedImage(row["id"], row["object_key"], row["etag"], row["attempts"])
             for row in rows
         }
         return [claimed.get((image.key, image.etag)) for image in images]
+
+    @staticmethod
+    def _insert_claims(connection, dataset_id: int, distinct: Sequence[NewImage]) -> list[Mapping]:
+        return connection.execute(
+            "WITH incoming AS ("
+            "  SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            "    %s::bigint[]) AS t(bucket, object_key, etag, source_path, sha256, byte_size))"
+            " INSERT INTO images"
+            " (dataset_id, bucket, object_key, etag, source_path, sha256, byte_size, attempts)"
+            " SELECT %s, i.bucket, i.object_key, i.etag, i.source_path, i.sha256, i.byte_size, 1"
+            " FROM incoming i WHERE NOT EXISTS ("
+            "   SELECT 1 FROM images l WHERE l.dataset_id = %s AND l.object_key = i.object_key"
+            "   AND l.etag = i.etag AND l.status IN ('indexed', 'failed'))"
+            " ORDER BY i.object_key, i.etag"
+            " ON CONFLICT (dataset_id, object_key, etag) WHERE status = 'pending'"
+            " DO UPDATE SET attempts = images.attempts + 1, updated_at = now()"
+            " RETURNING id, object_key, etag, attempts",
+            (
+                [image.bucket for image in distinct],
+                [image.key for image in distinct],
+                [image.etag for image in distinct],
+                [image.source_path for image in distinct],
+                [image.sha256 for image in distinct],
+                [image.byte_size for image in distinct],
+                dataset_id,
+                dataset_id,
+            ),
+        ).fetchall()
 
     def commit_batch(
         self,
@@ -247,15 +278,19 @@ class PostgresCatalog:
         indexed: Sequence[IndexedImage],
         failed: Sequence[FailedImage],
     ) -> BatchCommit:
+        """Raises DatasetNotFound when the dataset was deleted meanwhile."""
         ids = [image.id for image in indexed] + [image.id for image in failed]
         refused: frozenset[int] = frozenset()
         with self._database.transaction() as connection:
             # The dataset row lock serializes commits (and compactions) of one dataset.
-            version = connection.execute(
+            bumped = connection.execute(
                 "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
                 " WHERE id = %s RETURNING index_version",
                 (dataset_id,),
-            ).fetchone()["index_version"]
+            ).fetchone()
+            if bumped is None:
+                raise DatasetNotFound(f"#{dataset_id}")
+            version = bumped["index_version"]
             pending = {
                 row["id"]: row["object_key"]
                 for row in connection.execute(
@@ -286,18 +321,28 @@ class PostgresCatalog:
                 raise psycopg.Rollback()
             else:
                 self._apply_batch(connection, dataset_id, version, segment, indexed, failed,
-                                  sorted(set(pending.values())))
+                                  sorted(set(pending.values())), ids)
         if refused:
             return BatchCommit(None, refused)
         return BatchCommit(version)
 
     @staticmethod
-    def _apply_batch(connection, dataset_id, version, segment, indexed, failed, keys) -> None:
-        """Supersedes the keys' live rows, registers the segment, and settles the claimed rows."""
+    def _apply_batch(connection, dataset_id, version, segment, indexed, failed, keys, ids) -> None:
+        """Supersedes the keys' live rows, registers the segment, and settles the claimed rows.
+
+        Older pending claims of the same keys are retired too: committed, they would be refused as
+        older than this row, and their batch may have crashed, leaving nobody to settle them.
+        """
         connection.execute(
             "UPDATE images SET status = 'deleted', deleted_version = %s, updated_at = now()"
             " WHERE dataset_id = %s AND object_key = ANY(%s) AND status IN ('indexed', 'failed')",
             (version, dataset_id, keys),
+        )
+        connection.execute(
+            "UPDATE images p SET status = 'deleted', deleted_version = %s, updated_at = now()"
+            " FROM images c WHERE c.id = ANY(%s) AND p.dataset_id = c.dataset_id"
+            " AND p.object_key = c.object_key AND p.status = 'pending' AND p.id < c.id",
+            (version, ids),
         )
         if segment is not None:
             connection.execute(

@@ -11,9 +11,11 @@ from contextlib import contextmanager
 import psycopg
 from psycopg.rows import dict_row
 
-from clipsearch.errors import TransientError
+from clipsearch.errors import CatalogError, ClipsearchError, TransientError
 
 logger = logging.getLogger(__name__)
+
+_TRANSACTION_ROLLBACK_CLASS = "40"  # deadlock, serialization failure: the server aborted one transaction
 
 
 class Database:
@@ -45,10 +47,8 @@ class Database:
             try:
                 with connection.transaction():
                     yield connection
-            except psycopg.OperationalError as error:
-                logger.warning("PostgreSQL connection failed; reconnecting on next use: %s", error)
-                connection.close()
-                raise TransientError(f"PostgreSQL error: {error}") from error
+            except psycopg.Error as error:
+                raise _domain_error(connection, error) from error
             finally:
                 if not connection.closed and connection.info.transaction_status != 0:
                     connection.rollback()
@@ -58,6 +58,17 @@ class Database:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+
+def _domain_error(connection: psycopg.Connection, error: psycopg.Error) -> ClipsearchError:
+    """Retryable for a lost connection or an aborted transaction; anything else is a bug in a statement."""
+    if (error.sqlstate or "").startswith(_TRANSACTION_ROLLBACK_CLASS):
+        return TransientError(f"PostgreSQL aborted the transaction: {error}")
+    if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        logger.warning("PostgreSQL connection failed; reconnecting on next use: %s", error)
+        connection.close()
+        return TransientError(f"PostgreSQL error: {error}")
+    return CatalogError(f"catalog statement failed: {error}")
 
 
 def conninfo_from_secret(secret_string: str) -> str:
