@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clipsearch.errors import ClipsearchError
+from clipsearch.local.aws import aws_client, default_credentials
 from clipsearch.local.control import running_state
 from clipsearch.local.state import StackState, stack_home
 
@@ -126,11 +125,11 @@ class ClipsearchClient:
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        credentials = boto3.Session().get_credentials()
+        credentials = default_credentials()
         if credentials is None:
             raise StackUnreachable("the deployed API uses IAM auth: configure AWS credentials to sign requests")
         request = AWSRequest(method=method, url=url, data=data, headers=headers)
-        SigV4Auth(credentials.get_frozen_credentials(), "execute-api", self.target.region).add_auth(request)
+        SigV4Auth(credentials, "execute-api", self.target.region).add_auth(request)
         return dict(request.headers.items())
 
     # --- bucket -----------------------------------------------------------------------------------
@@ -138,11 +137,7 @@ class ClipsearchClient:
     @cached_property
     def s3(self):
         target = self.target
-        return boto3.client(
-            "s3", endpoint_url=target.s3_endpoint_url, region_name=target.region,
-            aws_access_key_id=target.access_key_id, aws_secret_access_key=target.secret_access_key,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
-        )
+        return aws_client("s3", target.region, target.s3_endpoint_url, target.access_key_id, target.secret_access_key)
 
     def object_store(self):
         from clipsearch.adapters.s3_store import S3ObjectStore

@@ -15,13 +15,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
+from clipsearch.cli.evaluate import label_of
+from clipsearch.local.aws import aws_client
 
 pytestmark = pytest.mark.e2e
 
 CLIPSEARCH = Path(sys.executable).parent / "clipsearch"
 DATASET = "photos"
+NOT_A_JPEG = b"this is text, not a JPEG"
 
 
 class Cli:
@@ -72,10 +74,15 @@ def _state(cli: Cli) -> dict:
 
 def _s3(cli: Cli):
     state = _state(cli)
-    return boto3.client(
-        "s3", endpoint_url=state["s3_endpoint_url"], region_name=state["region"],
-        aws_access_key_id=state["access_key_id"], aws_secret_access_key=state["secret_access_key"],
+    return aws_client(
+        "s3", state["region"], state["s3_endpoint_url"], state["access_key_id"], state["secret_access_key"],
     ), state["bucket"]
+
+
+def _keys_under(cli: Cli, prefix: str) -> list[str]:
+    s3, bucket = _s3(cli)
+    return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])]
 
 
 def _single_error_line(result: subprocess.CompletedProcess) -> str:
@@ -96,18 +103,61 @@ def test_status_reports_every_part_with_the_api_url(cli: Cli):
 
 
 def test_ingest_uploads_every_photo_and_waits_until_indexed(cli: Cli, photos: Path):
-    report = cli.json("ingest", str(photos), "--dataset", DATASET)
-    assert (report["found"], report["uploaded"], report["skipped"]) == (100, 100, 0)
-    assert report["indexed"] == 100
-    assert report["failed"] == []
     s3, bucket = _s3(cli)
+    # Objects that are not images (put there by anyone) are never indexed: ingest must not wait for them.
+    s3.put_object(Bucket=bucket, Key=f"datasets/{DATASET}/notes/about.txt", Body=b"not an image")
+    (photos / "readme.txt").write_text("the photos of the evaluation set\n")
+    report = cli.json("ingest", str(photos), "--dataset", DATASET, "--timeout", "180")
+    assert (report["found"], report["uploaded"], report["skipped"]) == (100, 100, 0)
+    assert report["skipped_not_images"] == 1
+    assert report["indexed"] == 100
+    assert (report["failed"], report["failures_not_listed"]) == ([], 0)
     head = s3.head_object(Bucket=bucket, Key=f"datasets/{DATASET}/beach_1.jpeg")
     assert head["Metadata"]["source-path"] == str((photos / "beach_1.jpeg").resolve())
+    assert f"datasets/{DATASET}/readme.txt" not in _keys_under(cli, f"datasets/{DATASET}/")
 
 
 def test_reingest_uploads_only_what_changed(cli: Cli, photos: Path):
     report = cli.json("ingest", str(photos), "--dataset", DATASET)
     assert (report["uploaded"], report["skipped"], report["indexed"]) == (0, 100, 100)
+
+
+def test_ingest_reports_only_its_own_failures_and_says_when_more_exist(cli: Cli, photos: Path, tmp_path: Path):
+    dataset = "mixed"
+    s3, bucket = _s3(cli)
+    earlier = [f"datasets/{dataset}/earlier/bad_{index:02d}.jpg" for index in range(20)]  # the API lists 20
+    for key in earlier:
+        s3.put_object(Bucket=bucket, Key=key, Body=NOT_A_JPEG)
+    deadline = time.monotonic() + 120
+    while _failed_count(cli, dataset) < len(earlier):
+        assert time.monotonic() < deadline, "the earlier broken uploads were not marked failed after 120 s"
+        time.sleep(1)
+    folder = tmp_path / dataset
+    folder.mkdir()
+    for name in ("beach_1.jpeg", "ship_1.jpeg"):
+        shutil.copy(photos / name, folder / name)
+    (folder / "broken.jpg").write_bytes(NOT_A_JPEG)
+    (folder / "notes.txt").write_text("not an image\n")
+
+    ingested = cli.run("ingest", str(folder), "--dataset", dataset, "--json", "--timeout", "120")
+    assert ingested.returncode == 3, ingested.stderr  # some images failed
+    report = json.loads(ingested.stdout)
+    assert (report["found"], report["uploaded"], report["skipped_not_images"], report["indexed"]) == (3, 3, 1, 2)
+    assert [failure["path"] for failure in report["failed"]] == [str(folder / "broken.jpg")]
+    assert report["failed"][0]["reason"]
+    assert report["failures_not_listed"] == 1  # 21 failed, the 20 most recent listed
+
+    again = cli.run("ingest", str(folder), "--dataset", dataset, "--timeout", "120")
+    assert again.returncode == 3, again.stderr
+    assert f"  failed: {folder / 'broken.jpg'}: " in again.stdout
+    assert "1 more failed images in the dataset, not listed" in again.stdout
+    assert "earlier/bad_" not in again.stdout
+    assert cli.json("dataset", "delete", dataset, "--yes")["dataset"] == dataset
+
+
+def _failed_count(cli: Cli, dataset: str) -> int:
+    shown = cli.run("dataset", "show", dataset, "--json")
+    return json.loads(shown.stdout)["counts"].get("failed", 0) if shown.returncode == 0 else 0
 
 
 def test_search_text_prints_rank_score_and_path(cli: Cli, photos: Path):
@@ -189,19 +239,23 @@ def test_sync_finds_nothing_missing_after_events(cli: Cli):
 
 
 def test_evaluate_reports_precision_and_self_retrieval(cli: Cli, seed_eval_dir: Path):
+    queries = sorted((seed_eval_dir / "val").glob("*.jp*g"))
     evaluation = cli.json("evaluate", "--dataset", DATASET, "--queries", str(seed_eval_dir / "val"))
-    assert evaluation["queries"] == len(list((seed_eval_dir / "val").glob("*.jp*g")))
+    assert evaluation["queries"] == len(queries)
     assert evaluation["dataset_images"] == 101
-    for metric in ("precision_at_1", "precision_at_5", "hits_at_1", "hits_at_5"):
-        assert 0.0 <= evaluation[metric] <= 1.0
-    assert evaluation["hits_at_5"] >= 0.95  # an image's own embedding is its nearest neighbour
+    # Every indexed image's own vector is its nearest neighbour, whatever the model's weights.
+    assert (evaluation["hits_at_1"], evaluation["hits_at_5"]) == (1.0, 1.0)
+    # Precision@1 again, from the top hit of each query through the HTTP API.
+    top_labels = [label_of(_search_bytes(cli, query.read_bytes(), 1)["results"][0]["key"]) for query in queries]
+    expected = sum(label == label_of(query.name) for label, query in zip(top_labels, queries)) / len(queries)
+    assert evaluation["precision_at_1"] == round(expected, 4)
 
 
 def test_documented_errors_reach_the_user_as_one_line(cli: Cli, photos: Path, tmp_path: Path):
     unknown = _single_error_line(cli.run("search", "text", "x", "--dataset", "no-such-dataset"))
     assert "no-such-dataset" in unknown and "does not exist" in unknown
     bad_k = _single_error_line(cli.run("search", "text", "x", "--dataset", DATASET, "-k", "0"))
-    assert "k" in bad_k
+    assert bad_k == "error: body.k: Input should be greater than or equal to 1"
     assert "whole number" in _single_error_line(cli.run("search", "text", "x", "--dataset", DATASET, "-k", "many"))
     missing = _single_error_line(cli.run("search", "image", str(tmp_path / "nope.jpg"), "--dataset", DATASET))
     assert "not found" in missing
@@ -214,10 +268,13 @@ def test_documented_errors_reach_the_user_as_one_line(cli: Cli, photos: Path, tm
 def test_delete_dataset_needs_confirmation_then_removes_it(cli: Cli):
     refused = _single_error_line(cli.run("dataset", "delete", DATASET))
     assert "--yes" in refused
+    assert _keys_under(cli, f"indexes/{DATASET}/")  # the dataset's segments, until the delete
     deleted = cli.json("dataset", "delete", DATASET, "--yes")
     assert deleted["dataset"] == DATASET
     assert "does not exist" in _single_error_line(cli.run("dataset", "show", DATASET))
     assert DATASET not in [item["name"] for item in cli.json("datasets")["datasets"]]
+    assert _keys_under(cli, f"datasets/{DATASET}/") == []  # the images, and the text file beside them
+    assert _keys_under(cli, f"indexes/{DATASET}/") == []
 
 
 def _search_bytes(cli: Cli, image: bytes, k: int) -> dict:

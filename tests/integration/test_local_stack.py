@@ -91,6 +91,43 @@ def test_seaweed_changes_reach_the_queue_as_s3_notifications(seaweed, sqs_client
     assert _drain(sqs_client, queue_url, 1, timeout=2) == []
 
 
+def _tails_following(filer_address: str) -> int:
+    """How many `weed filer.meta.tail` processes follow this filer."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        count += b"filer.meta.tail" in arguments and f"-filer={filer_address}".encode() in arguments
+    return count
+
+
+def test_a_failed_send_restarts_the_feed_without_leaving_the_old_tail_running(seaweed, tmp_path):
+    s3 = _s3(seaweed.s3_url)
+    s3.create_bucket(Bucket="flaky")
+    sent: list[str] = []
+
+    def send_failing_once(body: str) -> None:
+        sent.append(body)
+        if len(sent) == 1:
+            raise ConnectionError("the queue is unreachable")
+
+    feed = FilerEventFeed(seaweed, "flaky", RULES, send_failing_once, tmp_path / "tail.log")
+    feed.start()
+    try:
+        s3.put_object(Bucket="flaky", Key="datasets/d/x.jpg", Body=b"one")
+        deadline = time.monotonic() + 20
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(sent) == 2, "the change whose send failed was not sent again after the restart"
+        assert sent[0] == sent[1]
+        assert _tails_following(seaweed.filer_address) == 1
+    finally:
+        feed.stop()
+    assert _tails_following(seaweed.filer_address) == 0
+
+
 def test_seaweed_keeps_objects_across_a_restart(tmp_path: Path, seaweed):
     s3 = _s3(seaweed.s3_url)
     s3.create_bucket(Bucket="kept")

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventV2Model, S3Model, SqsModel
+from aws_lambda_powertools.utilities.parser.models import (
+    APIGatewayProxyEventV2Model,
+    S3Model,
+    SqsModel,
+)
+from clipsearch.local.template import CloudFormationLoader
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -32,26 +37,6 @@ EXPECTED_ROUTES = {
     ("DatasetsFunction", "GET", "/datasets/{dataset}"),
     ("DatasetsFunction", "DELETE", "/datasets/{dataset}"),
 }
-
-
-class CloudFormationLoader(yaml.SafeLoader):
-    """Reads short-form intrinsics (!Ref, !Sub, !GetAtt, ...) as their long JSON form."""
-
-
-def _intrinsic(loader: yaml.Loader, tag_suffix: str, node: yaml.Node) -> dict:
-    name = "Ref" if tag_suffix == "Ref" else f"Fn::{tag_suffix}"
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if tag_suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    return {name: value}
-
-
-CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,8 @@ def _sam_env() -> dict[str, str]:
 
 
 def _run(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 # --- the linters and the SAM translator -------------------------------------------------------
@@ -273,7 +259,7 @@ def test_http_routes_are_the_api_of_the_search_and_dataset_functions(resources: 
         if event["Type"] == "HttpApi"
     }
     assert routes == EXPECTED_ROUTES
-    for name, function in _functions(resources).items():
+    for function in _functions(resources).values():
         for event in function["Properties"].get("Events", {}).values():
             if event["Type"] == "HttpApi":
                 assert event["Properties"]["ApiId"] == {"Ref": "ClipsearchApi"}

@@ -34,9 +34,11 @@ class IngestResult:
     found: int = 0
     uploaded: int = 0
     skipped: int = 0
+    not_images: int = 0
     indexed: int = 0
     pending: int = 0
     failed: list[dict] = field(default_factory=list)
+    failures_not_listed: int = 0
     seconds: float = 0.0
 
 
@@ -52,12 +54,14 @@ def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise ClipsearchError(f"not a folder: {folder}")
-    images = _local_images(folder, args.dataset)
+    images, not_images = _local_images(folder, args.dataset)
     if not images:
         raise ClipsearchError(f"no images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    result = IngestResult(args.dataset, found=len(images))
+    result = IngestResult(args.dataset, found=len(images), not_images=not_images)
     before = _counts(client, args.dataset)
-    stored = {item.key: item.etag for item in client.object_store().list(dataset_prefix(args.dataset))}
+    # Only images are ever indexed: any other object under the prefix must not count as awaited.
+    stored = {item.key: item.etag for item in client.object_store().list(dataset_prefix(args.dataset))
+              if has_image_suffix(item.key)}
     changed = [image for image in images if stored.get(image.key) != image.md5]
     result.skipped = len(images) - len(changed)
     _upload(client, changed, args.workers)
@@ -81,27 +85,34 @@ def sync(args: argparse.Namespace, client: ClipsearchClient) -> int:
     report = reconcile(client, args.dataset)
     summary = _wait_indexed(client, args.dataset, report["scanned"], None, args.timeout)
     counts = summary["counts"]
+    failures = summary.get("recent_failures", [])
     document = {**report, "indexed": counts.get("indexed", 0), "pending": counts.get("pending", 0),
-                "failed": [{"key": failure["key"], "reason": failure["reason"]}
-                           for failure in summary.get("recent_failures", [])]}
+                "failed": [{"key": failure["key"], "reason": failure["reason"]} for failure in failures],
+                "failures_not_listed": _failures_not_listed(summary)}
     if args.json:
         emit_json(document)
     else:
         print(f"dataset {args.dataset}: {report['scanned']} images in the bucket, {report['enqueued']} queued "
               f"for indexing, {report['marked_deleted']} gone from the bucket marked deleted; "
-              f"now {document['indexed']} indexed, {len(document['failed'])} failed")
+              f"now {document['indexed']} indexed, {counts.get('failed', 0)} failed")
         for failure in document["failed"]:
             print(f"  failed: {failure['key']}: {failure['reason']}")
+        _print_not_listed(document["failures_not_listed"])
     return 0
 
 
-def _local_images(folder: Path, dataset: str) -> list[_LocalImage]:
-    images = []
+def _local_images(folder: Path, dataset: str) -> tuple[list[_LocalImage], int]:
+    """The folder's images, and how many other (not hidden) files it holds: those are not uploaded."""
+    images, not_images = [], 0
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and has_image_suffix(path.name) and not path.name.startswith("."):
-            relative = path.relative_to(folder).as_posix()
-            images.append(_LocalImage(path, image_key(dataset, relative), _md5(path)))
-    return images
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if not has_image_suffix(path.name):
+            not_images += 1
+            continue
+        relative = path.relative_to(folder).as_posix()
+        images.append(_LocalImage(path, image_key(dataset, relative), _md5(path)))
+    return images, not_images
 
 
 def _md5(path: Path) -> str:
@@ -180,13 +191,25 @@ def _wait_indexed(client: ClipsearchClient, dataset: str, expected: int, before:
 
 
 def _fill(result: IngestResult, summary: dict, keys: dict[str, Path]) -> None:
+    """This folder's failures among the dataset's recent ones (other folders and runs may add to the dataset)."""
     counts = summary.get("counts", {})
     result.indexed = counts.get("indexed", 0)
     result.pending = counts.get("pending", 0)
     result.failed = [
-        {"path": str(keys.get(failure["key"], failure["key"])), "key": failure["key"], "reason": failure["reason"]}
-        for failure in summary.get("recent_failures", [])
+        {"path": str(keys[failure["key"]]), "key": failure["key"], "reason": failure["reason"]}
+        for failure in summary.get("recent_failures", []) if failure["key"] in keys
     ]
+    result.failures_not_listed = _failures_not_listed(summary)
+
+
+def _failures_not_listed(summary: dict) -> int:
+    """Failed images of the dataset beyond the most recent ones the API lists."""
+    return max(0, summary.get("counts", {}).get("failed", 0) - len(summary.get("recent_failures", [])))
+
+
+def _print_not_listed(count: int) -> None:
+    if count:
+        print(f"  ... and {count} more failed images in the dataset, not listed (the API lists the most recent)")
 
 
 def _report(args: argparse.Namespace, client: ClipsearchClient, result: IngestResult, summary: dict | None) -> None:
@@ -194,14 +217,18 @@ def _report(args: argparse.Namespace, client: ClipsearchClient, result: IngestRe
         note(random_weights_note(summary["model"]))
     if args.json:
         emit_json({"dataset": result.dataset, "found": result.found, "uploaded": result.uploaded,
-                   "skipped": result.skipped, "indexed": result.indexed, "pending": result.pending,
+                   "skipped": result.skipped, "skipped_not_images": result.not_images,
+                   "indexed": result.indexed, "pending": result.pending,
                    "failed": [{"path": item["path"], "reason": item["reason"]} for item in result.failed],
+                   "failures_not_listed": result.failures_not_listed,
                    "seconds": result.seconds, "model": (summary or {}).get("model")})
         return
+    not_images = f", {result.not_images} not an image (skipped)" if result.not_images else ""
     print(f"dataset {result.dataset}: {result.found} images found, {result.uploaded} uploaded, "
-          f"{result.skipped} unchanged (skipped)")
+          f"{result.skipped} unchanged (skipped){not_images}")
     if summary is not None:
-        print(f"indexed: {result.indexed} images in the dataset, {len(result.failed)} failed "
+        print(f"indexed: {result.indexed} images in the dataset, {len(result.failed)} of this folder failed "
               f"({result.seconds:.1f} s)")
         for failure in result.failed:
             print(f"  failed: {failure['path']}: {failure['reason']}")
+        _print_not_listed(result.failures_not_listed)

@@ -36,9 +36,9 @@ def reconcile(client: ClipsearchClient, dataset: str) -> dict:
         name = os.environ.get(RECONCILE_FUNCTION_ENV)
         if not name:
             raise StackUnreachable(f"set {RECONCILE_FUNCTION_ENV} to the deployed ReconcileFunction's name")
-        import boto3
+        from clipsearch.local.aws import aws_client
 
-        answer = boto3.client("lambda", region_name=client.target.region).invoke(
+        answer = aws_client("lambda", client.target.region).invoke(
             FunctionName=name, Payload=json.dumps(event).encode()
         )
         response = json.loads(answer["Payload"].read())

@@ -111,20 +111,20 @@ def _stop_orphan_postgres(data_dir: Path) -> None:
 
 def probe_parts(state: StackState) -> dict[str, dict]:
     """Each part of a running stack, checked live: {"part": {"ok": bool, "detail": str, ...}}."""
-    import boto3
     import psycopg
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from clipsearch.local.aws import aws_client
+
     parts: dict[str, dict] = {"supervisor": {"ok": pid_alive(state.pid), "detail": f"pid {state.pid}"}}
-    credentials = {"aws_access_key_id": state.access_key_id, "aws_secret_access_key": state.secret_access_key,
-                   "region_name": state.region}
+    keys = (state.access_key_id, state.secret_access_key)
     try:
-        boto3.client("s3", endpoint_url=state.s3_endpoint_url, **credentials).head_bucket(Bucket=state.bucket)
+        aws_client("s3", state.region, state.s3_endpoint_url, *keys).head_bucket(Bucket=state.bucket)
         parts["object_storage"] = {"ok": True, "detail": f"{state.s3_endpoint_url} bucket {state.bucket}"}
     except (BotoCoreError, ClientError) as error:
         parts["object_storage"] = {"ok": False, "detail": f"{state.s3_endpoint_url}: {error}"}
     try:
-        sqs = boto3.client("sqs", endpoint_url=state.sqs_endpoint_url, **credentials)
+        sqs = aws_client("sqs", state.region, state.sqs_endpoint_url, *keys)
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         queue = sqs.get_queue_attributes(QueueUrl=state.queue_url, AttributeNames=names)["Attributes"]
         dead = sqs.get_queue_attributes(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +25,8 @@ REAL_CHECKPOINT = "openai/clip-vit-base-patch32"
 RANDOM_STAND_IN = ("--random-arch", "vit-b-32", "--seed", "0", "--quantize", "int8")
 # huggingface_hub logs every retry of an unreachable download; the exporter's own last line says it all.
 _DOWNLOAD_RETRY_NOISE = ("Retrying in", "thrown while requesting")
+_HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT overrides it there and here
+_HUB_PROBE_SECONDS = 3
 
 
 class ModelExportFailed(ClipsearchError):
@@ -43,11 +48,16 @@ def read_model(directory: Path) -> ModelInfo:
     return ModelInfo(Path(directory), files.model_id, bool(manifest.get("random_weights")), str(manifest.get("source", "")))
 
 
-def run_exporter(arguments: list[str], out: Path, progress: TextIO) -> None:
-    """Runs the exporter, copying its progress lines (without download-retry chatter) to `progress`."""
+def run_exporter(arguments: list[str], out: Path, progress: TextIO, offline: bool = False) -> None:
+    """Runs the exporter, copying its progress lines (without download-retry chatter) to `progress`.
+
+    `offline` lets the exporter use only checkpoints already in the Hugging Face cache.
+    """
     command = [sys.executable, "-m", "model_export", *arguments, "--out", str(out)]
     logger.info("exporting the model: python %s", " ".join(command[1:]))
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=progress, stderr=subprocess.PIPE, text=True)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else None
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=progress, stderr=subprocess.PIPE, text=True,
+                               env=environment)
     for line in process.stderr:
         if not any(noise in line for noise in _DOWNLOAD_RETRY_NOISE):
             progress.write(line)
@@ -63,8 +73,11 @@ def ensure_default_model(models_dir: Path, progress: TextIO) -> ModelInfo:
         except ModelFilesInvalid:
             continue
     real = models_dir / "clip-vit-base-patch32"
+    offline = not hub_reachable()
+    if offline:
+        logger.info("the model hub is unreachable: looking for %s in the local cache only", REAL_CHECKPOINT)
     try:
-        run_exporter(["--model", REAL_CHECKPOINT], real, progress)
+        run_exporter(["--model", REAL_CHECKPOINT], real, progress, offline=offline)
         return read_model(real)
     except ModelExportFailed:
         logger.warning("could not export %s: exporting a RANDOM-weight ViT-B/32 stand-in instead "
@@ -72,6 +85,21 @@ def ensure_default_model(models_dir: Path, progress: TextIO) -> ModelInfo:
     stand_in = models_dir / "random-vit-b-32-seed0-int8"
     run_exporter([*RANDOM_STAND_IN, "--force"], stand_in, progress)
     return read_model(stand_in)
+
+
+def hub_reachable(timeout: float = _HUB_PROBE_SECONDS) -> bool:
+    """Whether the model hub answers at all (any HTTP status) within `timeout` seconds.
+
+    Unreachable, a download would only fail after about half a minute of retries.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT") or _HUB_ENDPOINT
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def publish_model(store: ObjectStore, model: ModelInfo) -> int:

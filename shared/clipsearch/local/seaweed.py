@@ -169,14 +169,18 @@ class FilerEventFeed:
             self._process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
             )
-        for event in read_events(self._process.stdout):
-            for record in s3_records(event, self._bucket, self._rules):
-                self._send(json.dumps({"Records": [record]}))
-                self.events_sent += 1
-            self._since_ns = max(self._since_ns, int(event.get("tsNs") or 0))
-        self._process.wait()
-        if not self._stop.is_set():
-            logger.warning("weed filer.meta.tail exited with status %s", self._process.returncode)
+        try:
+            for event in read_events(self._process.stdout):
+                for record in s3_records(event, self._bucket, self._rules):
+                    self._send(json.dumps({"Records": [record]}))
+                    self.events_sent += 1
+                self._since_ns = max(self._since_ns, int(event.get("tsNs") or 0))
+            self._process.wait()
+            if not self._stop.is_set():
+                logger.warning("weed filer.meta.tail exited with status %s", self._process.returncode)
+        finally:  # a failed send must not leave this tail running beside the one the restart starts
+            _terminate(self._process)
+            self._process.stdout.close()
 
 
 def _terminate(process: subprocess.Popen | None) -> None:

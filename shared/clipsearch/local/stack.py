@@ -19,9 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import boto3
-from botocore.config import Config
-
+from clipsearch.local.aws import aws_client
 from clipsearch.local.functions import FunctionHost
 from clipsearch.local.gateway import LocalGateway
 from clipsearch.local.models import publish_model, read_model
@@ -35,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "clipsearch-ingest"
 DEAD_LETTER_QUEUE_NAME = "clipsearch-ingest-dlq"
-_CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16)
 
 
 def scheduled_event(function: Function) -> dict:
@@ -225,10 +222,9 @@ class LocalStack:
         return S3ObjectStore(self._client("s3", self.state.s3_endpoint_url), self.state.bucket)
 
     def _client(self, service: str, endpoint_url: str):
-        return boto3.client(
-            service, endpoint_url=endpoint_url, region_name=self.state.region, config=_CLIENT_CONFIG,
-            aws_access_key_id=self.state.access_key_id, aws_secret_access_key=self.state.secret_access_key,
-        )
+        # Few retries: parts that are starting are polled, and a wait should end soon after they answer.
+        return aws_client(service, self.state.region, endpoint_url, self.state.access_key_id,
+                          self.state.secret_access_key, max_attempts=3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class TemplateError(ClipsearchError):
     """template.yaml is missing or lacks what the local stack needs."""
 
 
-class _CloudFormationLoader(yaml.SafeLoader):
+class CloudFormationLoader(yaml.SafeLoader):
     """Reads short-form intrinsics as their long form: `!Ref X` -> {"Ref": "X"}, `!GetAtt A.B` -> [A, B]."""
 
 
@@ -38,7 +38,7 @@ def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
     return {name: value}
 
 
-_CloudFormationLoader.add_multi_constructor("!", _intrinsic)
+CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class Template:
 def load_template(path: Path) -> Template:
     path = Path(path).resolve()
     try:
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_CloudFormationLoader)
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=CloudFormationLoader)
     except OSError as error:
         raise TemplateError(f"cannot read {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
