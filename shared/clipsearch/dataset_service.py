@@ -6,7 +6,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clipsearch.datasets import INDEXES_PREFIX, dataset_prefix, validate_dataset_name
+from clipsearch.datasets import INDEXES_PREFIX, dataset_prefix
+from clipsearch.errors import DatasetNotFound
 from clipsearch.ports import DatasetSummary, ObjectStore, SearchCatalog
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ class DatasetDeletion:
     dataset: str
     images: int  # distinct image keys the catalog knew
     segments: int
-    objects_deleted: int  # everything removed from the bucket, including objects never ingested
+    objects_deleted: int  # objects found under the dataset's prefixes, including ones never ingested
 
 
 class DatasetService:
@@ -29,21 +30,39 @@ class DatasetService:
         return self._catalog.list_datasets()
 
     def describe(self, name: str, failure_limit: int = 20) -> DatasetSummary:
-        return self._catalog.summarize_dataset(validate_dataset_name(name), failure_limit)
+        """The catalog rejects an invalid name (InvalidDatasetName) as it reads the row."""
+        return self._catalog.summarize_dataset(name, failure_limit)
 
     def delete(self, name: str) -> DatasetDeletion:
-        """Catalog rows first (so searches stop at once), then the images and segments in the bucket.
+        """The images and segments in the bucket first, then the catalog rows.
 
-        Objects under the dataset's prefixes that the catalog never recorded (uploads still queued,
-        orphan segments) go too; a failure here leaves only unreferenced objects, safe to delete again.
+        A failure part-way leaves the catalog row, so a retry finds the dataset and finishes (and no
+        reconciliation re-creates it from images left behind). The ObjectRemoved events of the deleted
+        images only mark rows that are about to go. Objects under the dataset's prefixes that the
+        catalog never recorded (uploads still queued, orphan segments) go too; with neither rows nor
+        objects the dataset does not exist.
         """
-        removal = self._catalog.remove_dataset(validate_dataset_name(name))
-        keys = set(removal.image_keys) | set(removal.segment_keys)
-        for prefix in (dataset_prefix(name), f"{INDEXES_PREFIX}{name}/"):
-            keys.update(info.key for info in self._store.list(prefix))
+        cataloged = self._is_cataloged(name)
+        keys = {
+            info.key
+            for prefix in (dataset_prefix(name), f"{INDEXES_PREFIX}{name}/")
+            for info in self._store.list(prefix)
+        }
+        if not cataloged and not keys:
+            raise DatasetNotFound(name)
         self._store.delete_many(sorted(keys))
-        logger.info(
-            "deleted dataset %s: %d images, %d segments, %d objects",
-            name, len(removal.image_keys), len(removal.segment_keys), len(keys),
-        )
-        return DatasetDeletion(name, len(removal.image_keys), len(removal.segment_keys), len(keys))
+        images = segments = 0
+        if cataloged:
+            removal = self._catalog.remove_dataset(name)
+            # A batch committed between the listing and the removal wrote objects no row will name any more.
+            self._store.delete_many(sorted((set(removal.image_keys) | set(removal.segment_keys)) - keys))
+            images, segments = len(removal.image_keys), len(removal.segment_keys)
+        logger.info("deleted dataset %s: %d images, %d segments, %d objects", name, images, segments, len(keys))
+        return DatasetDeletion(name, images, segments, len(keys))
+
+    def _is_cataloged(self, name: str) -> bool:
+        try:
+            self._catalog.get_dataset(name)
+        except DatasetNotFound:
+            return False
+        return True

@@ -109,9 +109,13 @@ class DatasetRemoval:
 
 
 class SearchCatalog(Protocol):
-    """The catalog as the search and dataset functions read it."""
+    """The catalog as the search and dataset functions read it.
 
-    def get_dataset(self, name: str) -> Dataset: ...  # raises DatasetNotFound
+    Methods taking a dataset name raise InvalidDatasetName for a name that breaks the rule, and
+    DatasetNotFound for one that does not exist.
+    """
+
+    def get_dataset(self, name: str) -> Dataset: ...
 
     def list_datasets(self) -> Sequence[DatasetSummary]: ...
 
@@ -123,7 +127,9 @@ class SearchCatalog(Protocol):
         """Ids of deleted images whose vectors may still sit in live segments."""
         ...
 
-    def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]: ...
+    def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
+        """Where the indexed images among `ids` live; ids of images no longer indexed are left out."""
+        ...
 
     def remove_dataset(self, name: str) -> DatasetRemoval: ...  # raises DatasetNotFound
 

@@ -5,21 +5,25 @@ a text query never loads the vision graph) and, per dataset, an immutable snapsh
 segments and deleted ids. Each request reads the dataset row once; when `index_version` moved, only
 new segments are fetched (in parallel), retired ones are dropped and the deleted ids re-read.
 Snapshots are swapped whole, so concurrent requests never see a half-refreshed index.
+
+Deleted ids are excluded inside FAISS (an id selector), so a query costs the same however many
+vectors await compaction.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import faiss
 import numpy as np
 
-from clipsearch.datasets import parse_image_key, validate_dataset_name
+from clipsearch.datasets import has_image_suffix, parse_image_key
 from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
@@ -29,12 +33,13 @@ from clipsearch.errors import (
     TransientError,
 )
 from clipsearch.ports import Dataset, ObjectStore, SearchCatalog, SegmentRef
+from clipsearch.search_results import DEFAULT_K, MAX_K, SearchHit, SearchResult
 from clipsearch.segments import load_segment
 
 logger = logging.getLogger(__name__)
 
-MAX_K = 1000
-DEFAULT_K = 5
+# How often the live segments and deleted ids are read again when a commit lands between the reads.
+_CONSISTENT_READ_ATTEMPTS = 5
 
 
 class QueryVector(Protocol):
@@ -59,18 +64,32 @@ class FaissSegment:
     def __init__(self, index: faiss.Index) -> None:
         self._index = index
         self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        inner = faiss.downcast_index(index.index)
+        # Search parameters replace the index's own, so a filtered HNSW search must repeat its depth.
+        self._ef_search = inner.hnsw.efSearch if isinstance(inner, faiss.IndexHNSW) else None
 
     @classmethod
     def load(cls, data: bytes) -> FaissSegment:
         return cls(load_segment(data))
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the k nearest vectors to `query` ([1, dim]), best first."""
+    def search(
+        self, query: np.ndarray, k: int, allowed: faiss.IDSelector | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the k nearest vectors to `query` ([1, dim]) among the ids `allowed` selects
+        (all when None), best first; fewer when fewer are allowed."""
         k = min(k, self._index.ntotal)
         if k == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores, ids = self._index.search(query, k)
-        return scores[0], ids[0]
+        params = None
+        if allowed is not None:
+            # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
+            if self._ef_search is None:
+                params = faiss.SearchParameters(sel=allowed)
+            else:
+                params = faiss.SearchParametersHNSW(sel=allowed, efSearch=self._ef_search)
+        scores, ids = self._index.search(query, k, params=params)
+        found = ids[0] >= 0
+        return scores[0][found], ids[0][found]
 
 
 T = TypeVar("T")
@@ -97,25 +116,6 @@ class Lazy(Generic[T]):
 
 
 @dataclass(frozen=True)
-class SearchHit:
-    rank: int
-    score: float
-    image_id: int
-    key: str
-    path: str  # the source path recorded at ingest, else the s3:// URI
-    url: str | None = None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    dataset: str
-    model_id: str
-    k: int
-    hits: Sequence[SearchHit]
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
 class LoadedSegment:
     ref: SegmentRef
     segment: FaissSegment
@@ -128,8 +128,8 @@ class DatasetIndex:
     dataset_id: int
     index_version: int
     segments: tuple[LoadedSegment, ...]
-    deleted_ids: np.ndarray  # sorted int64
     deleted_per_segment: tuple[int, ...]
+    live: faiss.IDSelector | None  # every id but the deleted ones; None when nothing is deleted
 
     @classmethod
     def build(
@@ -140,28 +140,23 @@ class DatasetIndex:
             dataset_id=dataset.id,
             index_version=dataset.index_version,
             segments=tuple(segments),
-            deleted_ids=deleted,
             deleted_per_segment=tuple(
                 int(np.isin(loaded.segment.ids, deleted, assume_unique=True).sum()) for loaded in segments
             ),
+            live=faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted)) if len(deleted) else None,
         )
 
     def is_current(self, dataset: Dataset) -> bool:
-        """True when this snapshot is at least as new as the row a request read (the catalog is read
-        after the row, so a snapshot may be newer than its label, never older)."""
+        """True when this snapshot is at least as new as the row a request read (a refresh may have
+        read a newer version than the row that asked for it)."""
         return self.dataset_id == dataset.id and self.index_version >= dataset.index_version
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The k best live (image id, score) pairs: each segment is asked for k plus its deleted count,
-        so filtering deleted ids still leaves k; an id found in two segments counts once."""
+        """The k best live (image id, score) pairs: a segment holding deleted vectors searches through
+        the live-id selector (the others without, which is faster); an id found in two segments counts once."""
         candidates: list[tuple[float, int]] = []
         for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
-            scores, ids = loaded.segment.search(vector, k + deleted_count)
-            found = ids >= 0
-            scores, ids = scores[found], ids[found]
-            if deleted_count:
-                live = ~np.isin(ids, self.deleted_ids)
-                scores, ids = scores[live], ids[live]
+            scores, ids = loaded.segment.search(vector, k, self.live if deleted_count else None)
             candidates.extend(zip(scores.tolist(), ids.tolist()))
         candidates.sort(key=lambda candidate: -candidate[0])
         hits: list[tuple[int, float]] = []
@@ -214,8 +209,7 @@ class SearchService:
         self, dataset: str, image: bytes, name: str = "query image", k: int = DEFAULT_K, presign: bool = False
     ) -> SearchResult:
         _check_k(k)
-        if len(image) > self._max_image_bytes:
-            raise ImageTooLarge(name, f"{len(image)} bytes is over the limit of {self._max_image_bytes}")
+        self._check_size(name, len(image))
         if not image:
             raise InvalidRequest("the image is empty")
         self._warm_up(self._image_encoder)
@@ -227,19 +221,29 @@ class SearchService:
     def search_stored_image(
         self, dataset: str, key: str, k: int = DEFAULT_K, presign: bool = False
     ) -> SearchResult:
-        """Query by an image already in the bucket: any key under datasets/ (missing -> ObjectNotFound)."""
+        """Query by an image already in the bucket: any image key under datasets/ (missing -> ObjectNotFound),
+        within the request byte limit (checked on its size before it is fetched)."""
         _check_k(k)
-        if parse_image_key(key) is None:
+        if parse_image_key(key) is None or not has_image_suffix(key):
             raise InvalidRequest(f"key {key!r} is not an image key under datasets/<dataset>/")
         self._warm_up(self._image_encoder)
         row = self._dataset(dataset)
         self._prefetch_index(row)
+        info = self._store.head(key)
+        if info is None:
+            raise ObjectNotFound(key)
+        self._check_size(key, info.size)
         image = self._store.get(key)
+        self._check_size(key, len(image.data))  # replaced by a larger object since the head
         embedding = self._image_encoder.get().embed_image(image.data, key)
         return self._search(row, embedding.vector, k, presign)
 
+    def _check_size(self, name: str, size: int) -> None:
+        if size > self._max_image_bytes:
+            raise ImageTooLarge(name, f"{size} bytes is over the limit of {self._max_image_bytes}")
+
     def _dataset(self, name: str) -> Dataset:
-        validate_dataset_name(name)
+        """The dataset row; the catalog rejects an invalid name (InvalidDatasetName) as it reads it."""
         try:
             row = self._catalog.get_dataset(name)
         except DatasetNotFound:
@@ -255,7 +259,9 @@ class SearchService:
         self, dataset: Dataset, vector: np.ndarray, k: int, presign: bool, truncated: bool = False
     ) -> SearchResult:
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        ranked = self._index(dataset).search(query, k)
+        index = self._index(dataset)
+        with _one_faiss_thread():
+            ranked = index.search(query, k)
         locations = self._catalog.image_locations([image_id for image_id, _ in ranked]) if ranked else {}
         hits = []
         for image_id, score in ranked:
@@ -299,11 +305,10 @@ class SearchService:
             return refreshed
 
     def _refresh(self, dataset: Dataset, previous: DatasetIndex | None) -> DatasetIndex:
-        refs = self._catalog.live_segments(dataset.id)
+        dataset, refs, deleted = self._read_index_state(dataset)
         kept = {loaded.ref.id: loaded for loaded in previous.segments} if previous else {}
         missing = [ref for ref in refs if ref.id not in kept]
         loaded = self._load_segments(missing)
-        deleted = self._catalog.deleted_image_ids(dataset.id)
         logger.info(
             "dataset %s: index_version %s -> %s, %d segments (%d loaded, %d retired), %d deleted ids",
             dataset.name, previous.index_version if previous else None, dataset.index_version,
@@ -311,6 +316,23 @@ class SearchService:
         )
         segments = [kept.get(ref.id) or loaded[ref.id] for ref in refs]
         return DatasetIndex.build(dataset, segments, deleted)
+
+    def _read_index_state(self, dataset: Dataset) -> tuple[Dataset, Sequence[SegmentRef], set[int]]:
+        """The live segments and deleted ids as of one `index_version`, with the row of that version.
+
+        They are two reads: a commit between them could pair old segments with newer deleted ids; after
+        a compaction those are empty (it retires the segments that held the deleted vectors) while the
+        snapshot still searches the old segments. Every catalog change that moves either read bumps
+        `index_version`, so an unchanged row after both reads proves they saw one version.
+        """
+        for _ in range(_CONSISTENT_READ_ATTEMPTS):
+            refs = self._catalog.live_segments(dataset.id)
+            deleted = self._catalog.deleted_image_ids(dataset.id)
+            after = self._catalog.get_dataset(dataset.name)
+            if (after.id, after.index_version) == (dataset.id, dataset.index_version):
+                return dataset, refs, deleted
+            dataset = after
+        raise TransientError(f"dataset {dataset.name!r} kept changing while its index was read")
 
     def _load_segments(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
         def load(ref: SegmentRef) -> LoadedSegment:
@@ -329,6 +351,19 @@ class SearchService:
     def _refresh_lock(self, dataset: str) -> threading.Lock:
         with self._locks_guard:
             return self._refresh_locks.setdefault(dataset, threading.Lock())
+
+
+@contextmanager
+def _one_faiss_thread() -> Iterator[None]:
+    """One query scans faster on one OpenMP thread than on two (benchmarks/search.py), and leaves the
+    other core to a concurrent request. The setting is per calling thread (libgomp keeps it in the
+    thread's own task), so compaction running in the same process (the local stack) keeps every core."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _check_k(k: int) -> None:

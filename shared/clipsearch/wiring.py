@@ -61,17 +61,12 @@ def get_database() -> Database:
 
 @lru_cache(maxsize=1)
 def get_search_service():
-    import faiss
-
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.encoders import OnnxImageEncoder, OnnxTextEncoder
     from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
     from clipsearch.search import SearchService
 
     settings = get_settings()
-    # One query at a time scans faster on one thread than on two (benchmarks/search.py), and the
-    # other core stays free for a concurrent request or the text tower.
-    faiss.omp_set_num_threads(1)
     models = ModelCache(get_object_store(), settings.model_cache_dir)
     # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
     # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
@@ -117,7 +112,13 @@ def get_ingest_service():
     encoder = OnnxImageEncoder.from_model_files(
         files, settings.onnx_threads or None, settings.max_image_pixels
     )
-    return IngestService(get_object_store(), PostgresCatalog(get_database()), encoder, settings.model_id)
+    return IngestService(
+        get_object_store(),
+        PostgresCatalog(get_database()),
+        encoder,
+        settings.model_id,
+        max_image_bytes=settings.max_ingest_image_bytes,
+    )
 
 
 @lru_cache(maxsize=1)

@@ -11,11 +11,12 @@ import pytest
 from clipsearch import wiring
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
 from clipsearch.adapters.s3_store import S3ObjectStore
-from clipsearch.datasets import model_prefix
+from clipsearch.datasets import image_key, model_prefix
 from clipsearch.encoders import OnnxImageEncoder
+from clipsearch.events import EventKind, ObjectEvent
+from clipsearch.ingest import SOURCE_PATH_METADATA, IngestReport, IngestService
 from clipsearch.model_files import ModelFiles
 from http_events import http_event, invoke, load_function
-from search_data import index_batch
 
 MODEL_ID = "random-tiny-seed0"
 
@@ -30,11 +31,19 @@ class SearchStack:
     model_cache_dir: Path
     photo_root: Path
 
-    def index(self, dataset: str, photos: list[Path], with_source_paths: bool = True) -> dict[str, int]:
-        return index_batch(
-            self.catalog, self.store, self.encoder, dataset, MODEL_ID, photos,
-            self.photo_root if with_source_paths else None,
-        )
+    def index(self, dataset: str, photos: list[Path], with_source_paths: bool = True) -> IngestReport:
+        """Uploads `photos` to datasets/<dataset>/ and ingests them as one batch (one segment, one commit),
+        through the ingestion service itself, without the queue. With source paths, each image records
+        its path under `photo_root`, as the CLI does."""
+        events = []
+        for photo in photos:
+            key = image_key(dataset, photo.name)
+            metadata = {SOURCE_PATH_METADATA: str(self.photo_root / photo.name)} if with_source_paths else None
+            etag = self.store.put(key, photo.read_bytes(), metadata=metadata, content_type="image/jpeg")
+            events.append(ObjectEvent(f"upload-{key}", EventKind.CREATED, self.store.bucket, key, dataset, etag))
+        report = IngestService(self.store, self.catalog, self.encoder, MODEL_ID).ingest(events)
+        assert not report.retry, report.retry
+        return report
 
     def call(self, function: ModuleType, fixture: str, **event) -> tuple[int, dict]:
         return invoke(function, http_event(fixture, **event))

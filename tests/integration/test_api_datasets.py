@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from http_events import FUNCTIONS
 from search_stack import MODEL_ID, SearchStack, stack_fixture  # noqa: F401  (the `stack` fixture)
 
 pytestmark = pytest.mark.integration
@@ -51,6 +54,45 @@ def test_delete_removes_catalog_rows_segments_and_images(stack: SearchStack, see
     search_status, body = stack.call(stack.search, "search_text", dataset="alpha", body={"query": "x"})
     assert (search_status, body["error"]["code"]) == (404, "dataset_not_found")
     assert stack.call(stack.search, "search_text", dataset="beta", body={"query": "x"})[0] == 200
+
+
+def test_a_delete_interrupted_after_the_objects_finishes_on_retry(
+    stack: SearchStack, seed_eval_photos: list[Path]
+) -> None:
+    stack.index("alpha", seed_eval_photos[:3])
+    # What a delete that timed out after removing the objects leaves: the catalog rows alone.
+    stack.store.delete_many(sorted(bucket_keys(stack, "datasets/alpha/") | bucket_keys(stack, "indexes/alpha/")))
+
+    status, deleted = stack.call(stack.datasets, "delete_dataset", dataset="alpha")
+
+    assert status == 200 and deleted == {"dataset": "alpha", "images": 3, "segments": 1, "objects_deleted": 0}
+    assert stack.call(stack.datasets, "get_dataset", dataset="alpha")[0] == 404
+    assert stack.call(stack.datasets, "delete_dataset", dataset="alpha")[0] == 404
+
+
+def test_delete_removes_the_objects_of_a_dataset_without_catalog_rows(
+    stack: SearchStack, seed_eval_photos: list[Path]
+) -> None:
+    stack.index("alpha", seed_eval_photos[:2])
+    stack.catalog.remove_dataset("alpha")  # images left behind, as the former delete order could leave them
+
+    status, deleted = stack.call(stack.datasets, "delete_dataset", dataset="alpha")
+
+    assert status == 200 and deleted == {"dataset": "alpha", "images": 0, "segments": 0, "objects_deleted": 3}
+    assert bucket_keys(stack, "datasets/alpha/") == set() and bucket_keys(stack, "indexes/alpha/") == set()
+
+
+def test_the_datasets_function_imports_neither_faiss_nor_onnxruntime() -> None:
+    # Its cold start pays only for what listing and deleting need.
+    handler = str(FUNCTIONS / "datasets" / "app.py")
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('datasets_app', {handler!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted({'faiss', 'onnxruntime', 'clipsearch.http.routes'} & set(sys.modules)))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert loaded.strip() == "['clipsearch.http.routes']"
 
 
 @pytest.mark.parametrize("fixture", ["get_dataset", "delete_dataset"])

@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import faiss
 import pytest
 from search_stack import MODEL_ID, SearchStack, stack_fixture  # noqa: F401  (the `stack` fixture)
 
@@ -117,6 +118,8 @@ def test_bad_text_requests_are_400(stack: SearchStack, photos, body, message: st
 def test_error_statuses(stack: SearchStack, photos, s3_client) -> None:
     stack.index("photos", photos[:2])
     stack.catalog.ensure_dataset("elsewhere", "another-model")
+    stack.store.put("datasets/photos/notes.txt", b"not a photo")
+    stack.store.put("datasets/photos/huge.jpg", b"\xff" * (6 * 1024 * 1024 + 1))
 
     def image_json(body: dict, dataset: str = "photos") -> tuple[int, dict]:
         return stack.call(stack.search, "search_image_json", dataset=dataset, body=body)
@@ -149,6 +152,9 @@ def test_error_statuses(stack: SearchStack, photos, s3_client) -> None:
         ),
         "key outside datasets/": (image_json({"key": f"models/{MODEL_ID}/manifest.json"}), 400, "invalid_request"),
         "key missing under datasets/": (image_json({"key": "datasets/photos/missing.jpg"}), 404, "object_not_found"),
+        "key without an image suffix": (image_json({"key": "datasets/photos/notes.txt"}), 400, "invalid_request"),
+        "key of an image over the byte limit": (image_json({"key": "datasets/photos/huge.jpg"}), 413,
+                                               "image_too_large"),
         "both image and key": (image_json({"key": "datasets/photos/a.jpg", "image_base64": "AA=="}), 400,
                                "invalid_request"),
         "invalid base64": (image_json({"image_base64": "%%%"}), 400, "invalid_request"),
@@ -167,6 +173,14 @@ def test_an_unexpected_failure_is_a_generic_500(stack: SearchStack, photos, s3_c
     s3_client.delete_objects(Bucket=stack.store.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]})
     status, body = search_text(stack, "photos", {"query": "x"})
     assert status == 500 and body == {"error": {"code": "internal_error", "message": "internal error"}}
+
+
+def test_search_leaves_the_process_faiss_threads_alone(stack: SearchStack, photos) -> None:
+    # The local stack runs compaction in the same process: it must keep every core.
+    threads = faiss.omp_get_max_threads()
+    stack.index("photos", photos[:3])
+    assert search_image(stack, "photos", photos[0], k=2)[0] == 200
+    assert faiss.omp_get_max_threads() == threads
 
 
 def test_a_new_batch_and_deletions_are_seen_by_a_warm_instance(stack: SearchStack, photos) -> None:

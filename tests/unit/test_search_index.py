@@ -89,6 +89,25 @@ def test_hnsw_and_flat_segments_merge_like_exact_search() -> None:
     assert recall >= 0.95
 
 
+def test_deleted_ids_are_excluded_inside_an_hnsw_segment_at_its_search_depth() -> None:
+    vectors = clustered(2000, seed=7)
+    ids = np.arange(1, 2001)
+    queries = clustered(20, seed=8)
+    # Deleted: the 30 best matches of every query, far more than k.
+    deleted = {image_id for query in queries for image_id in exact_top(ids, vectors, query[None], 30)}
+    live = np.array([image_id not in deleted for image_id in ids])
+    index = DatasetIndex.build(DATASET, [segment("big", ids, vectors, HNSW)], deleted)
+
+    results = [[image_id for image_id, _ in index.search(query[None], 10)] for query in queries]
+
+    assert all(len(found) == 10 and not set(found) & deleted for found in results)
+    recall = np.mean([
+        len(set(found) & set(exact_top(ids[live], vectors[live], query[None], 10))) / 10
+        for found, query in zip(results, queries)
+    ])
+    assert recall >= 0.95
+
+
 def test_an_empty_dataset_finds_nothing() -> None:
     assert DatasetIndex.build(DATASET, [], set()).search(clustered(1, seed=6), 5) == []
 

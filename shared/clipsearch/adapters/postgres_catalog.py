@@ -153,7 +153,7 @@ class PostgresCatalog:
     def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
         with self._database.transaction() as connection:
             rows = connection.execute(
-                "SELECT id, bucket, object_key, source_path FROM images WHERE id = ANY(%s)",
+                "SELECT id, bucket, object_key, source_path FROM images WHERE id = ANY(%s) AND status = 'indexed'",
                 ([int(image_id) for image_id in ids],),
             ).fetchall()
         return {

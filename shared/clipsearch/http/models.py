@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clipsearch.search import DEFAULT_K, MAX_K
+from clipsearch.search_results import DEFAULT_K, MAX_K
 
 MAX_QUERY_CHARS = 10_000
 

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from aws_lambda_powertools.event_handler import (
     APIGatewayHttpResolver,
@@ -34,7 +34,10 @@ from clipsearch.http.models import (
     TextSearchRequest,
 )
 from clipsearch.ports import DatasetSummary
-from clipsearch.search import DEFAULT_K, MAX_K, SearchResult, SearchService
+from clipsearch.search_results import DEFAULT_K, MAX_K, SearchResult
+
+if TYPE_CHECKING:  # the datasets function must not import faiss and onnxruntime
+    from clipsearch.search import SearchService
 
 API_TITLE = "clipsearch"
 API_VERSION = "1"
@@ -81,7 +84,8 @@ def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpRes
         summary="Search a dataset's images by an example image",
         description=(
             "The image as the raw body (Content-Type image/*), or JSON with image_base64 or the key of "
-            "an image in the bucket (under datasets/; a missing key is 404)."
+            "an image in the bucket (under datasets/, with an image suffix; a missing key is 404, an "
+            "image over the request byte limit 413)."
         ),
         responses=_responses(SearchResponse, 400, 404, 409, 413, 415, 500),
         tags=["search"],
