@@ -78,7 +78,6 @@ class StackState:
             "CLIPSEARCH_SQS_ENDPOINT_URL": self.sqs_endpoint_url or "",
             "CLIPSEARCH_QUEUE_URL": self.queue_url or "",
             "CLIPSEARCH_MODEL_CACHE_DIR": str(home / "cache" / "models"),
-            "CLIPSEARCH_SEGMENT_CACHE_DIR": str(home / "cache" / "segments"),
             "AWS_ACCESS_KEY_ID": self.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
             "AWS_REGION": self.region,
