@@ -57,7 +57,7 @@ class PostgresCluster:
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         command = [str(self.bin_dir / args[0]), *args[1:]]
         if os.geteuid() == 0:  # the server refuses to run as root
-            command = ["runuser", "-u", "postgres", "--", *command]
+            command = [_runuser(), "-u", "postgres", "--", *command]
         return subprocess.run(command, check=check, capture_output=True, text=True)
 
     def initialize(self) -> None:
@@ -100,6 +100,14 @@ def start_cluster(data_dir: Path, port: int | None = None) -> PostgresCluster:
     cluster = PostgresCluster(Path(data_dir).resolve(), port or free_port(), find_bin_dir())
     cluster.start()
     return cluster
+
+
+def _runuser() -> str:
+    """runuser lives in sbin, which a non-login shell's PATH may lack."""
+    for candidate in (shutil.which("runuser"), "/usr/sbin/runuser", "/sbin/runuser"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise PostgresUnavailable("running PostgreSQL as root needs runuser (util-linux), which was not found")
 
 
 def _hand_to_postgres_user(path: Path) -> None:
