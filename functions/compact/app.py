@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from clipsearch.compaction import CompactionService
+from clipsearch.observability import FunctionTelemetry, observed_handler
 from clipsearch.wiring import get_compaction_service
 
-logger = Logger(service="clipsearch-compact")
-metrics = Metrics(namespace="clipsearch", service="compact")
+telemetry = FunctionTelemetry.for_function("compact")
+metrics = telemetry.metrics
 
 
-@metrics.log_metrics
-@logger.inject_lambda_context
+# The correlation id is the scheduled event's id (EventBridge); a direct invocation has none.
+@observed_handler(telemetry, correlation_id_path=correlation_paths.EVENT_BRIDGE)
 def handler(event: dict, context) -> dict:
     return handle(event, get_compaction_service())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
@@ -15,14 +14,15 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from clipsearch.errors import InvalidRequest, TransientError
 from clipsearch.events import parse_message
 from clipsearch.ingest import IngestService
+from clipsearch.observability import FunctionTelemetry, observed_handler
 from clipsearch.wiring import get_ingest_service
 
-logger = Logger(service="clipsearch-preprocess")
-metrics = Metrics(namespace="clipsearch", service="preprocess")
+telemetry = FunctionTelemetry.for_function("preprocess")
+logger, metrics = telemetry.logger, telemetry.metrics
 
 
-@metrics.log_metrics
-@logger.inject_lambda_context
+# No correlation id: a batch holds up to 32 messages; each one's id is logged where it matters.
+@observed_handler(telemetry)
 def handler(event: dict, context) -> dict:
     return handle(event, context, get_ingest_service())
 

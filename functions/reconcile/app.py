@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
+from clipsearch.observability import FunctionTelemetry, observed_handler
 from clipsearch.reconcile import ReconcileService
 from clipsearch.wiring import get_reconcile_service
 
-logger = Logger(service="clipsearch-reconcile")
-metrics = Metrics(namespace="clipsearch", service="reconcile")
+telemetry = FunctionTelemetry.for_function("reconcile")
+metrics = telemetry.metrics
 
 
-@metrics.log_metrics
-@logger.inject_lambda_context
+# The correlation id is the scheduled event's id (EventBridge); a direct invocation has none.
+@observed_handler(telemetry, correlation_id_path=correlation_paths.EVENT_BRIDGE)
 def handler(event: dict, context) -> dict:
     return handle(event, get_reconcile_service())
 

@@ -58,6 +58,15 @@ class ImageQueryEncoder(Protocol):
     def embed_image(self, data: bytes, name: str) -> QueryVector: ...  # raises InvalidImage, ImageTooLarge
 
 
+# The warm caches a request can find ready ("hit") or have to fill ("miss"), as told to a CacheListener.
+ENCODER_CACHE = "encoder"  # the query's tower, loaded once per execution environment
+INDEX_CACHE = "index"  # the dataset's snapshot of loaded segments, current for its index_version
+
+
+class CacheListener(Protocol):
+    def __call__(self, cache: str, hit: bool) -> None: ...
+
+
 class FaissSegment:
     """A loaded segment (flat or HNSW, as it was built): its vector ids and a top-k inner-product search."""
 
@@ -194,6 +203,12 @@ class SearchService:
         self._indexes: dict[str, DatasetIndex] = {}
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._cache_listener: CacheListener = _ignore_cache_lookup
+
+    def listen_to_caches(self, listener: CacheListener) -> None:
+        """From now on, `listener(cache, hit)` hears of each request's lookup of ENCODER_CACHE and INDEX_CACHE,
+        on the request's thread (metrics, without this module knowing how they are published)."""
+        self._cache_listener = listener
 
     def search_text(self, dataset: str, query: str, k: int = DEFAULT_K, presign: bool = False) -> SearchResult:
         _check_k(k)
@@ -282,6 +297,7 @@ class SearchService:
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
+        self._cache_listener(ENCODER_CACHE, encoder.ready)
         if not encoder.ready:
             self._background.get().submit(encoder.get)
 
@@ -289,7 +305,9 @@ class SearchService:
         """Starts refreshing a stale index while the query is embedded: a cold start then costs the
         slower of (model load, segment load), not their sum. `_index` later waits for it on its lock."""
         cached = self._indexes.get(dataset.name)
-        if cached is None or not cached.is_current(dataset):
+        current = cached is not None and cached.is_current(dataset)
+        self._cache_listener(INDEX_CACHE, current)
+        if not current:
             self._background.get().submit(self._index, dataset)
 
     def _index(self, dataset: Dataset) -> DatasetIndex:
@@ -364,6 +382,10 @@ def _one_faiss_thread() -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _ignore_cache_lookup(cache: str, hit: bool) -> None:
+    """The listener until one is given."""
 
 
 def _check_k(k: int) -> None:

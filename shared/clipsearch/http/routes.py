@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 from aws_lambda_powertools.event_handler import (
     APIGatewayHttpResolver,
@@ -54,6 +54,14 @@ def _responses(success: type, *errors: int) -> dict:
     return documented
 
 
+class SearchObserver(Protocol):
+    """Hears how each search went (the search function publishes it as metrics)."""
+
+    def record_query(self, kind: str, took_ms: float) -> None: ...  # kind: "text" | "image"
+
+    def record_cache_lookup(self, cache: str, hit: bool) -> None: ...  # see SearchService.listen_to_caches
+
+
 _IMAGE_REQUEST_BODY = {
     "requestBody": {
         "required": True,
@@ -65,8 +73,18 @@ _IMAGE_REQUEST_BODY = {
 }
 
 
-def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpResolver:
+def search_api(search_service: Callable[[], SearchService], observer: SearchObserver) -> APIGatewayHttpResolver:
     app = _resolver()
+
+    def observed_service() -> SearchService:
+        service = search_service()
+        service.listen_to_caches(observer.record_cache_lookup)
+        return service
+
+    def answer(result: SearchResult, kind: str, started: float) -> SearchResponse:
+        response = _search_response(result, started)
+        observer.record_query(kind, response.took_ms)
+        return response
 
     @app.post(
         "/datasets/<dataset>/search/text",
@@ -76,8 +94,8 @@ def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpRes
     )
     def search_text(dataset: str, request: TextSearchRequest, presign: PresignParam = False) -> SearchResponse:
         started = time.perf_counter()
-        result = search_service().search_text(dataset, request.query, request.k, presign)
-        return _search_response(result, started)
+        result = observed_service().search_text(dataset, request.query, request.k, presign)
+        return answer(result, "text", started)
 
     @app.post(
         "/datasets/<dataset>/search/image",
@@ -93,7 +111,7 @@ def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpRes
     )
     def search_image(dataset: str, k: KParam = None, presign: PresignParam = False) -> SearchResponse:
         started = time.perf_counter()
-        service = search_service()
+        service = observed_service()
         content_type = (app.current_event.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type.startswith("image/"):
             image = _raw_body(app.current_event)
@@ -110,7 +128,7 @@ def search_api(search_service: Callable[[], SearchService]) -> APIGatewayHttpRes
             raise UnsupportedMediaType(
                 f"content type {content_type!r}: send image/* or application/json"
             )
-        return _search_response(result, started)
+        return answer(result, "image", started)
 
     _openapi_route(app)
     return app

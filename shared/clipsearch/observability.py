@@ -1,0 +1,123 @@
+"""Each function's Powertools Logger, Metrics and Tracer, and the one decorator that puts them around a handler.
+
+The runtime's modules log through plain `logging.getLogger(__name__)` loggers under `clipsearch`. In
+Lambda the root logger's level is WARNING, so their INFO lines would be dropped, and they would lack the
+request and correlation ids. While a handler runs, `observed_handler` gives the `clipsearch` logger the
+function Logger's level and handler (Powertools' `copy_config_to_registered_loggers`), so every line is
+the function's JSON with its ids; afterwards the logger gets its own configuration back. Scoping it to
+the invocation keeps processes that load a handler next to other work (the CLI's in-process
+reconciliation, the local stack, the test suite) from having their logging rerouted for good.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+
+METRICS_NAMESPACE = "clipsearch"  # template.yaml's POWERTOOLS_METRICS_NAMESPACE
+RUNTIME_LOGGER = "clipsearch"
+
+# Cache lookups, one data point per lookup: 1 for a hit, 0 for a miss, so the Average is the hit ratio
+# and the SampleCount the number of lookups. Keys are clipsearch.search's cache names.
+CACHE_HIT_METRICS = {"encoder": "ModelCacheHit", "index": "SegmentCacheHit"}
+QUERY_LATENCY_METRICS = {"text": "TextQueryLatency", "image": "ImageQueryLatency"}
+
+Handler = Callable[[dict, object], object]
+
+
+@dataclass(frozen=True)
+class FunctionTelemetry:
+    """A function's Powertools trio: JSON logs with the Lambda context, EMF metrics, X-Ray traces."""
+
+    logger: Logger
+    metrics: Metrics
+    tracer: Tracer
+
+    @classmethod
+    def for_function(cls, function: str) -> FunctionTelemetry:
+        """`function` is the short name (search, preprocess, ...): the logger's and the tracer's service is
+        clipsearch-<function>, the metrics' `service` dimension <function>."""
+        return cls(
+            logger=Logger(service=f"clipsearch-{function}"),
+            metrics=Metrics(namespace=METRICS_NAMESPACE, service=function),
+            tracer=Tracer(service=f"clipsearch-{function}"),
+        )
+
+    def record_query(self, kind: str, took_ms: float) -> None:
+        """The latency of a text or image query, from the request to the answer, in milliseconds."""
+        self.metrics.add_metric(name=QUERY_LATENCY_METRICS[kind], unit=MetricUnit.Milliseconds, value=took_ms)
+
+    def record_cache_lookup(self, cache: str, hit: bool) -> None:
+        self.metrics.add_metric(name=CACHE_HIT_METRICS[cache], unit=MetricUnit.Count, value=1 if hit else 0)
+
+
+def observed_handler(
+    telemetry: FunctionTelemetry, correlation_id_path: str | None = None
+) -> Callable[[Handler], Handler]:
+    """Wraps a Lambda handler: cold-start and application metrics flushed as EMF at the end of every
+    invocation, a traced handler (responses are not recorded: they can carry presigned URLs), log lines
+    with the Lambda context and the correlation id found at `correlation_id_path` in the event, and the
+    runtime's loggers routed through the function's Logger for the invocation."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def with_runtime_logs(event: dict, context: object) -> object:
+            with runtime_logs_through(telemetry.logger):
+                try:
+                    return handler(event, context)
+                except Exception:
+                    telemetry.logger.exception("the invocation failed")  # with its ids, before Lambda's own report
+                    raise
+
+        logged = telemetry.logger.inject_lambda_context(
+            with_runtime_logs, correlation_id_path=correlation_id_path, clear_state=True
+        )
+        traced = telemetry.tracer.capture_lambda_handler(logged, capture_response=False)
+        return telemetry.metrics.log_metrics(traced, capture_cold_start_metric=True)
+
+    return decorate
+
+
+_routing_guard = threading.Lock()
+_routed_to: list[Logger] = []  # the function Loggers of the invocations running now, oldest first
+_own_configuration: tuple[int, list[logging.Handler], bool] | None = None
+
+
+@contextmanager
+def runtime_logs_through(logger: Logger) -> Iterator[None]:
+    """Routes the `clipsearch` loggers through `logger` until the block ends. Invocations that overlap in
+    one process (only the local stack runs several functions in one process) share the routing: the
+    latest one's Logger speaks for all, and the original configuration returns after the last ends."""
+    global _own_configuration
+    runtime = logging.getLogger(RUNTIME_LOGGER)  # registered, so the Powertools utility finds it
+    with _routing_guard:
+        if not _routed_to:
+            _own_configuration = (runtime.level, list(runtime.handlers), runtime.propagate)
+        _routed_to.append(logger)
+        _route(logger)
+    try:
+        yield
+    finally:
+        with _routing_guard:
+            _routed_to.remove(logger)
+            if _routed_to:
+                _route(_routed_to[-1])
+            elif _own_configuration is not None:
+                level, handlers, propagate = _own_configuration
+                runtime.setLevel(level)
+                runtime.handlers = handlers
+                runtime.propagate = propagate
+
+
+def _route(logger: Logger) -> None:
+    """The Powertools utility sets the level and the handlers, stops propagation (no second, plain copy
+    of each line from the root logger) and adds the originating logger's name to every line."""
+    copy_config_to_registered_loggers(source_logger=logger, include={RUNTIME_LOGGER})
