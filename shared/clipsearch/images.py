@@ -78,8 +78,9 @@ class PreparedImage:
 class ImagePreprocessor:
     """Equal to transformers' CLIPImageProcessor (within 1e-5) on fully decoded images, plus EXIF orientation.
 
-    `draft_factor`: decode large JPEGs at a reduced DCT scale that keeps the shortest side at least
-    `draft_factor * size`; None decodes every image in full.
+    `draft_factor`: decode large JPEGs at a reduced DCT scale, and shrink any other large image by an
+    integer box reduction first, both keeping the shortest side at least `draft_factor * size` for the
+    final filter; None decodes and resizes every image in full, exactly as the reference.
     """
 
     def __init__(
@@ -147,7 +148,9 @@ class ImagePreprocessor:
             new_width, new_height = int(size * width / height), size
         left, top = (new_width - crop) // 2, (new_height - crop) // 2
         if max(new_width, new_height) <= MAX_RESIZED_ASPECT * size:
-            resized = image.resize((new_width, new_height), self._resample)
+            # reducing_gap: an integer box reduction (Image.reduce) first, while the result stays at least
+            # draft_factor times the target; a JPEG already drafted to that scale is not reduced again.
+            resized = image.resize((new_width, new_height), self._resample, reducing_gap=self.draft_factor)
             return resized.crop((left, top, left + crop, top + crop))
         x_scale, y_scale = width / new_width, height / new_height
         window = (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)

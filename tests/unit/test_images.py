@@ -174,6 +174,20 @@ def test_draft_decoding_applies_only_to_large_jpegs() -> None:
     assert np.abs(large_drafted.pixel_values - large_full.pixel_values).mean() < 0.05
 
 
+def test_large_images_of_other_formats_are_box_reduced_before_the_final_filter() -> None:
+    config = PreprocessConfig.from_dict(CLIP_PREPROCESS)
+    reduced, full = ImagePreprocessor(config, draft_factor=2.0), ImagePreprocessor(config, draft_factor=None)
+    small = encoded(noise(800, 600), "PNG")
+    assert np.array_equal(reduced.prepare(small, "s.png").pixel_values, full.prepare(small, "s.png").pixel_values)
+    smooth = noise(300, 200).resize((2400, 1600), Image.Resampling.BICUBIC)
+    for image_format in ("PNG", "WEBP"):
+        large = encoded(smooth, image_format, **({"lossless": True} if image_format == "WEBP" else {}))
+        large_reduced, large_full = reduced.prepare(large, "l"), full.prepare(large, "l")
+        assert (large_reduced.width, large_reduced.height) == (2400, 1600)
+        assert not np.array_equal(large_reduced.pixel_values, large_full.pixel_values)
+        assert np.abs(large_reduced.pixel_values - large_full.pixel_values).mean() < 0.02
+
+
 def bad_inputs(tmp_path: Path) -> dict[str, bytes | Path]:
     jpeg = encoded(noise(300, 200), "JPEG")
     text = tmp_path / "notes.jpg"
