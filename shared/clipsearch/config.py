@@ -77,11 +77,26 @@ class Settings:
             ),
             orphan_grace_seconds=number("CLIPSEARCH_ORPHAN_GRACE_SECONDS", defaults.orphan_grace_seconds),
         )
-        if not settings.database_url and not settings.db_secret_arn:
+        return settings._with_catalog()
+
+    @classmethod
+    def catalog_from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Only what reaching the catalog takes (the URL or the secret, and the region): `clipsearch migrate`."""
+        env = os.environ if environ is None else environ
+        return cls(
+            bucket="",
+            model_id="",
+            database_url=env.get("CLIPSEARCH_DATABASE_URL") or None,
+            db_secret_arn=env.get("CLIPSEARCH_DB_SECRET_ARN") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or cls.region,
+        )._with_catalog()
+
+    def _with_catalog(self) -> Settings:
+        if not self.database_url and not self.db_secret_arn:
             raise ConfigurationError(
                 "set CLIPSEARCH_DATABASE_URL (local) or CLIPSEARCH_DB_SECRET_ARN (AWS Secrets Manager)"
             )
-        return settings
+        return self
 
     def with_overrides(self, **changes) -> Settings:
         return replace(self, **changes)

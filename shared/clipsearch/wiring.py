@@ -23,10 +23,12 @@ def get_settings() -> Settings:
 
 
 def aws_client(service: str, settings: Settings):
-    """Every boto3 client is built here, pointed at the local endpoint when one is configured."""
-    endpoint = settings.sqs_endpoint_url if service == "sqs" else settings.s3_endpoint_url
-    if service == "secretsmanager":
-        endpoint = None
+    """Every boto3 client is built here, pointed at the local endpoint when one is configured.
+
+    Services without a clipsearch setting (Secrets Manager) take botocore's own endpoint configuration,
+    e.g. AWS_ENDPOINT_URL_SECRETS_MANAGER; unset, that is AWS.
+    """
+    endpoint = {"s3": settings.s3_endpoint_url, "sqs": settings.sqs_endpoint_url}.get(service)
     return boto3.client(service, region_name=settings.region, endpoint_url=endpoint, config=_BOTO_CONFIG)
 
 

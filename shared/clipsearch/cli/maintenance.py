@@ -48,17 +48,22 @@ def reconcile(client: ClipsearchClient, dataset: str) -> dict:
 
 
 def migrate(args: argparse.Namespace) -> int:
+    """The database named by --database-url, else CLIPSEARCH_DATABASE_URL or CLIPSEARCH_DB_SECRET_ARN (read
+    as the functions read it), else the running local stack's."""
     from clipsearch.adapters.postgres_catalog import migrate as apply_migrations
-    from clipsearch.adapters.postgres_connection import Database
+    from clipsearch.config import Settings
+    from clipsearch.wiring import build_database
 
-    url = args.database_url or os.environ.get("CLIPSEARCH_DATABASE_URL")
-    if not url:
+    environment = dict(os.environ)
+    if args.database_url:
+        environment["CLIPSEARCH_DATABASE_URL"] = args.database_url
+    if not (environment.get("CLIPSEARCH_DATABASE_URL") or environment.get("CLIPSEARCH_DB_SECRET_ARN")):
         state = running_state(stack_home(args.home))
         if state is None or not state.database_url:
-            raise ClipsearchError("no database: give --database-url, set CLIPSEARCH_DATABASE_URL, "
-                                  "or start the local stack")
-        url = state.database_url
-    database = Database(url)
+            raise ClipsearchError("no database: give --database-url, set CLIPSEARCH_DATABASE_URL or "
+                                  "CLIPSEARCH_DB_SECRET_ARN, or start the local stack")
+        environment["CLIPSEARCH_DATABASE_URL"] = state.database_url
+    database = build_database(Settings.catalog_from_env(environment))
     try:
         applied = apply_migrations(database)
     finally:

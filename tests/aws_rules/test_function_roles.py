@@ -1,0 +1,266 @@
+"""Every function's real code paths under exactly its translated role's policies, IAM enforced; and what each
+role must not be able to do."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from botocore.exceptions import ClientError
+from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
+from clipsearch.adapters.postgres_connection import Database
+from clipsearch.events import parse_message
+from aws_world import AwsWorld, CallLog, jpeg
+from http_events import LambdaContext, http_event, invoke, load_function
+from template_roles import MANAGED_POLICIES
+
+pytestmark = pytest.mark.aws_rules
+
+FUNCTIONS = {"PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction"}
+CONTEXT = LambdaContext(function_name="clipsearch-aws-rules")
+
+
+def assert_all_allowed(log: CallLog, *expected: tuple[str, str]) -> None:
+    """No call was refused, and each expected (operation, target prefix) was really made."""
+    assert log.denied() == [], log.denied()
+    for operation, prefix in expected:
+        assert log.made(operation, prefix), f"no {operation} on {prefix!r} in {log.calls}"
+
+
+def migrated(world: AwsWorld) -> None:
+    database = Database(world.database_url)
+    try:
+        migrate(database)
+    finally:
+        database.close()
+
+
+def ingest(world: AwsWorld, dataset: str, images: dict[str, bytes]) -> CallLog:
+    """Uploads, then the preprocessing function consumes the bucket's notifications as Lambda would."""
+    for name, data in images.items():
+        world.upload(f"datasets/{dataset}/{name}", data)
+    event = world.drain()
+    with world.run_as("PreprocessFunction") as log:
+        assert load_function("preprocess").handler(event, CONTEXT) == {"batchItemFailures": []}
+    assert_all_allowed(log)
+    return log
+
+
+def rows(world: AwsWorld, dataset: str) -> dict[str, str]:
+    with psycopg.connect(world.database_url) as connection:
+        return dict(connection.execute(
+            "SELECT i.object_key, i.status FROM images i JOIN datasets d ON d.id = i.dataset_id WHERE d.name = %s",
+            (dataset,)).fetchall())
+
+
+def test_the_template_has_a_role_per_function_and_no_broad_managed_policy(world: AwsWorld) -> None:
+    assert set(world.roles) == FUNCTIONS
+    for role in world.roles.values():
+        assert set(role.managed_policy_arns) <= set(MANAGED_POLICIES.values()), role
+        assert role.policy_documents, role
+        assert role.environment["CLIPSEARCH_DB_SECRET_ARN"] == world.resources.secret_arn
+
+
+def test_migrate_reads_the_rds_secret_from_secrets_manager(world: AwsWorld, capsys) -> None:
+    from clipsearch.cli import main
+
+    with world.run_as("operator", CLIPSEARCH_DB_SECRET_ARN=world.resources.secret_arn) as log:
+        assert main(["migrate", "--json"]) == 0
+    applied = json.loads(capsys.readouterr().out)["applied"]
+    assert applied and all(name.endswith(".sql") for name in applied)
+    assert_all_allowed(log, ("GetSecretValue", world.resources.secret_arn))
+    with psycopg.connect(world.database_url) as connection:
+        assert connection.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
+
+
+def test_preprocess_indexes_records_failures_removals_and_discards_an_abandoned_segment(world: AwsWorld) -> None:
+    migrated(world)
+    world.upload("datasets/pets/a.jpg", jpeg(1))
+    world.upload("datasets/pets/b.jpg", jpeg(2))
+    world.upload("datasets/pets/broken.jpg", b"not an image at all")
+    first = world.drain()
+    world.client("s3").delete_object(Bucket=world.resources.bucket, Key="datasets/pets/b.jpg")
+    removal = world.drain()
+    preprocess = load_function("preprocess")
+    with world.run_as("PreprocessFunction") as log:
+        assert preprocess.handler(first, CONTEXT) == {"batchItemFailures": []}
+        assert preprocess.handler(removal, CONTEXT) == {"batchItemFailures": []}
+    assert rows(world, "pets") == {"datasets/pets/a.jpg": "indexed", "datasets/pets/b.jpg": "deleted",
+                                   "datasets/pets/broken.jpg": "failed"}
+    assert_all_allowed(log, ("GetObject", "models/"), ("GetObject", "datasets/pets/"),
+                       ("PutObject", "indexes/pets/segments/"), ("HeadObject", "datasets/pets/b.jpg"))
+
+    # A dataset deleted while its batch ran: the batch's segment object is discarded by this function.
+    world.upload("datasets/doomed/c.jpg", jpeg(3))
+    events = [event for record in world.drain()["Records"] for event in parse_message(record["messageId"], record["body"])]
+    with world.run_as("PreprocessFunction") as log:
+        from clipsearch import wiring
+
+        catalog = DeletedBeforeCommit(wiring.get_database())
+        service = wiring.get_ingest_service()
+        service._catalog = catalog  # the wired service, with a catalog that loses the dataset before commit
+        report = service.ingest(events)
+    assert catalog.deleted and report.retry == {}
+    assert world.keys_under("indexes/doomed/") == []
+    assert_all_allowed(log, ("PutObject", "indexes/doomed/"), ("DeleteObjects", "indexes/doomed/"))
+
+
+class DeletedBeforeCommit(PostgresCatalog):
+    """A user deletes the dataset between the batch's segment write and its commit."""
+
+    deleted = False
+
+    def commit_batch(self, dataset_id, *args, **kwargs):
+        if not self.deleted:
+            self.deleted = True
+            (name,) = [s.dataset.name for s in self.list_datasets() if s.dataset.id == dataset_id]
+            self.remove_dataset(name)
+        return super().commit_batch(dataset_id, *args, **kwargs)
+
+
+def test_search_by_text_image_and_key(world: AwsWorld) -> None:
+    migrated(world)
+    ingest(world, "pets", {f"p{i}.jpg": jpeg(10 + i) for i in range(4)})
+    search = load_function("search")
+    with world.run_as("SearchFunction") as log:
+        text_status, text = invoke(search, http_event("search_text", dataset="pets", body={"query": "a cat", "k": 3}))
+        image_status, image = invoke(search, http_event("search_image_raw", dataset="pets", body=jpeg(11)))
+        key_status, by_key = invoke(search, http_event("search_image_json", dataset="pets",
+                                                       body={"key": "datasets/pets/p2.jpg", "k": 1}))
+    assert (text_status, image_status, key_status) == (200, 200, 200), (text, image, by_key)
+    assert len(text["results"]) == 3
+    assert image["results"][0]["key"] == "datasets/pets/p1.jpg"
+    assert by_key["results"][0]["key"] == "datasets/pets/p2.jpg"
+    assert_all_allowed(log, ("GetObject", "models/"), ("GetObject", "indexes/pets/segments/"),
+                       ("HeadObject", "datasets/pets/p2.jpg"), ("GetObject", "datasets/pets/p2.jpg"))
+
+
+def test_datasets_list_show_delete(world: AwsWorld) -> None:
+    migrated(world)
+    ingest(world, "pets", {"a.jpg": jpeg(20), "broken.jpg": b"no image"})
+    ingest(world, "birds", {"b.jpg": jpeg(21)})
+    datasets = load_function("datasets")
+    with world.run_as("DatasetsFunction") as log:
+        listed_status, listed = invoke(datasets, http_event("list_datasets"))
+        shown_status, shown = invoke(datasets, http_event("get_dataset", dataset="pets"))
+        deleted_status, deleted = invoke(datasets, http_event("delete_dataset", dataset="pets"))
+    assert (listed_status, shown_status, deleted_status) == (200, 200, 200), (listed, shown, deleted)
+    assert "pets" in json.dumps(listed) and "birds" in json.dumps(listed)
+    assert "broken.jpg" in json.dumps(shown)
+    assert world.keys_under("datasets/pets/") == [] and world.keys_under("indexes/pets/") == []
+    assert world.keys_under("datasets/birds/") == ["datasets/birds/b.jpg"]
+    assert_all_allowed(log, ("ListObjectsV2", "datasets/pets/"), ("ListObjectsV2", "indexes/pets/"),
+                       ("DeleteObjects", "datasets/pets/"))
+
+
+def test_compaction_merges_and_removes_orphans(world: AwsWorld) -> None:
+    migrated(world)
+    for batch in range(3):
+        ingest(world, "pets", {f"b{batch}.jpg": jpeg(30 + batch)})
+    orphan = "indexes/pets/segments/orphan-from-a-crashed-batch.faiss"
+    world.upload(orphan, b"an abandoned segment object")
+    compact = load_function("compact")
+    with world.run_as("CompactFunction", CLIPSEARCH_ORPHAN_GRACE_SECONDS="-5") as log:
+        merged = compact.handler({"dataset": "pets", "force": True}, CONTEXT)["datasets"][0]
+        swept = compact.handler({}, CONTEXT)["datasets"][0]
+    assert (merged["merged_segments"], merged["vectors_kept"]) == (3, 3), merged
+    assert merged["objects_removed"] + swept["objects_removed"] == 4, (merged, swept)  # 3 retired + the orphan
+    assert len(world.keys_under("indexes/pets/segments/")) == 1 and orphan not in world.keys_under("indexes/")
+    assert_all_allowed(log, ("GetObject", "indexes/pets/segments/"), ("PutObject", "indexes/pets/segments/"),
+                       ("ListObjectsV2", "indexes/pets/segments/"), ("DeleteObjects", "indexes/pets/segments/"))
+
+
+def test_reconciliation_enqueues_missed_images_and_marks_vanished_ones(world: AwsWorld) -> None:
+    migrated(world)
+    ingest(world, "pets", {"kept.jpg": jpeg(40), "vanished.jpg": jpeg(41)})
+    world.upload("datasets/pets/missed.jpg", jpeg(42))
+    world.client("s3").delete_object(Bucket=world.resources.bucket, Key="datasets/pets/vanished.jpg")
+    world.drain()  # the events were lost: reconciliation is what finds both
+    reconcile = load_function("reconcile")
+    with world.run_as("ReconcileFunction") as log:
+        (one,) = reconcile.handler({"dataset": "pets"}, CONTEXT)["datasets"]
+        (every,) = reconcile.handler({}, CONTEXT)["datasets"]
+    assert (one["enqueued"], one["marked_deleted"]) == (1, 1), one
+    assert (every["enqueued"], every["marked_deleted"]) == (1, 0), every
+    assert rows(world, "pets")["datasets/pets/vanished.jpg"] == "deleted"
+    bodies = [record["body"] for record in world.drain()["Records"]]
+    assert len(bodies) == 2 and all("missed.jpg" in body for body in bodies)
+    assert_all_allowed(log, ("ListObjectsV2", "datasets/pets/"), ("ListObjectsV2", "datasets/"),
+                       ("HeadObject", "datasets/pets/vanished.jpg"), ("SendMessageBatch", world.resources.queue_url))
+
+
+# --- what each role must not do ------------------------------------------------------------------------------
+
+def _s3(operation: str, key: str):
+    def call(world: AwsWorld, who: str):
+        s3, bucket = world.client("s3", who), world.resources.bucket
+        if operation == "put":
+            return s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+        if operation == "get":
+            return s3.get_object(Bucket=bucket, Key=key)
+        if operation == "delete":
+            return s3.delete_object(Bucket=bucket, Key=key)
+        if operation == "list":
+            return s3.list_objects_v2(Bucket=bucket, Prefix=key)
+        raise ValueError(operation)
+    call.__name__ = f"{operation} {key}"
+    return call
+
+
+def _delete_many(key: str):
+    def call(world: AwsWorld, who: str):
+        response = world.client("s3", who).delete_objects(Bucket=world.resources.bucket,
+                                                          Delete={"Objects": [{"Key": key}]})
+        errors = response.get("Errors", [])
+        if errors:
+            raise ClientError({"Error": {"Code": errors[0]["Code"], "Message": errors[0]["Message"]}}, "DeleteObjects")
+        return response
+    call.__name__ = f"delete_objects {key}"
+    return call
+
+
+def _send_message(world: AwsWorld, who: str):
+    return world.client("sqs", who).send_message(QueueUrl=world.resources.queue_url, MessageBody="{}")
+
+
+def _other_secret(world: AwsWorld, who: str):
+    return world.client("secretsmanager", who).get_secret_value(SecretId=world.other_secret_arn)
+
+
+MODEL_FILE = "models/random-tiny-seed0/manifest.json"
+IMAGE = "datasets/pets/a.jpg"
+SEGMENT = "indexes/pets/segments/s.faiss"
+NO_BUSINESS = {
+    "PreprocessFunction": [_s3("put", "models/x/manifest.json"), _s3("put", "datasets/pets/new.jpg"),
+                           _s3("delete", IMAGE), _delete_many(IMAGE), _delete_many(MODEL_FILE),
+                           _s3("get", SEGMENT), _send_message],
+    "SearchFunction": [_s3("put", "models/x/manifest.json"), _s3("put", SEGMENT), _s3("put", IMAGE),
+                       _s3("delete", IMAGE), _s3("delete", SEGMENT), _delete_many(SEGMENT), _send_message],
+    "DatasetsFunction": [_s3("get", MODEL_FILE), _s3("get", IMAGE), _s3("get", SEGMENT),
+                         _s3("put", "models/x/manifest.json"), _s3("put", IMAGE), _s3("delete", MODEL_FILE),
+                         _s3("list", "models/"), _s3("list", ""), _send_message],
+    "CompactFunction": [_s3("get", IMAGE), _s3("get", MODEL_FILE), _s3("delete", IMAGE), _s3("put", IMAGE),
+                        _s3("put", "models/x/manifest.json"), _s3("list", "datasets/"), _send_message],
+    "ReconcileFunction": [_s3("delete", IMAGE), _delete_many(IMAGE), _s3("put", IMAGE), _s3("get", MODEL_FILE),
+                          _s3("get", SEGMENT), _s3("put", "models/x/manifest.json"), _s3("delete", SEGMENT)],
+    "operator": [_s3("get", IMAGE), _s3("list", ""), _send_message],
+}
+
+
+@pytest.mark.parametrize("who", sorted(NO_BUSINESS))
+def test_each_role_is_refused_what_its_function_has_no_business_doing(world: AwsWorld, who: str) -> None:
+    for key in (MODEL_FILE, IMAGE, SEGMENT):
+        if key != MODEL_FILE:
+            world.upload(key, b"present, so a refusal is about permission, not existence")
+    world.other_secret_arn = world.client("secretsmanager").create_secret(
+        Name=f"someone-else/{who}", SecretString="{}")["ARN"]
+    refused = []
+    for probe in NO_BUSINESS[who] + [_other_secret]:
+        with pytest.raises(ClientError) as raised:
+            probe(world, who)
+        refused.append((probe.__name__, raised.value.response["Error"]["Code"]))
+    assert {code for _, code in refused} <= {"AccessDenied", "AccessDeniedException"}, refused
+    # the objects the probes tried to remove are all still there
+    for key in (MODEL_FILE, IMAGE, SEGMENT):
+        world.client("s3").head_object(Bucket=world.resources.bucket, Key=key)
