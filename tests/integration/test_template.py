@@ -384,8 +384,9 @@ def _assert_layer_dependencies_complete(layer: Path) -> None:
     lambda_environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
                           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
                           "platform_python_implementation": "CPython", "os_name": "posix"}
-    # Only Tokenizer.from_pretrained needs it; the layer loads tokenizer.json from the model directory.
-    left_out = {"huggingface-hub"}
+    # Only Tokenizer.from_pretrained needs huggingface-hub; the layer loads tokenizer.json from the model
+    # directory. botocore (aws-xray-sdk's) is part of the Lambda runtime, like boto3.
+    left_out = {"huggingface-hub", "botocore"}
     for name, dist in installed.items():
         for line in dist["requires"]:
             requirement = Requirement(line)
