@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, peak_rss_mib
+from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, cpu_description, peak_rss_mib
 from PIL import Image
 
 DEFAULT_MODELS = [REPO / ".cache/models/random-vit-b-32-seed0", REPO / ".cache/models/random-vit-b-32-seed0-int8"]
@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_baseline:
             tokenizer = args.models[0] / "tokenizer.json"
             baseline = in_child(measure_torch, photos, large, args.threads, args.tower_images, tokenizer)
+    print(f"CPU: {cpu_description()}")
     print(f"{len(photos)} seed-eval photos, {len(large)} JPEGs of {LARGE_SIZE[0]}x{LARGE_SIZE[1]}, "
           f"{args.threads} threads, {time.perf_counter() - started:.0f} s\n")
     print_table(columns, baseline)

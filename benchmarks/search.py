@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, peak_rss_mib
+from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, cpu_description, peak_rss_mib
 
 DEFAULT_MODEL = REPO / ".cache" / "models" / "random-vit-b-32-seed0-int8"
 DIM = 512
@@ -45,6 +45,7 @@ def main() -> int:
     if args.child:
         return _child(args)
     sizes = [int(size) for size in args.sizes.split(",")]
+    print(f"CPU: {cpu_description()}", flush=True)
     model_dir = _model_dir(args.model)
     rows = []
     with _services() as (endpoint, database_url), tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
