@@ -65,6 +65,18 @@ def _k(value: str) -> int:
         raise argparse.ArgumentTypeError(f"k must be a whole number, not {value!r}") from None
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _non_negative(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}")
+    return int(value)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from clipsearch.cli import (
         evaluate,
@@ -90,12 +102,21 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model-dir", help="an exported model directory (default: export one into the home)")
     up.add_argument("--template", help="the SAM template to read routes from (default: the repository's)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
+    up.add_argument("--preprocess-concurrency", type=_positive, metavar="N",
+                    help="preprocessing batches run at once, each on its own function instance (default: one per "
+                         "core, $CLIPSEARCH_LOCAL_PREPROCESS_CONCURRENCY; never above the template's MaximumConcurrency)")
+    up.add_argument("--onnx-threads", type=_non_negative, metavar="N",
+                    help="CLIPSEARCH_ONNX_THREADS of each preprocessing instance, replacing the template's (default: "
+                         "cores / concurrency, $CLIPSEARCH_LOCAL_ONNX_THREADS; 0: onnxruntime's own choice)")
     up.set_defaults(run=local_commands.up)
     down = local_commands_.add_parser("down", parents=[common], help="stop the local stack")
     down.add_argument("--timeout", type=float, default=120)
     down.set_defaults(run=local_commands.down)
     local_commands_.add_parser("status", parents=[common], help="check each part of the local stack") \
         .set_defaults(run=local_commands.status)
+    local_commands_.add_parser(
+        "env", parents=[common], help="print `export ...` for uploading with aws s3 cp, rclone or boto3",
+    ).set_defaults(run=local_commands.env)
 
     ingest = commands.add_parser("ingest", parents=[remote], help="upload a folder's images and index them")
     ingest.add_argument("dir", help="folder of images (searched recursively)")

@@ -1,8 +1,9 @@
-"""`clipsearch local up|down|status`: the local stack's lifecycle."""
+"""`clipsearch local up|down|status|env`: the local stack's lifecycle, and how other tools reach its bucket."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ def up(args: argparse.Namespace) -> int:
         if model.random_weights:
             note(random_weights_note(model.model_id))
         started = time.monotonic()
-        state = start_stack(home, model.directory, template, args.timeout)
+        state = start_stack(home, model.directory, template, args.timeout,
+                            args.preprocess_concurrency, args.onnx_threads)
         elapsed = time.monotonic() - started
     else:
         state, elapsed = existing, None
@@ -78,6 +80,30 @@ def status(args: argparse.Namespace) -> int:
                                             for name, part in parts.items()])
         print(f"log: {state.log_file}")
     return 0 if healthy else 1
+
+
+def bucket_environment(state: StackState) -> dict[str, str]:
+    """The variables with which the AWS CLI, rclone (env_auth) or boto3 reach the local bucket."""
+    return {
+        "AWS_ENDPOINT_URL_S3": state.s3_endpoint_url or "",
+        "AWS_ACCESS_KEY_ID": state.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": state.secret_access_key,
+        "AWS_DEFAULT_REGION": state.region,
+        "CLIPSEARCH_BUCKET": state.bucket,
+    }
+
+
+def env(args: argparse.Namespace) -> int:
+    home = stack_home(args.home)
+    state = running_state(home)
+    if state is None or state.status != "ready":
+        raise LocalStackError(f"no local stack is running in {home} (start it with `clipsearch local up`)")
+    variables = bucket_environment(state)
+    if args.json:
+        emit_json(variables)
+    else:
+        print("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in variables.items()))
+    return 0
 
 
 def _summary(state: StackState) -> dict:

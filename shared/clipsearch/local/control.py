@@ -32,8 +32,12 @@ def running_state(home: Path) -> StackState | None:
     return state
 
 
-def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 180) -> StackState:
-    """Starts the supervisor in the background and returns once it is ready (or raises, naming the log)."""
+def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 180,
+                preprocess_concurrency: int | None = None, onnx_threads: int | None = None) -> StackState:
+    """Starts the supervisor in the background and returns once it is ready (or raises, naming the log).
+
+    `preprocess_concurrency` and `onnx_threads` default to the supervisor's (see clipsearch.local.stack).
+    """
     state = running_state(home)
     if state is not None and state.status == "ready":
         return state
@@ -46,6 +50,10 @@ def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 18
         sys.executable, "-m", "clipsearch.local.stack",
         "--home", str(home), "--model-dir", str(model_dir), "--template", str(template),
     ]
+    if preprocess_concurrency is not None:
+        command += ["--preprocess-concurrency", str(preprocess_concurrency)]
+    if onnx_threads is not None:
+        command += ["--onnx-threads", str(onnx_threads)]
     with log_file.open("ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

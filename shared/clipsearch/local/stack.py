@@ -1,8 +1,9 @@
-"""The local stack's supervisor: starts every part, runs the functions in-process, stops it all on SIGTERM.
+"""The local stack's supervisor: starts every part, runs the functions in child processes, stops it all on SIGTERM.
 
 Run as `python -m clipsearch.local.stack --home DIR --model-dir DIR` in the background (by
 `clipsearch local up`); its progress and the functions' logs go to stdout (the stack log), and the
-state file in the home says where each part listens.
+state file in the home says where each part listens. The functions run under the template's limits
+(local/functions.py), with the environment local/function_environment.py builds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -20,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clipsearch.local.aws import aws_client
+from clipsearch.local.function_environment import FunctionEnvironment
 from clipsearch.local.functions import FunctionHost
 from clipsearch.local.gateway import LocalGateway
 from clipsearch.local.models import publish_model, read_model
@@ -33,6 +36,19 @@ logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "clipsearch-ingest"
 DEAD_LETTER_QUEUE_NAME = "clipsearch-ingest-dlq"
+PREPROCESS_CONCURRENCY_ENV = "CLIPSEARCH_LOCAL_PREPROCESS_CONCURRENCY"
+ONNX_THREADS_ENV = "CLIPSEARCH_LOCAL_ONNX_THREADS"
+ONNX_THREADS_VARIABLE = "CLIPSEARCH_ONNX_THREADS"
+
+
+def default_preprocess_concurrency() -> int:
+    """Preprocessing instances at once: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+def default_onnx_threads(concurrency: int) -> int:
+    """ONNX intra-op threads per preprocessing instance, so that all instances together fill the cores once."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrency))
 
 
 def scheduled_event(function: Function) -> dict:
@@ -82,7 +98,8 @@ class Scheduler:
 class LocalStack:
     """Every part of the stack, started in dependency order and stopped in reverse."""
 
-    def __init__(self, home: Path, model_dir: Path, template_path: Path, database_url: str | None) -> None:
+    def __init__(self, home: Path, model_dir: Path, template_path: Path, database_url: str | None,
+                 preprocess_concurrency: int | None = None, onnx_threads: int | None = None) -> None:
         self.home = home
         self.template = load_template(template_path)
         self.model = read_model(model_dir)
@@ -93,16 +110,27 @@ class LocalStack:
         )
         self._explicit_database_url = database_url
         self._stops: list[Callable[[], None]] = []
-        self.functions = FunctionHost()
+        source = self.template.queue_source
+        self.preprocess_concurrency = min(
+            preprocess_concurrency or default_preprocess_concurrency(), source.maximum_concurrency or sys.maxsize
+        )
+        self.onnx_threads = default_onnx_threads(self.preprocess_concurrency) if onnx_threads is None else onnx_threads
+        preprocess = source.function.logical_id
+        self.functions = FunctionHost(
+            FunctionEnvironment(self.state, {preprocess: {ONNX_THREADS_VARIABLE: str(self.onnx_threads)}}),
+            runtime_dir=home / "functions",
+            concurrency={preprocess: self.preprocess_concurrency},
+        )
 
     def start(self) -> None:
         self.state.write()
+        shutil.rmtree(self.home / "functions", ignore_errors=True)  # instances of a supervisor that was killed
+        self._stops.append(self.functions.stop)
         self._start_postgres()
         self._start_object_storage()
         self._start_queue()
         os.environ.pop("AWS_SESSION_TOKEN", None)
         os.environ.pop("AWS_PROFILE", None)
-        os.environ.update(self.state.handler_environment())
         publish_model(self._object_store(), self.model)
         self._start_event_feed()
         self._start_queue_runner()
@@ -113,7 +141,8 @@ class LocalStack:
         self._stops.append(scheduler.stop)
         self.state.status = "ready"
         self.state.write()
-        logger.info("local stack ready: API %s, S3 %s", self.state.api_url, self.state.s3_endpoint_url)
+        logger.info("local stack ready: API %s, S3 %s; preprocessing: %d instances at once, %d ONNX threads each",
+                    self.state.api_url, self.state.s3_endpoint_url, self.preprocess_concurrency, self.onnx_threads)
 
     def stop(self) -> None:
         self.state.status = "stopping"
@@ -198,7 +227,7 @@ class LocalStack:
         source = self.template.queue_source
         runner = QueueRunner(
             sqs, self.state.queue_url, arn, lambda event: self.functions.invoke(source.function, event),
-            source.batch_size, source.batching_window_seconds,
+            source.batch_size, source.batching_window_seconds, self.preprocess_concurrency,
         )
         runner.start()
         self._stops.append(runner.stop)
@@ -227,11 +256,18 @@ class LocalStack:
                           self.state.secret_access_key, max_attempts=3)
 
 
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipsearch.local.stack")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--template", type=Path, required=True)
+    parser.add_argument("--preprocess-concurrency", type=int, default=_env_int(PREPROCESS_CONCURRENCY_ENV))
+    parser.add_argument("--onnx-threads", type=int, default=_env_int(ONNX_THREADS_ENV))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -244,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     try:
         stack = LocalStack(home, args.model_dir.resolve(), args.template.resolve(),
-                           os.environ.get("CLIPSEARCH_DATABASE_URL") or None)
+                           os.environ.get("CLIPSEARCH_DATABASE_URL") or None,
+                           args.preprocess_concurrency, args.onnx_threads)
         stack.start()
     except Exception as error:
         logger.exception("the local stack failed to start")

@@ -1,8 +1,9 @@
-"""What the local stack reads from template.yaml: HTTP routes, the queue event source, schedules, notifications.
+"""What the local stack reads from template.yaml: functions and their limits, routes, the queue source, schedules.
 
 The template stays the one source of truth: the local gateway serves exactly the HttpApi routes it
-declares, the queue runner uses its batch size and window, and the queue its visibility timeout and
-redrive policy. Short-form intrinsics (!Ref, !Sub, !GetAtt, ...) load as their long form; a `Ref` to
+declares, each function runs with its MemorySize, Timeout, EphemeralStorage and Environment (Globals
+merged with its own), the queue runner uses its batch size, window and maximum concurrency, and the
+queue its visibility timeout and redrive policy. Short-form intrinsics (!Ref, !Sub, !GetAtt, ...) load as their long form; a `Ref` to
 a parameter resolves to the parameter's default.
 """
 
@@ -41,12 +42,30 @@ def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
 CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
+# Lambda's defaults when neither the function nor Globals say otherwise.
+DEFAULT_TIMEOUT_SECONDS = 3
+DEFAULT_MEMORY_MB = 128
+DEFAULT_EPHEMERAL_STORAGE_MB = 512
+
+
+@dataclass(frozen=True)
+class EnvironmentVariable:
+    """One of a function's Environment.Variables: a literal (or a parameter's default), or a reference."""
+
+    name: str
+    value: str | None  # None when the template refers to something only a deployment knows
+    reference: str | None = None  # e.g. "Ref ImagesBucket", for the error when nothing local stands in
+
+
 @dataclass(frozen=True)
 class Function:
     logical_id: str
     code_uri: Path  # absolute
     handler: str  # "module.function", e.g. "app.handler"
-    timeout: int
+    timeout: int = DEFAULT_TIMEOUT_SECONDS
+    memory_size: int = DEFAULT_MEMORY_MB
+    ephemeral_storage: int = DEFAULT_EPHEMERAL_STORAGE_MB
+    environment: tuple[EnvironmentVariable, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class QueueSource:
     batching_window_seconds: float
     visibility_timeout: int
     max_receive_count: int | None  # None: no dead-letter queue
+    maximum_concurrency: int | None = None  # ScalingConfig.MaximumConcurrency; None: unbounded
 
 
 @dataclass(frozen=True)
@@ -130,11 +150,19 @@ def load_template(path: Path) -> Template:
         if resource.get("Type") != "AWS::Serverless::Function":
             continue
         properties = resource.get("Properties") or {}
+
+        def setting(name: str, default):
+            return resolve(properties.get(name, global_function.get(name, default)))
+
+        storage = properties.get("EphemeralStorage", global_function.get("EphemeralStorage")) or {}
         function = Function(
             logical_id=logical_id,
             code_uri=(path.parent / properties["CodeUri"]).resolve(),
-            handler=properties.get("Handler", global_function.get("Handler", "app.handler")),
-            timeout=int(resolve(properties.get("Timeout", global_function.get("Timeout", 3)))),
+            handler=setting("Handler", "app.handler"),
+            timeout=int(setting("Timeout", DEFAULT_TIMEOUT_SECONDS)),
+            memory_size=int(setting("MemorySize", DEFAULT_MEMORY_MB)),
+            ephemeral_storage=int(resolve(storage.get("Size", DEFAULT_EPHEMERAL_STORAGE_MB))),
+            environment=_environment(global_function, properties, resolve),
         )
         functions[logical_id] = function
         for event in (properties.get("Events") or {}).values():
@@ -167,13 +195,29 @@ def _queue_source(function: Function, properties: dict, resources: dict, resolve
     queue_id = _referenced_resource(properties.get("Queue"))
     queue = (resources.get(queue_id) or {}).get("Properties") or {}
     redrive = queue.get("RedrivePolicy") or {}
+    concurrency = (properties.get("ScalingConfig") or {}).get("MaximumConcurrency")
     return QueueSource(
         function=function,
         batch_size=int(resolve(properties.get("BatchSize", 10))),
         batching_window_seconds=float(resolve(properties.get("MaximumBatchingWindowInSeconds", 0))),
         visibility_timeout=int(resolve(queue.get("VisibilityTimeout", 30))),
         max_receive_count=int(resolve(redrive["maxReceiveCount"])) if redrive else None,
+        maximum_concurrency=int(resolve(concurrency)) if concurrency is not None else None,
     )
+
+
+def _environment(global_function: dict, properties: dict, resolve) -> tuple[EnvironmentVariable, ...]:
+    """Globals' variables overridden by the function's own, as SAM merges them."""
+    merged = {
+        **((global_function.get("Environment") or {}).get("Variables") or {}),
+        **((properties.get("Environment") or {}).get("Variables") or {}),
+    }
+    variables = []
+    for name, raw in merged.items():
+        value = resolve.value_or_none(raw)
+        reference = None if value is not None else " ".join(str(part) for part in next(iter(raw.items())))
+        variables.append(EnvironmentVariable(name, value, reference))
+    return tuple(variables)
 
 
 def _notification_rules(resources: dict) -> list[NotificationRule]:
@@ -213,6 +257,14 @@ class _Resolver:
                 raise TemplateError(f"cannot resolve Ref {value['Ref']!r} locally: no parameter default")
             return parameter["Default"]
         return value
+
+    def value_or_none(self, value) -> str | None:
+        """A literal or a parameter's default as a string; None for what only a deployment resolves."""
+        if isinstance(value, dict):
+            if set(value) == {"Ref"} and "Default" in (self._parameters.get(value["Ref"]) or {}):
+                return str(self._parameters[value["Ref"]]["Default"])
+            return None
+        return "" if value is None else str(value)
 
 
 _RATE = re.compile(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)")

@@ -1,0 +1,65 @@
+"""The environment of a local function instance: its template variables, with local stand-ins for AWS's parts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from clipsearch.local.state import StackState
+from clipsearch.local.template import Function, TemplateError
+
+# A template variable that names an AWS-only resource, and the local variable that replaces it.
+SECRET_STAND_INS = {"CLIPSEARCH_DB_SECRET_ARN": "CLIPSEARCH_DATABASE_URL"}
+
+
+class FunctionEnvironment:
+    """Builds each function's variables as the template gives them, pointed at this stack.
+
+    - A variable the template gives with a value the stack knows better (the bucket, the model, the
+      queue URL: CloudFormation resolves them on deploy) takes the stack's value.
+    - The database secret's ARN is replaced by the local database's URL.
+    - Literals and parameter defaults are kept; a reference with no local value is an error.
+    - Every function gets the local S3/SQS endpoints and the stack's keys (in AWS: the default
+      endpoints and the role's credentials), and its model cache in its own /tmp.
+    - `overrides` (function -> variables) are local settings applied last, such as the ONNX thread
+      count of the preprocessing instances when several share this machine's cores.
+    Nothing else of the stack's own environment reaches a function.
+    """
+
+    def __init__(self, state: StackState, overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        self._state = state
+        self._overrides = {name: dict(values) for name, values in (overrides or {}).items()}
+
+    def __call__(self, function: Function, tmp_dir: Path) -> dict[str, str]:
+        state = self._state
+        known = {
+            "CLIPSEARCH_BUCKET": state.bucket,
+            "CLIPSEARCH_MODEL_ID": state.model_id,
+            "CLIPSEARCH_QUEUE_URL": state.queue_url,
+        }
+        stand_ins = {"CLIPSEARCH_DATABASE_URL": state.database_url}
+        variables: dict[str, str] = {}
+        for variable in function.environment:
+            if variable.name in SECRET_STAND_INS:
+                local_name = SECRET_STAND_INS[variable.name]
+                variables[local_name] = stand_ins[local_name] or ""
+            elif known.get(variable.name):
+                variables[variable.name] = known[variable.name]
+            elif variable.value is not None:
+                variables[variable.name] = variable.value
+            else:
+                raise TemplateError(
+                    f"{function.logical_id}: environment variable {variable.name} ({variable.reference}) "
+                    "has no local value"
+                )
+        variables |= {
+            "CLIPSEARCH_S3_ENDPOINT_URL": state.s3_endpoint_url or "",
+            "CLIPSEARCH_SQS_ENDPOINT_URL": state.sqs_endpoint_url or "",
+            "AWS_ACCESS_KEY_ID": state.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": state.secret_access_key,
+            "AWS_REGION": state.region,
+            "AWS_DEFAULT_REGION": state.region,
+            # Settings' default is /tmp/clipsearch/models: the same place inside this instance's /tmp.
+            "CLIPSEARCH_MODEL_CACHE_DIR": str(tmp_dir / "clipsearch" / "models"),
+        }
+        return variables | self._overrides.get(function.logical_id, {})
