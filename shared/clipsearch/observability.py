@@ -69,7 +69,12 @@ def observed_handler(
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        def with_runtime_logs(event: dict, context: object) -> object:
+        def with_runtime_logs(event: dict, context) -> object:
+            # The invocation's EMF line then names its request, so a metric leads back to its logs.
+            telemetry.metrics.add_metadata(key="function_request_id", value=context.aws_request_id)
+            correlation_id = telemetry.logger.get_correlation_id()
+            if correlation_id is not None:
+                telemetry.metrics.add_metadata(key="correlation_id", value=correlation_id)
             with runtime_logs_through(telemetry.logger):
                 try:
                     return handler(event, context)

@@ -1,0 +1,108 @@
+"""The function decorator routes the runtime's loggers through the function's Logger for one invocation only."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from clipsearch.observability import FunctionTelemetry, observed_handler, runtime_logs_through
+
+pytestmark = pytest.mark.unit
+
+RUNTIME = logging.getLogger("clipsearch")
+
+
+@dataclass
+class LambdaContext:
+    function_name: str = "clipsearch-test"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-test"
+    aws_request_id: str = "request-1"
+
+
+@pytest.fixture
+def telemetry(monkeypatch: pytest.MonkeyPatch) -> FunctionTelemetry:
+    """A function's telemetry (its own service, so a Logger of its own) writing its lines to a buffer."""
+    monkeypatch.delenv("LAMBDA_TASK_ROOT", raising=False)
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")  # no EMF among the log lines
+    telemetry = FunctionTelemetry.for_function(f"unit-{uuid.uuid4().hex[:8]}")
+    telemetry.logger.registered_handler.setStream(io.StringIO())
+    telemetry.logger.setLevel("INFO")
+    return telemetry
+
+
+def lines(telemetry: FunctionTelemetry) -> list[dict]:
+    return [json.loads(line) for line in telemetry.logger.registered_handler.stream.getvalue().splitlines()]
+
+
+def http_event(request_id: str) -> dict:
+    return {"requestContext": {"requestId": request_id}}
+
+
+def test_a_runtime_info_line_carries_the_request_and_correlation_ids(telemetry) -> None:
+    @observed_handler(telemetry, correlation_id_path="requestContext.requestId")
+    def handler(event, context):
+        logging.getLogger("clipsearch.search").info("dataset %s refreshed", "photos")
+        return {"statusCode": 200}
+
+    assert handler(http_event("api-1"), LambdaContext()) == {"statusCode": 200}
+
+    [line] = lines(telemetry)
+    assert line["message"] == "dataset photos refreshed" and line["level"] == "INFO"
+    assert line["name"] == "clipsearch.search"
+    assert (line["function_request_id"], line["correlation_id"]) == ("request-1", "api-1")
+    assert line["function_name"] == "clipsearch-test"
+
+
+def test_the_routing_ends_with_the_invocation(telemetry, caplog) -> None:
+    before = (RUNTIME.level, list(RUNTIME.handlers), RUNTIME.propagate)
+
+    @observed_handler(telemetry)
+    def handler(event, context):
+        assert RUNTIME.handlers == telemetry.logger.handlers and not RUNTIME.propagate
+        return None
+
+    handler({}, LambdaContext())
+
+    assert (RUNTIME.level, list(RUNTIME.handlers), RUNTIME.propagate) == before
+    caplog.set_level(logging.INFO, logger="clipsearch.events")
+    logging.getLogger("clipsearch.events").info("after the invocation")
+    assert "after the invocation" in caplog.text and lines(telemetry) == []
+
+
+def test_overlapping_invocations_give_the_configuration_back_after_the_last(telemetry) -> None:
+    other = FunctionTelemetry.for_function(f"unit-{uuid.uuid4().hex[:8]}")
+    before = (RUNTIME.level, list(RUNTIME.handlers), RUNTIME.propagate)
+
+    first = runtime_logs_through(telemetry.logger)
+    first.__enter__()
+    with runtime_logs_through(other.logger):
+        assert RUNTIME.handlers == other.logger.handlers
+        first.__exit__(None, None, None)  # the first ends while the second still runs
+        assert RUNTIME.handlers == other.logger.handlers and not RUNTIME.propagate
+
+    assert (RUNTIME.level, list(RUNTIME.handlers), RUNTIME.propagate) == before
+
+
+def test_a_failing_invocation_is_logged_with_its_ids_and_raised(telemetry) -> None:
+    @observed_handler(telemetry, correlation_id_path="id")
+    def handler(event, context):
+        raise RuntimeError("segment store unreachable")
+
+    with pytest.raises(RuntimeError, match="unreachable"):
+        handler({"id": "schedule-7"}, LambdaContext(aws_request_id="request-9"))
+
+    [line] = lines(telemetry)
+    assert line["level"] == "ERROR" and line["message"] == "the invocation failed"
+    assert (line["function_request_id"], line["correlation_id"]) == ("request-9", "schedule-7")
+    assert "segment store unreachable" in line["exception"]
+
+
+def test_tracing_is_off_outside_lambda(telemetry) -> None:
+    """Inside (LAMBDA_TASK_ROOT set) it is on: tests/integration/test_observability.py runs the functions so,
+    in their own processes, because an enabled Tracer patches boto3 for the whole process."""
+    assert telemetry.tracer.disabled
