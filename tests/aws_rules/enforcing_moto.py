@@ -120,6 +120,7 @@ def _delete_keys(self, bucket_name: str, authenticated: bool = True):
 
 
 def _bucket_post(self, request, bucket_name: str):
+    self.path = self._get_path(request)  # what is_delete_keys reads; moto sets it in the method replaced here
     if self.is_delete_keys():  # moto's own path checks the bucket ARN; the keys are checked in _delete_keys
         self.data["Action"] = "DeleteObject"
         return self._bucket_response_delete_keys(bucket_name)

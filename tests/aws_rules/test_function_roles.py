@@ -79,13 +79,11 @@ def test_preprocess_indexes_records_failures_removals_and_discards_an_abandoned_
     world.upload("datasets/pets/a.jpg", jpeg(1))
     world.upload("datasets/pets/b.jpg", jpeg(2))
     world.upload("datasets/pets/broken.jpg", b"not an image at all")
-    first = world.drain()
-    world.client("s3").delete_object(Bucket=world.resources.bucket, Key="datasets/pets/b.jpg")
-    removal = world.drain()
     preprocess = load_function("preprocess")
     with world.run_as("PreprocessFunction") as log:
-        assert preprocess.handler(first, CONTEXT) == {"batchItemFailures": []}
-        assert preprocess.handler(removal, CONTEXT) == {"batchItemFailures": []}
+        assert preprocess.handler(world.drain(), CONTEXT) == {"batchItemFailures": []}
+        world.client("s3").delete_object(Bucket=world.resources.bucket, Key="datasets/pets/b.jpg")
+        assert preprocess.handler(world.drain(), CONTEXT) == {"batchItemFailures": []}
     assert rows(world, "pets") == {"datasets/pets/a.jpg": "indexed", "datasets/pets/b.jpg": "deleted",
                                    "datasets/pets/broken.jpg": "failed"}
     assert_all_allowed(log, ("GetObject", "models/"), ("GetObject", "datasets/pets/"),
@@ -259,8 +257,12 @@ def test_each_role_is_refused_what_its_function_has_no_business_doing(world: Aws
     for probe in NO_BUSINESS[who] + [_other_secret]:
         with pytest.raises(ClientError) as raised:
             probe(world, who)
-        refused.append((probe.__name__, raised.value.response["Error"]["Code"]))
-    assert {code for _, code in refused} <= {"AccessDenied", "AccessDeniedException"}, refused
+        response = raised.value.response
+        refused.append((probe.__name__, response["Error"]["Code"],
+                        response.get("ResponseMetadata", {}).get("HTTPStatusCode", 403)))
+    # moto's SQS and Secrets Manager refusals come as bare 403s that botocore cannot parse a code from
+    assert all(code.startswith("AccessDenied") or (code, status) == ("403", 403) for _, code, status in refused), refused
+    assert len(refused) == len(NO_BUSINESS[who]) + 1
     # the objects the probes tried to remove are all still there
     for key in (MODEL_FILE, IMAGE, SEGMENT):
         world.client("s3").head_object(Bucket=world.resources.bucket, Key=key)
