@@ -51,6 +51,9 @@ def handle(event: dict, context, service: IngestService) -> dict:
     metrics.add_metric("ImagesRemoved", MetricUnit.Count, report.removed)
     metrics.add_metric("MessagesRetried", MetricUnit.Count, len(failures))
     metrics.add_metric("BatchLatency", MetricUnit.Milliseconds, (time.perf_counter() - started) * 1000)
+    for name, seconds in (("FetchWaitSeconds", report.fetch_wait_seconds), ("ClaimSeconds", report.claim_seconds),
+                          ("DecodeEmbedSeconds", report.embed_seconds), ("SegmentCommitSeconds", report.commit_seconds)):
+        metrics.add_metric(name, MetricUnit.Seconds, seconds)
     for size in report.segment_bytes:
         metrics.add_metric("SegmentBytes", MetricUnit.Bytes, size)
     return response
