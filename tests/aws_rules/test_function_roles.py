@@ -266,3 +266,13 @@ def test_each_role_is_refused_what_its_function_has_no_business_doing(world: Aws
     # the objects the probes tried to remove are all still there
     for key in (MODEL_FILE, IMAGE, SEGMENT):
         world.client("s3").head_object(Bucket=world.resources.bucket, Key=key)
+
+
+def test_a_missing_key_is_404_only_to_a_role_allowed_to_list_the_bucket(world: AwsWorld) -> None:
+    """The S3 rule the reconcile fix rests on, as the enforcing endpoint models it."""
+    missing = "indexes/pets/segments/never-written.faiss"
+    with pytest.raises(ClientError) as compact:  # GetObject on indexes/*, ListBucket only for prefixes
+        world.client("s3", "CompactFunction").head_object(Bucket=world.resources.bucket, Key=missing)
+    with pytest.raises(ClientError) as search:  # GetObject on indexes/*, ListBucket on the bucket
+        world.client("s3", "SearchFunction").head_object(Bucket=world.resources.bucket, Key=missing)
+    assert (compact.value.response["Error"]["Code"], search.value.response["Error"]["Code"]) == ("403", "404")
