@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import textwrap
 import time
 import urllib.error
@@ -265,11 +266,20 @@ def test_gateway_answers_unknown_routes_and_failed_functions_like_api_gateway(ga
     assert status == 502 and "function failed" in json.loads(body)["message"]
 
 
-def test_function_host_loads_each_function_once_under_its_own_module_name(tmp_path: Path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "app.py").write_text("LOADS = []\nLOADS.append(1)\ndef handler(event, context):\n"
-                                           "    return {'loads': len(LOADS), 'name': context.function_name}\n")
-    host = FunctionHost()
-    function = Function("A", tmp_path / "a", "app.handler", 3)
-    assert host.invoke(function, {}) == {"loads": 1, "name": "A"}
-    assert host.invoke(function, {}) == {"loads": 1, "name": "A"}
+def test_function_host_imports_each_function_once_in_its_own_process(tmp_path: Path):
+    for name in ("a", "b"):  # both modules are called `app`, as every function's is
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "app.py").write_text(
+            "import os\nLOADS = []\nLOADS.append(1)\ndef handler(event, context):\n"
+            f"    return {{'loads': len(LOADS), 'name': context.function_name, 'code': '{name}', 'pid': os.getpid()}}\n"
+        )
+    host = FunctionHost(runtime_dir=tmp_path / "runtime")
+    first, second = Function("A", tmp_path / "a", "app.handler", 3), Function("B", tmp_path / "b", "app.handler", 3)
+    try:
+        answers = [host.invoke(first, {}), host.invoke(second, {}), host.invoke(first, {})]
+    finally:
+        host.stop()
+    assert [(answer["loads"], answer["name"], answer["code"]) for answer in answers] == [
+        (1, "A", "a"), (1, "B", "b"), (1, "A", "a")]
+    assert answers[0]["pid"] == answers[2]["pid"] != answers[1]["pid"]
+    assert os.getpid() not in {answer["pid"] for answer in answers}

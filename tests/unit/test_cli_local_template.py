@@ -132,3 +132,20 @@ def test_a_template_without_an_sqs_function_is_refused(tmp_path: Path):
 def test_a_missing_template_is_one_clear_error(tmp_path: Path):
     with pytest.raises(TemplateError, match="cannot read"):
         load_template(tmp_path / "absent.yaml")
+
+
+def test_the_repository_template_gives_each_function_its_limits_and_environment():
+    template = load_template(REPO / "template.yaml")
+    preprocess = template.queue_source.function
+    assert (preprocess.memory_size, preprocess.timeout, preprocess.ephemeral_storage) == (3008, 180, 2048)
+    variables = {variable.name: variable for variable in preprocess.environment}
+    assert variables["CLIPSEARCH_ONNX_THREADS"].value == "2"  # the function's own
+    assert variables["POWERTOOLS_SERVICE_NAME"].value == "clipsearch"  # from Globals
+    assert variables["LOG_LEVEL"].value == "INFO"  # a parameter's default
+    assert variables["CLIPSEARCH_BUCKET"].value is None  # a resource: only a deployment (or the stack) knows it
+    assert variables["CLIPSEARCH_BUCKET"].reference == "Ref ImagesBucket"
+    assert "CLIPSEARCH_QUEUE_URL" not in variables  # only the reconciliation function is given the queue
+    assert "CLIPSEARCH_QUEUE_URL" in {variable.name for variable in template.function_for("reconcile").environment}
+    datasets = template.function_for("datasets")
+    assert (datasets.memory_size, datasets.timeout, datasets.ephemeral_storage) == (512, 29, 512)  # Globals, Lambda
+    assert template.queue_source.maximum_concurrency == 10  # PreprocessMaxConcurrency's default
