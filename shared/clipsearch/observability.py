@@ -63,7 +63,7 @@ def observed_handler(
     telemetry: FunctionTelemetry, correlation_id_path: str | None = None
 ) -> Callable[[Handler], Handler]:
     """Wraps a Lambda handler: cold-start and application metrics flushed as EMF at the end of every
-    invocation, a traced handler (responses are not recorded: they can carry presigned URLs), log lines
+    invocation (with its request and correlation ids as metadata), a traced handler (responses are not recorded: they can carry presigned URLs), log lines
     with the Lambda context and the correlation id found at `correlation_id_path` in the event, and the
     runtime's loggers routed through the function's Logger for the invocation."""
 
