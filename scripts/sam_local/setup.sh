@@ -26,10 +26,10 @@ mkdir -p "$state"
 log=$state/setup.log
 : > "$log"
 
-say() { echo "sam_local: $*" >&2; }
+started=$SECONDS
+say() { echo "sam_local: [$((SECONDS - started))s] $*" >&2; }
 fail() { say "FAILED: $*"; [ -s "$log" ] && tail -n 25 "$log" >&2; exit 1; }
 quiet() { "$@" >> "$log" 2>&1 || fail "$* (log: $log)"; }
-started=$SECONDS
 
 [ "$(id -u)" = 0 ] || fail "needs root (apt-get, dockerd, debootstrap)"
 
@@ -117,6 +117,7 @@ BOOTSTRAP
   docker images --format '{{.Repository}}:{{.Tag}}' \
     | grep -E "^(public.ecr.aws/lambda/python:${runtime_version}-rapid|samcli/lambda-python:${runtime_version})" \
     | xargs -r docker rmi -f >> "$log" 2>&1 || true
+  docker image prune -f >> "$log" 2>&1 || true
 fi
 
 cat > "$env_file" <<ENV

@@ -211,6 +211,12 @@ def test_sam_local_invoke_runs_every_function(
     assert compacted["dataset"] == DATASET and compacted["merged_segments"] == 2, report
     assert compacted["vectors_kept"] == len(keys), report
 
+    # Preprocess a removal: the example delete event for an image gone from the bucket.
+    s3_client.delete_object(Bucket=bucket, Key="datasets/demo/beach_1.jpeg")
+    lambda_sqs_event(sqs_client, queue_url, queue_arn)  # its own notification: the example event stands in
+    assert sam.invoke("PreprocessFunction", EVENTS / "sqs-s3-delete.json") == {"batchItemFailures": []}
+    assert dict(image_rows(database_url))["datasets/demo/beach_1.jpeg"] == "deleted"
+
     # Reconcile (scheduled): an image whose event was lost is found and queued again.
     lost_key = upload(UNANNOUNCED_PHOTO)
     lambda_sqs_event(sqs_client, queue_url, queue_arn)  # the lost event
