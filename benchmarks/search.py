@@ -365,7 +365,7 @@ def _services():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
-    from clipsearch.local.postgres import start_cluster
+    from clipsearch_tools.local.postgres import start_cluster
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")

@@ -54,7 +54,7 @@ def postgres_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from clipsearch.local.postgres import start_cluster
+    from clipsearch_tools.local.postgres import start_cluster
 
     # Outside pytest's basetemp: pytest resets that tree to mode 0700, which locks the server user out.
     home = Path(tempfile.mkdtemp(prefix="clipsearch-test-pg-"))

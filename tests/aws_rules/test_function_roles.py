@@ -63,7 +63,7 @@ def test_the_template_has_a_role_per_function_and_no_broad_managed_policy(world:
 
 
 def test_migrate_reads_the_rds_secret_from_secrets_manager(world: AwsWorld, capsys) -> None:
-    from clipsearch.cli import main
+    from clipsearch_tools.cli import main
 
     with world.run_as("operator", CLIPSEARCH_DB_SECRET_ARN=world.resources.secret_arn) as log:
         assert main(["migrate", "--json"]) == 0

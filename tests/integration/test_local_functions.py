@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from clipsearch.local.function_environment import FunctionEnvironment
-from clipsearch.local.functions import FunctionError, FunctionHost, MemoryCgroups
-from clipsearch.local.queue_runner import QueueRunner
-from clipsearch.local.state import StackState
-from clipsearch.local.template import load_template
+from clipsearch_tools.local.function_environment import FunctionEnvironment
+from clipsearch_tools.local.functions import FunctionError, FunctionHost, MemoryCgroups
+from clipsearch_tools.local.queue_runner import QueueRunner
+from clipsearch_tools.local.state import StackState
+from clipsearch_tools.local.template import load_template
 
 pytestmark = pytest.mark.integration
 

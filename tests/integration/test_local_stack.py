@@ -16,16 +16,16 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 from clipsearch.events import EventKind, parse_message
-from clipsearch.local.functions import FunctionHost
-from clipsearch.local.gateway import LocalGateway
-from clipsearch.local.queue_runner import QueueRunner
-from clipsearch.local.seaweed import (
+from clipsearch_tools.local.functions import FunctionHost
+from clipsearch_tools.local.gateway import LocalGateway
+from clipsearch_tools.local.queue_runner import QueueRunner
+from clipsearch_tools.local.seaweed import (
     FilerEventFeed,
     ObjectStorageUnavailable,
     SeaweedServer,
     find_weed,
 )
-from clipsearch.local.template import Function, NotificationRule, load_template
+from clipsearch_tools.local.template import Function, NotificationRule, load_template
 
 pytestmark = pytest.mark.integration
 

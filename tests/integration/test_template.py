@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.parser.models import (
     S3Model,
     SqsModel,
 )
-from clipsearch.local.template import CloudFormationLoader
+from clipsearch_tools.local.template import CloudFormationLoader
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from clipsearch.cli import main
-from clipsearch.cli.evaluate import label_of
+from clipsearch_tools.cli import main
+from clipsearch_tools.cli.evaluate import label_of
 
 pytestmark = pytest.mark.unit
 

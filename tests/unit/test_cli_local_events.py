@@ -8,9 +8,9 @@ import json
 
 import pytest
 from clipsearch.events import EventKind, parse_message
-from clipsearch.local.gateway import http_api_event, http_response
-from clipsearch.local.notifications import read_events, s3_records
-from clipsearch.local.template import Function, NotificationRule, Route
+from clipsearch_tools.local.gateway import http_api_event, http_response
+from clipsearch_tools.local.notifications import read_events, s3_records
+from clipsearch_tools.local.template import Function, NotificationRule, Route
 
 pytestmark = pytest.mark.unit
 

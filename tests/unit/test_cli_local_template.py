@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clipsearch.local.template import TemplateError, load_template
+from clipsearch_tools.local.template import TemplateError, load_template
 
 pytestmark = pytest.mark.unit
 

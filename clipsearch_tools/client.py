@@ -15,9 +15,9 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clipsearch.errors import ClipsearchError
-from clipsearch.local.aws import aws_client, default_credentials
-from clipsearch.local.control import running_state
-from clipsearch.local.state import StackState, stack_home
+from clipsearch_tools.local.aws import aws_client, default_credentials
+from clipsearch_tools.local.control import running_state
+from clipsearch_tools.local.state import StackState, stack_home
 
 API_URL_ENV = "CLIPSEARCH_API_URL"
 BUCKET_ENV = "CLIPSEARCH_BUCKET"

@@ -14,8 +14,8 @@ from urllib.parse import quote
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from clipsearch.cli.output import emit_json, note, random_weights_note
-from clipsearch.client import ApiError, ClipsearchClient
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note
+from clipsearch_tools.client import ApiError, ClipsearchClient
 from clipsearch.datasets import (
     IMAGE_SUFFIXES,
     dataset_prefix,
@@ -80,7 +80,7 @@ def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
 
 def sync(args: argparse.Namespace, client: ClipsearchClient) -> int:
     """Reconciles one dataset (announces what the catalog lacks), then waits until it is indexed."""
-    from clipsearch.cli.maintenance import reconcile
+    from clipsearch_tools.cli.maintenance import reconcile
 
     report = reconcile(client, args.dataset)
     summary = _wait_indexed(client, args.dataset, report["scanned"], None, args.timeout)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import IO
 from urllib.parse import quote_plus
 
-from clipsearch.local.template import NotificationRule
+from clipsearch_tools.local.template import NotificationRule
 
 _MULTIPART_SCRATCH = ".uploads/"
 _ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("clipsearch.local.models").setLevel(logging.INFO)  # export progress is worth seeing
+    logging.getLogger("clipsearch_tools.local.models").setLevel(logging.INFO)  # export progress is worth seeing
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return 2
@@ -51,7 +51,7 @@ def _one_line(error: Exception) -> str:
 
 def _with_client(command: Callable) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from clipsearch.client import ClipsearchClient, resolve_target
+        from clipsearch_tools.client import ClipsearchClient, resolve_target
 
         return command(args, ClipsearchClient(resolve_target(args.api_url, args.bucket, args.home)))
 
@@ -78,7 +78,7 @@ def _non_negative(value: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from clipsearch.cli import (
+    from clipsearch_tools.cli import (
         evaluate,
         ingest_commands,
         local_commands,
@@ -176,7 +176,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _client_factory(args: argparse.Namespace) -> Callable:
     def build():
-        from clipsearch.client import ClipsearchClient, resolve_target
+        from clipsearch_tools.client import ClipsearchClient, resolve_target
 
         return ClipsearchClient(resolve_target(args.api_url, args.bucket, args.home))
 

@@ -134,12 +134,12 @@ def _wait_for_port(port: int, timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m clipsearch.local.postgres start|stop DATA_DIR [PORT]`: prints the URL on start."""
+    """`python -m clipsearch_tools.local.postgres start|stop DATA_DIR [PORT]`: prints the URL on start."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2 or args[0] not in {"start", "stop"}:
-        print("usage: python -m clipsearch.local.postgres start|stop DATA_DIR [PORT]", file=sys.stderr)
+        print("usage: python -m clipsearch_tools.local.postgres start|stop DATA_DIR [PORT]", file=sys.stderr)
         return 2
     data_dir = Path(args[1])
     if args[0] == "stop":

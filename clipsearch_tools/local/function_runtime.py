@@ -1,6 +1,6 @@
 """One local execution environment: a child process that imports a function's handler once, then serves events.
 
-Started by `FunctionHost` as `python -m clipsearch.local.function_runtime`, with the function's
+Started by `FunctionHost` as `python -m clipsearch_tools.local.function_runtime`, with the function's
 environment only, its working directory at the function's code (LAMBDA_TASK_ROOT) and, when the host
 caps memory with a cgroup, the cgroup to join before anything else is imported. Events and answers
 cross the process boundary as JSON lines on two inherited pipes (requests in, replies out), so the
@@ -97,7 +97,7 @@ def serve(handler_name: str, requests, replies) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m clipsearch.local.function_runtime")
+    parser = argparse.ArgumentParser(prog="python -m clipsearch_tools.local.function_runtime")
     parser.add_argument("--handler", required=True)
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--replies-fd", type=int, required=True)

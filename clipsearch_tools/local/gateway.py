@@ -14,7 +14,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from clipsearch.local.template import Function, Route
+from clipsearch_tools.local.template import Function, Route
 
 logger = logging.getLogger(__name__)
 

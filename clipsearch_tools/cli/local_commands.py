@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from clipsearch.cli.output import emit_json, note, random_weights_note, table
-from clipsearch.local.control import (
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
+from clipsearch_tools.local.control import (
     DEFAULT_TEMPLATE,
     LocalStackError,
     probe_parts,
@@ -17,8 +17,8 @@ from clipsearch.local.control import (
     start_stack,
     stop_stack,
 )
-from clipsearch.local.models import ensure_default_model, read_model
-from clipsearch.local.state import StackState, stack_home
+from clipsearch_tools.local.models import ensure_default_model, read_model
+from clipsearch_tools.local.state import StackState, stack_home
 
 
 def up(args: argparse.Namespace) -> int:

@@ -37,10 +37,10 @@ from itertools import count
 from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
-from clipsearch.local.template import Function
+from clipsearch_tools.local.template import Function
 
 logger = logging.getLogger(__name__)
-function_logs = logging.getLogger("clipsearch.local.function_logs")
+function_logs = logging.getLogger("clipsearch_tools.local.function_logs")
 
 FUNCTION_ARN_PREFIX = "arn:aws:lambda:us-east-1:000000000000:function:"
 CGROUP_MEMORY_MOUNT = Path("/sys/fs/cgroup/memory")
@@ -207,7 +207,7 @@ class FunctionInstance:
                        **lambda_runtime_environment(self.function, self.name, self.tmp_dir)}
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
-        command = [sys.executable, "-m", "clipsearch.local.function_runtime", "--handler", self.function.handler,
+        command = [sys.executable, "-m", "clipsearch_tools.local.function_runtime", "--handler", self.function.handler,
                    "--requests-fd", str(requests_read), "--replies-fd", str(replies_write)]
         if self._cgroups is not None:
             self._cgroup = self._cgroups.instance(self.name, self.memory_limit_bytes)

@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from clipsearch.cli.output import emit_json, note, random_weights_note
-from clipsearch.client import ClipsearchClient, StackUnreachable
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note
+from clipsearch_tools.client import ClipsearchClient, StackUnreachable
 from clipsearch.errors import ClipsearchError
-from clipsearch.local.control import running_state
-from clipsearch.local.state import stack_home
+from clipsearch_tools.local.control import running_state
+from clipsearch_tools.local.state import stack_home
 
 RECONCILE_FUNCTION_ENV = "CLIPSEARCH_RECONCILE_FUNCTION"
 
@@ -23,8 +23,8 @@ def reconcile(client: ClipsearchClient, dataset: str) -> dict:
     event = {"dataset": dataset}
     state = client.target.local
     if state is not None:
-        from clipsearch.local.functions import FunctionHost
-        from clipsearch.local.template import load_template
+        from clipsearch_tools.local.functions import FunctionHost
+        from clipsearch_tools.local.template import load_template
 
         os.environ.update(state.handler_environment())
         # The function logs and emits metrics on stdout, which belongs to this command's output.
@@ -36,7 +36,7 @@ def reconcile(client: ClipsearchClient, dataset: str) -> dict:
         name = os.environ.get(RECONCILE_FUNCTION_ENV)
         if not name:
             raise StackUnreachable(f"set {RECONCILE_FUNCTION_ENV} to the deployed ReconcileFunction's name")
-        from clipsearch.local.aws import aws_client
+        from clipsearch_tools.local.aws import aws_client
 
         answer = aws_client("lambda", client.target.region).invoke(
             FunctionName=name, Payload=json.dumps(event).encode()
@@ -76,7 +76,7 @@ def migrate(args: argparse.Namespace) -> int:
 
 
 def export_model(args: argparse.Namespace, client_factory) -> int:
-    from clipsearch.local.models import publish_model, read_model, run_exporter
+    from clipsearch_tools.local.models import publish_model, read_model, run_exporter
 
     arguments = ["--random-arch", args.random_arch, "--seed", str(args.seed)] if args.random_arch \
         else ["--model", args.model]

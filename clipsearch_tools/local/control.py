@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import clipsearch
 from clipsearch.errors import ClipsearchError
-from clipsearch.local.postgres import PostgresCluster, find_bin_dir
-from clipsearch.local.state import StackState, pid_alive
+from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir
+from clipsearch_tools.local.state import StackState, pid_alive
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(clipsearch.__file__).resolve().parents[2] / "template.yaml"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"  # the repository's, beside clipsearch_tools/
 
 
 class LocalStackError(ClipsearchError):
@@ -36,7 +35,7 @@ def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 18
                 preprocess_concurrency: int | None = None, onnx_threads: int | None = None) -> StackState:
     """Starts the supervisor in the background and returns once it is ready (or raises, naming the log).
 
-    `preprocess_concurrency` and `onnx_threads` default to the supervisor's (see clipsearch.local.stack).
+    `preprocess_concurrency` and `onnx_threads` default to the supervisor's (see clipsearch_tools.local.stack).
     """
     state = running_state(home)
     if state is not None and state.status == "ready":
@@ -47,7 +46,7 @@ def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 18
     log_file = home / "logs" / "stack.log"
     StackState.path(home).unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "clipsearch.local.stack",
+        sys.executable, "-m", "clipsearch_tools.local.stack",
         "--home", str(home), "--model-dir", str(model_dir), "--template", str(template),
     ]
     if preprocess_concurrency is not None:
@@ -122,7 +121,7 @@ def probe_parts(state: StackState) -> dict[str, dict]:
     import psycopg
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from clipsearch.local.aws import aws_client
+    from clipsearch_tools.local.aws import aws_client
 
     parts: dict[str, dict] = {"supervisor": {"ok": pid_alive(state.pid), "detail": f"pid {state.pid}"}}
     keys = (state.access_key_id, state.secret_access_key)

@@ -7,8 +7,8 @@ import mimetypes
 import sys
 from pathlib import Path
 
-from clipsearch.cli.output import emit_json, note, random_weights_note, table
-from clipsearch.client import ClipsearchClient, read_image
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
+from clipsearch_tools.client import ClipsearchClient, read_image
 from clipsearch.errors import ClipsearchError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from clipsearch.local.state import StackState
-from clipsearch.local.template import Function, TemplateError
+from clipsearch_tools.local.state import StackState
+from clipsearch_tools.local.template import Function, TemplateError
 
 # A template variable that names an AWS-only resource, and the local variable that replaces it.
 SECRET_STAND_INS = {"CLIPSEARCH_DB_SECRET_ARN": "CLIPSEARCH_DATABASE_URL"}

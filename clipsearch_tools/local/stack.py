@@ -1,6 +1,6 @@
 """The local stack's supervisor: starts every part, runs the functions in child processes, stops it all on SIGTERM.
 
-Run as `python -m clipsearch.local.stack --home DIR --model-dir DIR` in the background (by
+Run as `python -m clipsearch_tools.local.stack --home DIR --model-dir DIR` in the background (by
 `clipsearch local up`); its progress and the functions' logs go to stdout (the stack log), and the
 state file in the home says where each part listens. The functions run under the template's limits
 (local/functions.py), with the environment local/function_environment.py builds.
@@ -21,16 +21,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from clipsearch.local.aws import aws_client
-from clipsearch.local.function_environment import FunctionEnvironment
-from clipsearch.local.functions import FunctionHost
-from clipsearch.local.gateway import LocalGateway
-from clipsearch.local.models import publish_model, read_model
-from clipsearch.local.postgres import PostgresCluster, find_bin_dir, free_port
-from clipsearch.local.queue_runner import QueueRunner
-from clipsearch.local.seaweed import FilerEventFeed, SeaweedServer
-from clipsearch.local.state import StackState
-from clipsearch.local.template import Function, Template, load_template
+from clipsearch_tools.local.aws import aws_client
+from clipsearch_tools.local.function_environment import FunctionEnvironment
+from clipsearch_tools.local.functions import FunctionHost
+from clipsearch_tools.local.gateway import LocalGateway
+from clipsearch_tools.local.models import publish_model, read_model
+from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir, free_port
+from clipsearch_tools.local.queue_runner import QueueRunner
+from clipsearch_tools.local.seaweed import FilerEventFeed, SeaweedServer
+from clipsearch_tools.local.state import StackState
+from clipsearch_tools.local.template import Function, Template, load_template
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def _env_int(name: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipsearch.local.stack")
+    parser = argparse.ArgumentParser(prog="python -m clipsearch_tools.local.stack")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--template", type=Path, required=True)

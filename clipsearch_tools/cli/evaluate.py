@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from clipsearch.cli.output import emit_json, note, random_weights_note, table
-from clipsearch.client import ClipsearchClient
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
+from clipsearch_tools.client import ClipsearchClient
 from clipsearch.datasets import dataset_prefix, has_image_suffix
 from clipsearch.errors import ClipsearchError
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clipsearch.errors import ClipsearchError
-from clipsearch.local.notifications import read_events, s3_records
-from clipsearch.local.postgres import free_port
-from clipsearch.local.template import NotificationRule
+from clipsearch_tools.local.notifications import read_events, s3_records
+from clipsearch_tools.local.postgres import free_port
+from clipsearch_tools.local.template import NotificationRule
 
 logger = logging.getLogger(__name__)
 
