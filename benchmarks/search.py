@@ -396,10 +396,10 @@ def _environment(endpoint: str, database_url: str, model_dir: Path, scratch: Pat
 
 def _store(environment: dict[str, str]):
     from clipsearch.config import Settings
-    from clipsearch.wiring import aws_client, build_object_store
+    from clipsearch.wiring import build_object_store, service_client
 
     settings = Settings.from_env(environment)
-    aws_client("s3", settings).create_bucket(Bucket=settings.bucket)
+    service_client("s3", settings).create_bucket(Bucket=settings.bucket)
     return build_object_store(settings)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from clipsearch.aws import aws_client, default_credentials
 from clipsearch.errors import ClipsearchError
-from clipsearch_tools.local.aws import aws_client, default_credentials
 from clipsearch_tools.local.control import running_state
 from clipsearch_tools.local.state import StackState, stack_home
 

@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
-from clipsearch_tools.client import ClipsearchClient
 from clipsearch.datasets import dataset_prefix, has_image_suffix
 from clipsearch.errors import ClipsearchError
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
+from clipsearch_tools.client import ClipsearchClient
 
 CUTOFFS = (1, 5)
 _NUMBER_SUFFIX = re.compile(r"_\d+$")

@@ -14,8 +14,6 @@ from urllib.parse import quote
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from clipsearch_tools.cli.output import emit_json, note, random_weights_note
-from clipsearch_tools.client import ApiError, ClipsearchClient
 from clipsearch.datasets import (
     IMAGE_SUFFIXES,
     dataset_prefix,
@@ -24,6 +22,8 @@ from clipsearch.datasets import (
 )
 from clipsearch.errors import ClipsearchError
 from clipsearch.ingest import SOURCE_PATH_METADATA
+from clipsearch_tools.cli.output import emit_json, note, random_weights_note
+from clipsearch_tools.client import ApiError, ClipsearchClient
 
 _POLL_SECONDS = 1.0
 

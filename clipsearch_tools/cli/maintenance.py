@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from clipsearch.errors import ClipsearchError
 from clipsearch_tools.cli.output import emit_json, note, random_weights_note
 from clipsearch_tools.client import ClipsearchClient, StackUnreachable
-from clipsearch.errors import ClipsearchError
 from clipsearch_tools.local.control import running_state
 from clipsearch_tools.local.state import stack_home
 
@@ -36,7 +36,7 @@ def reconcile(client: ClipsearchClient, dataset: str) -> dict:
         name = os.environ.get(RECONCILE_FUNCTION_ENV)
         if not name:
             raise StackUnreachable(f"set {RECONCILE_FUNCTION_ENV} to the deployed ReconcileFunction's name")
-        from clipsearch_tools.local.aws import aws_client
+        from clipsearch.aws import aws_client
 
         answer = aws_client("lambda", client.target.region).invoke(
             FunctionName=name, Payload=json.dumps(event).encode()

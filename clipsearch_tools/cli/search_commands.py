@@ -7,9 +7,9 @@ import mimetypes
 import sys
 from pathlib import Path
 
+from clipsearch.errors import ClipsearchError
 from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
 from clipsearch_tools.client import ClipsearchClient, read_image
-from clipsearch.errors import ClipsearchError
 
 
 def search(args: argparse.Namespace, client: ClipsearchClient) -> int:

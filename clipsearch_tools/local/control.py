@@ -121,7 +121,7 @@ def probe_parts(state: StackState) -> dict[str, dict]:
     import psycopg
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from clipsearch_tools.local.aws import aws_client
+    from clipsearch.aws import aws_client
 
     parts: dict[str, dict] = {"supervisor": {"ok": pid_alive(state.pid), "detail": f"pid {state.pid}"}}
     keys = (state.access_key_id, state.secret_access_key)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from clipsearch_tools.local.aws import aws_client
+from clipsearch.aws import aws_client
 from clipsearch_tools.local.function_environment import FunctionEnvironment
 from clipsearch_tools.local.functions import FunctionHost
 from clipsearch_tools.local.gateway import LocalGateway

@@ -8,14 +8,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-import boto3
-from botocore.config import Config
-
 from clipsearch.adapters.postgres_connection import Database, conninfo_from_secret
 from clipsearch.adapters.s3_store import S3ObjectStore
+from clipsearch.aws import aws_client
 from clipsearch.config import Settings
-
-_BOTO_CONFIG = Config(retries={"max_attempts": 5, "mode": "adaptive"}, max_pool_connections=32)
 
 
 @lru_cache(maxsize=1)
@@ -23,18 +19,18 @@ def get_settings() -> Settings:
     return Settings.from_env()
 
 
-def aws_client(service: str, settings: Settings):
-    """Every boto3 client is built here, pointed at the local endpoint when one is configured.
+def service_client(service: str, settings: Settings):
+    """The functions' boto3 client for `service`, pointed at the local endpoint when one is configured.
 
     Services without a clipsearch setting (Secrets Manager) take botocore's own endpoint configuration,
     e.g. AWS_ENDPOINT_URL_SECRETS_MANAGER; unset, that is AWS.
     """
     endpoint = {"s3": settings.s3_endpoint_url, "sqs": settings.sqs_endpoint_url}.get(service)
-    return boto3.client(service, region_name=settings.region, endpoint_url=endpoint, config=_BOTO_CONFIG)
+    return aws_client(service, settings.region, endpoint)
 
 
 def build_object_store(settings: Settings) -> S3ObjectStore:
-    return S3ObjectStore(aws_client("s3", settings), settings.bucket)
+    return S3ObjectStore(service_client("s3", settings), settings.bucket)
 
 
 def build_database(settings: Settings) -> Database:
@@ -42,7 +38,7 @@ def build_database(settings: Settings) -> Database:
         return Database(settings.database_url)
 
     def from_secret() -> str:
-        secret = aws_client("secretsmanager", settings).get_secret_value(SecretId=settings.db_secret_arn)
+        secret = service_client("secretsmanager", settings).get_secret_value(SecretId=settings.db_secret_arn)
         return conninfo_from_secret(secret["SecretString"])
 
     return Database(from_secret)
@@ -150,5 +146,5 @@ def get_reconcile_service():
     settings = get_settings()
     if not settings.queue_url:
         raise ConfigurationError("reconciliation needs CLIPSEARCH_QUEUE_URL (the ingestion queue)")
-    queue = SqsQueue(aws_client("sqs", settings), settings.queue_url)
+    queue = SqsQueue(service_client("sqs", settings), settings.queue_url)
     return ReconcileService(get_object_store(), PostgresCatalog(get_database()), queue)

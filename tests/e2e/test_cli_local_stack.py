@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clipsearch.aws import aws_client
 from clipsearch_tools.cli.evaluate import label_of
-from clipsearch_tools.local.aws import aws_client
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,38 @@
+"""The one place boto3 clients are built: by the functions' wiring, the CLI, the local stack and the benchmarks."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+
+DEFAULT_MAX_ATTEMPTS = 5  # retries after the first try (botocore's `max_attempts`), with standard-mode backoff
+MAX_POOL_CONNECTIONS = 32  # concurrent segment and model downloads, concurrent uploads from the CLI
+
+
+def aws_client(
+    service: str,
+    region: str,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+):
+    """A client for `service` with standard-mode retries.
+
+    Without `endpoint_url`, botocore's own endpoint configuration applies (AWS_ENDPOINT_URL_<SERVICE>,
+    AWS_ENDPOINT_URL, the profile's), else AWS itself; without keys, the default credential chain
+    (environment, profile, the function's role).
+    """
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=MAX_POOL_CONNECTIONS
+    )
+    return boto3.client(
+        service, region_name=region, endpoint_url=endpoint_url, config=config,
+        aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
+    )
+
+
+def default_credentials():
+    """The frozen default AWS credentials (environment, profile, instance role), or None when there are none."""
+    credentials = boto3.Session().get_credentials()
+    return None if credentials is None else credentials.get_frozen_credentials()
