@@ -28,6 +28,10 @@ EVENTS = REPO / "events"
 SAM_VENV = REPO / ".venv-sam"
 # Lambda's limit for a function and all its layers, unzipped.
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
+# Project dependencies only the tools (clipsearch_tools: CLI, local stack) import; the layer leaves them out.
+TOOLS_ONLY_DEPENDENCIES = {"pyyaml", "tqdm"}
+# Top-level names in the layer that would mean tools, or their dependencies, were packaged.
+NOT_IN_LAYER = ("clipsearch_tools", "yaml", "_yaml", "tqdm", "moto", "torch", "transformers", "optimum")
 
 EXPECTED_ROUTES = {
     ("SearchFunction", "POST", "/datasets/{dataset}/search/text"),
@@ -288,8 +292,8 @@ def test_layer_pins_match_the_project_dependencies():
     for line in project["dependencies"]:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
-        if name == "boto3":  # provided by the Lambda runtime
-            assert name not in layer
+        if name == "boto3" or name in TOOLS_ONLY_DEPENDENCIES:  # the Lambda runtime has boto3
+            assert name not in layer, f"{name} must not be in shared/requirements.txt"
             continue
         assert name in layer, f"{name} is missing from shared/requirements.txt"
         pinned = next(iter(layer[name].specifier)).version
@@ -357,7 +361,13 @@ def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
     layer = build_dir / "ClipsearchLayer" / "python"
     assert (layer / "clipsearch" / "__init__.py").is_file()
     assert not list(layer.rglob("__pycache__"))
+    packaged = {path.name.removesuffix(".py") for path in layer.iterdir()}
+    assert not packaged & set(NOT_IN_LAYER), f"tools in the layer: {sorted(packaged & set(NOT_IN_LAYER))}"
+    distributions = {canonicalize_name(path.name.split("-")[0]) for path in layer.glob("*.dist-info")}
+    assert not distributions & TOOLS_ONLY_DEPENDENCIES
+    assert not (layer / "clipsearch" / "cli").exists() and not (layer / "clipsearch" / "local").exists()
     layer_bytes = _tree_bytes(layer.parent)
+    print(f"layer unzipped: {layer_bytes} bytes ({layer_bytes / 2**20:.1f} MiB) of {LAMBDA_UNZIPPED_LIMIT / 2**20:.0f} MiB")
     for name in ("PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction"):
         function_dir = build_dir / name
         assert (function_dir / "app.py").is_file()
