@@ -121,15 +121,61 @@ def run_cli(arguments: list[str], home: Path, timeout: float) -> dict:
     return json.loads(completed.stdout)
 
 
-def end_to_end(model_dir: Path, folder: Path, home: Path, up_options: list[str]) -> tuple[dict, float]:
-    """`local up` (not timed), then `clipsearch ingest` timed; the stack is stopped afterwards."""
+def end_to_end(model_dir: Path, folder: Path, home: Path, up_options: list[str]) -> tuple[dict, float, dict]:
+    """`local up` (not timed), then `clipsearch ingest` timed; the stack is stopped afterwards. Also returns
+    the CPU seconds each part of the path used meanwhile."""
+    import resource
+
     run_cli(["local", "up", "--model-dir", str(model_dir), *up_options], home, 600)
     try:
+        before, cli_before = stack_cpu_seconds(home), resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         report = run_cli(["ingest", str(folder), "--dataset", "bench"], home, 3600)
-        return report, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        after, cli_after = stack_cpu_seconds(home), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {part: after.get(part, 0.0) - before.get(part, 0.0) for part in after}
+        cpu["clipsearch ingest (CLI: hashing, uploads, polling)"] = (
+            cli_after.ru_utime + cli_after.ru_stime - cli_before.ru_utime - cli_before.ru_stime)
+        return report, seconds, cpu
     finally:
         subprocess.run([*CLI, "local", "down", "--home", str(home)], capture_output=True, timeout=300, cwd=REPO)
+
+
+def stack_cpu_seconds(home: Path) -> dict[str, float]:
+    """CPU seconds so far of the stack's processes (the supervisor and its descendants, and the PostgreSQL
+    server of its home), by part."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        processes[int(entry.name)] = (b" ".join(argv).decode(errors="replace"), int(fields[1]),
+                                      (int(fields[11]) + int(fields[12])) / ticks)
+    supervisor = json.loads((home / "state.json").read_text())["pid"] if (home / "state.json").exists() else None
+    roots = {pid for pid, (command, _, _) in processes.items()
+             if pid == supervisor or ("postgres" in command and str(home) in command)}
+    totals: dict[str, float] = {}
+    for pid, (command, parent, cpu) in processes.items():
+        ancestor = pid
+        while ancestor not in roots and ancestor in processes and ancestor > 1:
+            ancestor = processes[ancestor][1]
+        if ancestor not in roots:
+            continue
+        if "function_runtime" in command:
+            part = "function instances (fetch, decode, embed, segments, commits)"
+        elif "weed" in command.split(" ")[0]:
+            part = "SeaweedFS (object store)"
+        elif "postgres" in command:
+            part = "PostgreSQL"
+        else:
+            part = "supervisor (SQS stand-in, change feed, queue runner, gateway)"
+        totals[part] = totals.get(part, 0.0) + cpu
+    return totals
 
 
 def handler_breakdown(log_file: Path) -> dict[str, float]:
@@ -185,7 +231,7 @@ def main() -> None:
                          {name: [str(path) for path in paths] for name, paths in groups.items()}, args.threads)
         print(f"model-only: {model['all']:.1f} img/s", flush=True)
         home = Path(scratch) / "stack"
-        report, seconds = end_to_end(args.model, folder, home, up_options)
+        report, seconds, cpu = end_to_end(args.model, folder, home, up_options)
         breakdown = handler_breakdown(home / "logs" / "stack.log")
 
     rate = len(files) / seconds
@@ -198,6 +244,10 @@ def main() -> None:
     for name in ("photo", "PNG", "WEBP", "JPEG"):
         if name in model:
             print(f"  {name:<8}{model[name]:>8.1f} img/s   decode {model[f'{name} decode ms']:>6.1f} ms")
+    print(f"\nCPU seconds during the {seconds:.1f} s ingest ({os.cpu_count()} cores = "
+          f"{seconds * (os.cpu_count() or 1):.0f} CPU-seconds available):")
+    for part, used in sorted(cpu.items(), key=lambda item: -item[1]):
+        print(f"  {part:<62}{used:>8.1f}")
     if breakdown:
         print("\npreprocess function, seconds summed over invocations: "
               + ", ".join(f"{name} {value:.1f}" for name, value in breakdown.items()))
