@@ -109,8 +109,8 @@ def measure_onnx(model_dir: Path, photos: list[Path], large: list[Path], threads
         figures[f"image tower img/s, batch {batch}"] = speed
     best_batch = max(tower, key=tower.get)
     figures["image tower best batch"] = best_batch
-    # One single-threaded session run per core at once (the encoder's inference lanes), instead of one
-    # batch at a time on `threads` threads.
+    # The alternative the encoder does not take: one single-threaded run per core at once on different
+    # batches, instead of one batch at a time on `threads` threads (measured no better; see the README).
     lane_session = create_session(files.vision_graph, 1)
     lanes = max(2, threads)
     figures[f"image tower img/s, batch 8, {lanes} lanes x 1 thread"] = lanes_per_second(
@@ -148,17 +148,14 @@ def measure_onnx(model_dir: Path, photos: list[Path], large: list[Path], threads
     large_items = [ImageInput(path.name, path.read_bytes()) for path in large]
     for label, items in (("seed-eval", photo_items), ("large JPEG", large_items)):
         vectors = {}
-        for setting, draft_factor, workers, lane_count in (
-            ("decode workers 0", DEFAULT_DRAFT_FACTOR, 0, 1),
-            ("decode workers 1", DEFAULT_DRAFT_FACTOR, 1, 1),
-            ("decode workers 2", DEFAULT_DRAFT_FACTOR, 2, 1),
-            (f"decode workers 2, {lanes} lanes", DEFAULT_DRAFT_FACTOR, 2, lanes),
-            ("full decoding", None, DEFAULT_DECODE_WORKERS, 1),
+        for setting, draft_factor, workers in (
+            ("decode workers 0", DEFAULT_DRAFT_FACTOR, 0),
+            ("decode workers 1", DEFAULT_DRAFT_FACTOR, 1),
+            ("decode workers 2", DEFAULT_DRAFT_FACTOR, 2),
+            ("full decoding", None, DEFAULT_DECODE_WORKERS),
         ):
             preprocessor = ImagePreprocessor(preprocess, draft_factor=draft_factor)
-            session, batch = (lane_session, 8) if lane_count > 1 else (vision_session, best_batch)
-            encoder = OnnxImageEncoder(preprocessor, session, batch_size=batch, decode_workers=workers,
-                                       inference_lanes=lane_count)
+            encoder = OnnxImageEncoder(preprocessor, vision_session, batch_size=best_batch, decode_workers=workers)
             vectors[setting] = np.stack([embedding.vector for embedding in encoder.embed_images(items)])
             seconds = timed(lambda encoder=encoder, items=items: encoder.embed_images(items), 2, warm_up=False)
             figures[f"end-to-end img/s, {label}, {setting}"] = len(items) / seconds

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -31,10 +30,6 @@ DEFAULT_TEXT_BATCH_SIZE = 32
 # with 0 / 1 / 2 decode workers, seed-eval photos 50.4 / 51.8 / 52.9: decoding overlaps inference best
 # with two workers.
 DEFAULT_DECODE_WORKERS = 2
-# Lanes: batches run through the one session at once, each single-threaded on its caller's thread, instead
-# of one batch on a multi-threaded pool that synchronizes on every operator. Callers that want throughput
-# (ingestion) ask for one lane per core; one lane keeps the latency of a single query low.
-DEFAULT_INFERENCE_LANES = 1
 
 SessionSource = ort.InferenceSession | Callable[[], ort.InferenceSession]
 
@@ -152,11 +147,7 @@ class OnnxTextEncoder:
 
 
 class OnnxImageEncoder:
-    """Embeds images in batches while a thread pool decodes the next ones (onnxruntime releases the GIL).
-
-    `inference_lanes` > 1 runs that many batches through the session at once (onnxruntime's Run is
-    thread-safe and shares the weights); give such a session one intra-op thread, so each lane is one core.
-    """
+    """Embeds images in batches while a thread pool decodes the next ones (onnxruntime releases the GIL)."""
 
     def __init__(
         self,
@@ -164,15 +155,11 @@ class OnnxImageEncoder:
         session: SessionSource,
         batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
         decode_workers: int = DEFAULT_DECODE_WORKERS,
-        inference_lanes: int = DEFAULT_INFERENCE_LANES,
     ) -> None:
-        if inference_lanes < 1:
-            raise ValueError(f"inference_lanes must be at least 1, not {inference_lanes}")
         self.preprocessor = preprocessor
         self._session = _OnceSession(session)
         self.batch_size = batch_size
         self.decode_workers = decode_workers
-        self.inference_lanes = inference_lanes
 
     @classmethod
     def from_model_files(
@@ -183,13 +170,9 @@ class OnnxImageEncoder:
         draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
         batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
         decode_workers: int = DEFAULT_DECODE_WORKERS,
-        inference_lanes: int = DEFAULT_INFERENCE_LANES,
     ) -> OnnxImageEncoder:
-        """`threads`: the cores inference may use (None: all); with several lanes, each lane gets an equal share."""
         preprocessor = ImagePreprocessor(files.preprocess(), max_pixels=max_pixels, draft_factor=draft_factor)
-        session_threads = max(1, (threads or os.cpu_count() or 1) // max(1, inference_lanes))
-        return cls(preprocessor, _loader(files, VISION_GRAPH, session_threads), batch_size, decode_workers,
-                   inference_lanes)
+        return cls(preprocessor, _loader(files, VISION_GRAPH, threads), batch_size, decode_workers)
 
     def embed_image(self, data: bytes | Path, name: str) -> ImageEmbedding:
         """Raises InvalidImage (or ImageTooLarge) naming the image and the reason."""
@@ -199,18 +182,17 @@ class OnnxImageEncoder:
     def embed_images(self, items: Sequence[ImageInput]) -> list[ImageEmbedding | InvalidImage]:
         """One result per input, in order: an embedding, or the InvalidImage that input raised."""
         results: list[ImageEmbedding | InvalidImage | None] = [None] * len(items)
-        with _Lanes(self.inference_lanes) as lanes:
-            waiting: list[tuple[int, PreparedImage]] = []
-            for index, outcome in self._prepared(items):
-                if isinstance(outcome, InvalidImage):
-                    results[index] = outcome
-                    continue
-                waiting.append((index, outcome))
-                if len(waiting) == self.batch_size:
-                    lanes.run(self._embed_into, results, waiting)
-                    waiting = []
-            if waiting:
-                lanes.run(self._embed_into, results, waiting)
+        waiting: list[tuple[int, PreparedImage]] = []
+        for index, outcome in self._prepared(items):
+            if isinstance(outcome, InvalidImage):
+                results[index] = outcome
+                continue
+            waiting.append((index, outcome))
+            if len(waiting) == self.batch_size:
+                self._embed_into(results, waiting)
+                waiting = []
+        if waiting:
+            self._embed_into(results, waiting)
         return results  # type: ignore[return-value]  # every slot is filled above
 
     def _embed_into(self, results: list, waiting: list[tuple[int, PreparedImage]]) -> None:
@@ -231,7 +213,7 @@ class OnnxImageEncoder:
             for index, item in enumerate(items):
                 yield index, self._prepare(item)
             return
-        ahead = self.batch_size * self.inference_lanes + self.decode_workers
+        ahead = self.batch_size + self.decode_workers
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
             pending: deque[tuple[int, Future[PreparedImage | InvalidImage]]] = deque()
             upcoming = iter(enumerate(items))
@@ -253,32 +235,3 @@ class OnnxImageEncoder:
             ImageEmbedding(vector, prepared.width, prepared.height)
             for vector, prepared in zip(vectors, batch, strict=True)
         ]
-
-
-class _Lanes:
-    """Runs calls on the caller's thread (one lane) or on up to `count` threads, waiting for a free lane
-    before accepting another call; leaving the block waits for every call and raises the first error."""
-
-    def __init__(self, count: int) -> None:
-        self._pool = ThreadPoolExecutor(count, thread_name_prefix="inference") if count > 1 else None
-        self._free = threading.Semaphore(count)
-        self._running: list[Future] = []
-
-    def run(self, call: Callable, *args) -> None:
-        if self._pool is None:
-            call(*args)
-            return
-        self._free.acquire()
-        future = self._pool.submit(call, *args)
-        future.add_done_callback(lambda _: self._free.release())
-        self._running.append(future)
-
-    def __enter__(self) -> _Lanes:
-        return self
-
-    def __exit__(self, *_) -> None:
-        if self._pool is None:
-            return
-        self._pool.shutdown(wait=True)
-        for future in self._running:
-            future.result()

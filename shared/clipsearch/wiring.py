@@ -5,7 +5,6 @@ Handlers call these factories; tests build services from adapters directly.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from clipsearch.adapters.postgres_connection import Database, conninfo_from_secret
@@ -108,10 +107,8 @@ def get_ingest_service():
     files = ModelCache(get_object_store(), settings.model_cache_dir).model_files(
         settings.model_id, VISION_TOWER_FILES
     )
-    # Throughput, not latency: one single-threaded inference lane per core (see encoders.DEFAULT_INFERENCE_LANES).
-    cores = settings.onnx_threads or os.cpu_count() or 1
     encoder = OnnxImageEncoder.from_model_files(
-        files, cores, settings.max_image_pixels, inference_lanes=cores
+        files, settings.onnx_threads or None, settings.max_image_pixels
     )
     return IngestService(
         get_object_store(),

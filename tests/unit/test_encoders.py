@@ -123,25 +123,6 @@ def test_decoding_in_workers_or_inline_gives_the_same_embeddings(model_files, se
         assert np.array_equal(left.vector, right.vector)
 
 
-def test_inference_lanes_give_the_same_embeddings_in_input_order(model_files, seed_eval_photos, tmp_path) -> None:
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"not an image")
-    items = [ImageInput(path.name, path) for path in seed_eval_photos[:10]]
-    items.insert(5, ImageInput(broken.name, broken))
-    one_lane = OnnxImageEncoder.from_model_files(model_files, threads=2, batch_size=3, inference_lanes=1)
-    three_lanes = OnnxImageEncoder.from_model_files(model_files, threads=3, batch_size=3, inference_lanes=3)
-    for left, right in zip(one_lane.embed_images(items), three_lanes.embed_images(items), strict=True):
-        if isinstance(left, InvalidImage):
-            assert isinstance(right, InvalidImage) and right.name == "broken.jpg"
-        else:
-            assert np.allclose(left.vector, right.vector, atol=1e-6)
-
-
-def test_inference_lanes_must_be_positive(model_files) -> None:
-    with pytest.raises(ValueError, match="inference_lanes"):
-        OnnxImageEncoder.from_model_files(model_files, threads=1, inference_lanes=0)
-
-
 def test_bad_images_give_one_named_error_each_while_the_rest_is_embedded(model_files, tmp_path: Path) -> None:
     encoder = OnnxImageEncoder.from_model_files(model_files, threads=1, batch_size=2, max_pixels=1_000_000)
     good = jpeg(400, 300, seed=1)
