@@ -191,10 +191,9 @@ class LocalStack:
         self.state.write()
 
     def _start_queue(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from clipsearch_tools.local.sqs import start_sqs_server
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
+        server = start_sqs_server(free_port())
         self._stops.append(server.stop)
         host, port = server.get_host_and_port()
         self.state.sqs_endpoint_url = f"http://{host}:{port}"
