@@ -116,11 +116,8 @@ def _local_images(folder: Path, dataset: str) -> tuple[list[_LocalImage], int]:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "md5").hexdigest()
 
 
 def _upload(client: ClipsearchClient, images: list[_LocalImage], workers: int) -> None:
