@@ -169,7 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(run=_with_client(evaluate.evaluate))
 
     migrate = commands.add_parser("migrate", parents=[common], help="apply the catalog's database migrations")
-    migrate.add_argument("--database-url", help="default $CLIPSEARCH_DATABASE_URL, else the local stack's")
+    migrate.add_argument("--database-url", help="default $CLIPSEARCH_DATABASE_URL, else the secret named by "
+                         "$CLIPSEARCH_DB_SECRET_ARN, else the local stack's")
     migrate.set_defaults(run=maintenance.migrate)
     return parser
 

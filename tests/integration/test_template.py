@@ -391,7 +391,7 @@ def _assert_layer_dependencies_complete(layer: Path) -> None:
         for r in map(Requirement, _requirement_lines(REPO / "shared" / "requirements.txt"))
     }
     assert set(requested) <= set(installed)
-    lambda_environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+    lambda_environment = {"python_version": "3.13", "python_full_version": "3.13.0", "sys_platform": "linux",
                           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
                           "platform_python_implementation": "CPython", "os_name": "posix"}
     # Only Tokenizer.from_pretrained needs huggingface-hub; the layer loads tokenizer.json from the model
