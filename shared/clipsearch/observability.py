@@ -63,8 +63,8 @@ def observed_handler(
     telemetry: FunctionTelemetry, correlation_id_path: str | None = None
 ) -> Callable[[Handler], Handler]:
     """Wraps a Lambda handler: cold-start and application metrics flushed as EMF at the end of every
-    invocation (with its request and correlation ids as metadata), a traced handler (responses are not recorded: they can carry presigned URLs), log lines
-    with the Lambda context and the correlation id found at `correlation_id_path` in the event, and the
+    invocation (with its request and correlation ids as metadata), a traced handler (responses are not
+    recorded: they can carry presigned URLs), log lines with the Lambda context and the correlation id found at `correlation_id_path` in the event, and the
     runtime's loggers routed through the function's Logger for the invocation."""
 
     def decorate(handler: Handler) -> Handler:
@@ -99,7 +99,7 @@ _own_configuration: tuple[int, list[logging.Handler], bool] | None = None
 @contextmanager
 def runtime_logs_through(logger: Logger) -> Iterator[None]:
     """Routes the `clipsearch` loggers through `logger` until the block ends. Invocations that overlap in
-    one process (only the local stack runs several functions in one process) share the routing: the
+    one process (never in Lambda; in tests that call handlers from threads) share the routing: the
     latest one's Logger speaks for all, and the original configuration returns after the last ends."""
     global _own_configuration
     runtime = logging.getLogger(RUNTIME_LOGGER)  # registered, so the Powertools utility finds it
