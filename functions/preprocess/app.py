@@ -15,7 +15,8 @@ from clipsearch.errors import InvalidRequest, TransientError
 from clipsearch.events import parse_message
 from clipsearch.ingest import IngestService
 from clipsearch.observability import FunctionTelemetry, observed_handler
-from clipsearch.wiring import get_ingest_service
+from clipsearch.ports import MessageVisibility, PostponedMessage, RetryBackoff
+from clipsearch.wiring import get_ingest_service, get_message_visibility
 
 telemetry = FunctionTelemetry.for_function("preprocess")
 logger, metrics = telemetry.logger, telemetry.metrics
@@ -24,11 +25,16 @@ logger, metrics = telemetry.logger, telemetry.metrics
 # No correlation id: a batch holds up to 32 messages; each one's id is logged where it matters.
 @observed_handler(telemetry)
 def handler(event: dict, context) -> dict:
-    return handle(event, context, get_ingest_service())
+    return handle(event, context, get_ingest_service(), get_message_visibility())
 
 
-def handle(event: dict, context, service: IngestService) -> dict:
-    """Embeds the whole batch together, then reports the messages to retry as batchItemFailures."""
+def handle(event: dict, context, service: IngestService, visibility: MessageVisibility | None = None,
+           backoff: RetryBackoff = RetryBackoff()) -> dict:
+    """Embeds the whole batch together, then reports the messages to retry as batchItemFailures.
+
+    Messages that failed transiently are also made visible again after `backoff`'s short delay; unreadable
+    ones keep the queue's own timeout on their way to the dead-letter queue.
+    """
     started = time.perf_counter()
     events, failures = [], {}
     for record in event["Records"]:
@@ -39,6 +45,8 @@ def handle(event: dict, context, service: IngestService) -> dict:
             failures[record["messageId"]] = str(error)
     report = service.ingest(events)
     failures.update(report.retry)
+    if visibility is not None and report.retry:
+        postpone_transient_failures(event["Records"], report.retry, visibility, backoff)
 
     def record_handler(record: SQSRecord) -> None:
         if record.message_id in failures:
@@ -57,3 +65,19 @@ def handle(event: dict, context, service: IngestService) -> dict:
     for size in report.segment_bytes:
         metrics.add_metric("SegmentBytes", MetricUnit.Bytes, size)
     return response
+
+
+def postpone_transient_failures(records: list[dict], retry: dict[str, str], visibility: MessageVisibility,
+                                backoff: RetryBackoff) -> None:
+    by_source: dict[str, list[PostponedMessage]] = {}
+    for record in records:
+        if record["messageId"] in retry and record.get("receiptHandle") and record.get("eventSourceARN"):
+            receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
+            by_source.setdefault(record["eventSourceARN"], []).append(
+                PostponedMessage(record["receiptHandle"], backoff.delay_seconds(receives)))
+    for source, messages in by_source.items():
+        try:
+            visibility.postpone(source, messages)
+        except Exception as error:  # only the retry comes later (the queue's own timeout): never fail the batch
+            logger.warning("cannot shorten the retry delay", extra={"queue": source, "messages": len(messages),
+                                                                   "error": str(error)})

@@ -164,6 +164,39 @@ class MessageQueue(Protocol):
 
 
 @dataclass(frozen=True)
+class RetryBackoff:
+    """How long a message handed back for a transient failure stays hidden before its next delivery.
+
+    Doubles with each receive from `first_seconds`, up to `cap_seconds`: 15, 30, 60, 120, 240 s by default,
+    so a batch that failed during a short outage comes back within a minute, not after the queue's own
+    visibility timeout (six function timeouts).
+    """
+
+    first_seconds: int = 15
+    cap_seconds: int = 240
+
+    def delay_seconds(self, receive_count: int) -> int:
+        return min(self.cap_seconds, self.first_seconds * 2 ** max(0, receive_count - 1))
+
+
+@dataclass(frozen=True)
+class PostponedMessage:
+    """A delivered message to hand back after `delay_seconds`; `receipt` is the delivery's own handle."""
+
+    receipt: str
+    delay_seconds: int
+
+
+class MessageVisibility(Protocol):
+    """Shortens or lengthens how long delivered messages of `source` (the queue that sent them) stay hidden.
+
+    Raises TransientError when the queue refuses; callers treat that as a lost optimisation, not a failure.
+    """
+
+    def postpone(self, source: str, messages: Sequence[PostponedMessage]) -> None: ...
+
+
+@dataclass(frozen=True)
 class NewImage:
     """An object fetched from the bucket, about to be claimed for embedding."""
 

@@ -120,6 +120,14 @@ def get_ingest_service():
 
 
 @lru_cache(maxsize=1)
+def get_message_visibility():
+    """Hands the preprocessing function's transient failures back sooner than the queue's visibility timeout."""
+    from clipsearch.adapters.sqs_queue import SqsMessageVisibility
+
+    return SqsMessageVisibility(service_client("sqs", get_settings()))
+
+
+@lru_cache(maxsize=1)
 def get_compaction_service():
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.compaction import CompactionPolicy, CompactionService
