@@ -10,6 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
 from clipsearch.adapters.postgres_connection import Database
+from clipsearch.errors import TransientError
 from clipsearch.events import parse_message
 from aws_world import AwsWorld, CallLog, jpeg
 from http_events import LambdaContext, http_event, invoke, load_function
@@ -102,6 +103,32 @@ def test_preprocess_indexes_records_failures_removals_and_discards_an_abandoned_
     assert catalog.deleted and report.retry == {}
     assert world.keys_under("indexes/doomed/") == []
     assert_all_allowed(log, ("PutObject", "indexes/doomed/"), ("DeleteObjects", "indexes/doomed/"))
+
+
+def test_preprocess_hands_messages_failed_by_a_database_outage_back_sooner(world: AwsWorld) -> None:
+    migrated(world)
+    world.upload("datasets/pets/a.jpg", jpeg(4))
+    sqs = world.client("sqs")
+    messages = sqs.receive_message(QueueUrl=world.resources.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=5,
+                                   MessageSystemAttributeNames=["All"])["Messages"]
+    event = {"Records": [{
+        "messageId": message["MessageId"], "receiptHandle": message["ReceiptHandle"], "body": message["Body"],
+        "attributes": message["Attributes"], "messageAttributes": {}, "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs", "eventSourceARN": world.resources.queue_arn, "awsRegion": "us-east-1",
+    } for message in messages]}  # left on the queue: Lambda deletes only what the function did not fail
+    with world.run_as("PreprocessFunction") as log:
+        from clipsearch import wiring
+
+        service = wiring.get_ingest_service()
+        service._catalog = DatabaseDown(wiring.get_database())  # the wired service while PostgreSQL is down
+        response = load_function("preprocess").handler(event, CONTEXT)
+    assert [item["itemIdentifier"] for item in response["batchItemFailures"]] == [messages[0]["MessageId"]]
+    assert_all_allowed(log, ("ChangeMessageVisibilityBatch", world.resources.queue_url))
+
+
+class DatabaseDown(PostgresCatalog):
+    def claim_images(self, *args, **kwargs):
+        raise TransientError("injected: connection to the database refused")
 
 
 class DeletedBeforeCommit(PostgresCatalog):
