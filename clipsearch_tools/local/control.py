@@ -12,7 +12,9 @@ from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
 from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir
-from clipsearch_tools.local.state import StackState, pid_alive
+from clipsearch_tools.local.functions import remove_abandoned_cgroups
+from clipsearch_tools.local.seaweed import is_server_for
+from clipsearch_tools.local.state import StackState, command_line, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def start_stack(home: Path, model_dir: Path, template: Path, timeout: float = 18
         return state
     if state is not None:
         raise LocalStackError(f"a local stack is already {state.status} in {home} (pid {state.pid})")
+    stop_leftovers(home)
     (home / "logs").mkdir(parents=True, exist_ok=True)
     log_file = home / "logs" / "stack.log"
     StackState.path(home).unlink(missing_ok=True)
@@ -88,6 +91,40 @@ def stop_stack(home: Path, timeout: float = 120) -> bool:
         state.status = "stopped"
         state.write()
     return was_running
+
+
+def stop_leftovers(home: Path, timeout: float = 30) -> None:
+    """Stops what a supervisor killed without its cleanup left in `home`, found from the home's state file.
+
+    Each recorded process is stopped only while it still runs that part's command for this home: a
+    pid the system gave to an unrelated process since is left alone. Does nothing while the supervisor lives.
+    """
+    state = StackState.read(home)
+    if state is None or (pid_alive(state.pid) and not _is_zombie(state.pid)):
+        return
+    object_storage = state.parts.get("object_storage")
+    if object_storage and is_server_for(command_line(object_storage), home / "objects"):
+        logger.info("stopping SeaweedFS (pid %d) left by a supervisor that was killed", object_storage)
+        _stop_process(object_storage, timeout)
+    if state.postgres_data_dir:
+        _stop_orphan_postgres(Path(state.postgres_data_dir))
+    for group in remove_abandoned_cgroups(state.pid):
+        logger.info("removed the cgroup %s left by a supervisor that was killed", group)
+
+
+def _stop_process(pid: int, timeout: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not pid_alive(pid) or _is_zombie(pid):
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while pid_alive(pid) and not _is_zombie(pid):
+        time.sleep(0.1)
 
 
 def _stop_supervisor(pid: int, timeout: float) -> None:

@@ -96,12 +96,13 @@ class MemoryCgroups:
     @classmethod
     def create(cls) -> MemoryCgroups | None:
         """None when the cgroup v1 memory controller is absent or not writable (then the RSS watchdog caps)."""
+        own = _own_memory_cgroup()
         try:
-            own = next(line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
-                       if "memory" in line.split(":", 2)[1].split(","))
-            root = CGROUP_MEMORY_MOUNT / own.lstrip("/") / f"clipsearch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            if own is None:
+                raise OSError("no cgroup v1 memory controller for this process")
+            root = own / f"clipsearch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             root.mkdir()
-        except (OSError, StopIteration, IndexError) as error:
+        except OSError as error:
             logger.warning("memory cgroups unavailable (%s): capping memory with an RSS watchdog", error)
             return None
         return cls(root)
@@ -118,6 +119,47 @@ class MemoryCgroups:
 
     def remove(self) -> None:
         _remove_cgroup(self.root)
+
+
+def remove_abandoned_cgroups(owner_pid: int) -> list[Path]:
+    """Removes the cgroups a FunctionHost of process `owner_pid` (now dead) left beside this process's own.
+
+    They are named clipsearch-<owner pid>-<random>, one instance group inside each; whatever still
+    runs in them was started there by that host, so it is killed first. Returns the groups removed.
+    """
+    own = _own_memory_cgroup()
+    if own is None:
+        return []
+    removed = []
+    for root in sorted(own.glob(f"clipsearch-{owner_pid}-*")):
+        for group in [path for path in root.iterdir() if path.is_dir()]:
+            _kill_members(group)
+            _remove_cgroup(group)
+        _remove_cgroup(root)
+        if not root.exists():
+            removed.append(root)
+    return removed
+
+
+def _own_memory_cgroup() -> Path | None:
+    try:
+        own = next(line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if "memory" in line.split(":", 2)[1].split(","))
+    except (OSError, StopIteration, IndexError):
+        return None
+    return CGROUP_MEMORY_MOUNT / own.lstrip("/")
+
+
+def _kill_members(group: Path) -> None:
+    try:
+        members = [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _remove_cgroup(group: Path) -> None:

@@ -65,7 +65,9 @@ class SeaweedServer:
     def filer_address(self) -> str:
         return f"127.0.0.1:{self.filer_port}.{self.filer_grpc_port}"  # weed's host:http.grpc form
 
-    def start(self, s3_client_factory: Callable[[str], object], timeout: float = 60) -> None:
+    def start(self, s3_client_factory: Callable[[str], object], timeout: float = 60,
+              on_launched: Callable[[int], None] | None = None) -> None:
+        """Starts `weed mini` and waits until S3 answers; `on_launched` gets its pid before the wait."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.s3_port, self.filer_port, self.filer_grpc_port = free_port(), free_port(), free_port()
         ports = {
@@ -87,6 +89,8 @@ class SeaweedServer:
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
                 cwd=self.data_dir,
             )
+        if on_launched is not None:
+            on_launched(self.process.pid)
         self._wait_ready(s3_client_factory(self.s3_url), timeout)
 
     def _wait_ready(self, s3_client, timeout: float) -> None:
@@ -181,6 +185,13 @@ class FilerEventFeed:
         finally:  # a failed send must not leave this tail running beside the one the restart starts
             _terminate(self._process)
             self._process.stdout.close()
+
+
+def is_server_for(command: list[str] | None, data_dir: Path) -> bool:
+    """Whether a process command line is `weed mini` serving `data_dir` (a recorded pid may have been reused)."""
+    if not command or Path(command[0]).name != "weed":
+        return False
+    return "mini" in command[1:] and f"-dir={data_dir}" in command
 
 
 def _terminate(process: subprocess.Popen | None) -> None:

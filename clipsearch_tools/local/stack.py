@@ -180,14 +180,18 @@ class LocalStack:
             data_dir=self.home / "objects", log_file=self.home / "logs" / "seaweedfs.log",
             access_key=self.state.access_key_id, secret_key=self.state.secret_access_key,
         )
-        server.start(lambda url: self._client("s3", url))
         self._stops.append(server.stop)
+        server.start(lambda url: self._client("s3", url), on_launched=self._record_object_storage)
         self._seaweed = server
         self.state.s3_endpoint_url = server.s3_url
-        self.state.parts["object_storage"] = server.process.pid
         s3 = self._client("s3", server.s3_url)
         if self.state.bucket not in {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}:
             s3.create_bucket(Bucket=self.state.bucket)
+        self.state.write()
+
+    def _record_object_storage(self, pid: int) -> None:
+        """Written at once: a supervisor killed from here on leaves a record `local up` finds the server by."""
+        self.state.parts["object_storage"] = pid
         self.state.write()
 
     def _start_queue(self) -> None:
