@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from clipsearch.errors import InvalidDatasetName, InvalidRequest
+from clipsearch.errors import InvalidDatasetName, InvalidKey, InvalidRequest, KeyOutsideDataset
 
 DATASET_NAME_RULE = "1-63 characters from A-Z a-z 0-9 _ -, starting with a letter or digit"
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -14,6 +14,7 @@ _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 DATASETS_PREFIX = "datasets/"
 INDEXES_PREFIX = "indexes/"
 MODELS_PREFIX = "models/"
+MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
@@ -72,3 +73,28 @@ def parse_image_key(key: str) -> ImageKey | None:
     if not is_valid_dataset_name(dataset) or not relative_path or relative_path.endswith("/"):
         return None
     return ImageKey(dataset, relative_path)
+
+
+def check_caller_image_key(dataset: str, key: str) -> str:
+    """`key` when a caller may query by it within `dataset`: an image key under datasets/<dataset>/ that every
+    object store reads as the same object. Raises InvalidKey or KeyOutsideDataset, never naming the key (a
+    malformed key is not worth echoing, and the answer must not depend on what another dataset holds)."""
+    prefix = dataset_prefix(dataset)
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidKey("the key is not valid Unicode text") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidKey(f"the key is {size} bytes, over the limit of {MAX_KEY_BYTES}")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in key):
+        raise InvalidKey("the key contains control characters")
+    if "\\" in key:
+        raise InvalidKey("the key contains a backslash (object stores disagree on what it means)")
+    segments = key.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise InvalidKey("the key has an empty, '.' or '..' segment")
+    if not key.startswith(prefix):
+        raise KeyOutsideDataset(f"the key must be under {prefix}, the dataset this request searches")
+    if not has_image_suffix(key):
+        raise InvalidKey(f"the key must name an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return key

@@ -15,6 +15,15 @@ class InvalidDatasetName(InvalidRequest):
     """A dataset name that breaks the naming rule."""
 
 
+class InvalidKey(InvalidRequest):
+    """An object key given by a caller that is malformed: traversal or empty segments, control characters,
+    over the length limit, not an image (HTTP 400, refused before any storage call)."""
+
+
+class KeyOutsideDataset(InvalidRequest):
+    """A caller's object key that is not under the dataset the request names (HTTP 400)."""
+
+
 class InvalidImage(ClipsearchError):
     """An image that cannot be embedded: names the image and the reason (never retried)."""
 

@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 import faiss
 import numpy as np
 
-from clipsearch.datasets import has_image_suffix, parse_image_key
+from clipsearch.datasets import check_caller_image_key
 from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
@@ -236,11 +236,10 @@ class SearchService:
     def search_stored_image(
         self, dataset: str, key: str, k: int = DEFAULT_K, presign: bool = False
     ) -> SearchResult:
-        """Query by an image already in the bucket: any image key under datasets/ (missing -> ObjectNotFound),
+        """Query by an image already in the bucket, under datasets/<dataset>/ (missing -> ObjectNotFound),
         within the request byte limit (checked on its size before it is fetched)."""
         _check_k(k)
-        if parse_image_key(key) is None or not has_image_suffix(key):
-            raise InvalidRequest(f"key {key!r} is not an image key under datasets/<dataset>/")
+        check_caller_image_key(dataset, key)
         self._warm_up(self._image_encoder)
         row = self._dataset(dataset)
         self._prefetch_index(row)

@@ -19,7 +19,9 @@ from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
     InvalidImage,
+    InvalidKey,
     InvalidRequest,
+    KeyOutsideDataset,
     ModelMismatch,
     ObjectNotFound,
     TransientError,
@@ -31,14 +33,16 @@ logger = logging.getLogger(__name__)
 # Powertools picks the handler of the most specific class in the exception's MRO.
 _STATUS: dict[type[Exception], tuple[HTTPStatus, str]] = {
     InvalidRequest: (HTTPStatus.BAD_REQUEST, "invalid_request"),
+    InvalidKey: (HTTPStatus.BAD_REQUEST, "invalid_key"),
+    KeyOutsideDataset: (HTTPStatus.BAD_REQUEST, "key_outside_dataset"),
     UnsupportedMediaType: (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
     InvalidImage: (HTTPStatus.BAD_REQUEST, "invalid_image"),
     ImageTooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image_too_large"),
     DatasetNotFound: (HTTPStatus.NOT_FOUND, "dataset_not_found"),
     ObjectNotFound: (HTTPStatus.NOT_FOUND, "object_not_found"),
     ModelMismatch: (HTTPStatus.CONFLICT, "model_mismatch"),
-    TransientError: (HTTPStatus.SERVICE_UNAVAILABLE, "unavailable"),
 }
+UNAVAILABLE_MESSAGE = "a service behind this API is unavailable; retry shortly"
 
 
 def error_response(status: HTTPStatus, code: str, message: str) -> Response:
@@ -52,6 +56,12 @@ def error_response(status: HTTPStatus, code: str, message: str) -> Response:
 def register_error_handlers(app: ApiGatewayResolver) -> None:
     for error_class, (status, code) in _STATUS.items():
         app.exception_handler(error_class)(_domain_handler(status, code))
+
+    @app.exception_handler(TransientError)
+    def unavailable(error: TransientError) -> Response:
+        # The details name hosts, ports and keys: they go to the log (with the request id), not to the caller.
+        logger.warning("503 unavailable: %s", error)
+        return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", UNAVAILABLE_MESSAGE)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(error: RequestValidationError) -> Response:

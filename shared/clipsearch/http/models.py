@@ -15,7 +15,10 @@ class TextSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for.")
-    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="How many results (fewer if the dataset is smaller).")
+    # strict: a JSON integer only, never "5", 3.0 or true
+    k: int = Field(
+        DEFAULT_K, ge=1, le=MAX_K, strict=True, description="How many results (fewer if the dataset is smaller)."
+    )
 
 
 class ImageSearchRequest(BaseModel):
@@ -24,8 +27,8 @@ class ImageSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_base64: str | None = Field(None, description="The image file, base64-encoded.")
-    key: str | None = Field(None, description="Key of an image in the bucket, under datasets/.")
-    k: int | None = Field(None, ge=1, le=MAX_K, description="Overrides the k query parameter.")
+    key: str | None = Field(None, description="Key of an image of this dataset: datasets/<dataset>/...")
+    k: int | None = Field(None, ge=1, le=MAX_K, strict=True, description="Overrides the k query parameter.")
 
     @model_validator(mode="after")
     def one_image(self) -> ImageSearchRequest:

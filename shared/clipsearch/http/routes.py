@@ -42,7 +42,10 @@ if TYPE_CHECKING:  # the datasets function must not import faiss and onnxruntime
 API_TITLE = "clipsearch"
 API_VERSION = "1"
 
-KParam = Annotated[int | None, Query(ge=1, le=MAX_K, description=f"How many results (default {DEFAULT_K}).")]
+KParam = Annotated[
+    int | None, Query(ge=1, le=MAX_K, description=f"How many results (default {DEFAULT_K}), in decimal digits.")
+]
+MAX_JSON_DEPTH_MESSAGE = "the JSON body is nested too deeply"
 PresignParam = Annotated[bool, Query(description="Add a presigned GET URL to each result.")]
 
 
@@ -89,7 +92,7 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
     @app.post(
         "/datasets/<dataset>/search/text",
         summary="Search a dataset's images by text",
-        responses=_responses(SearchResponse, 400, 404, 409, 415, 500),
+        responses=_responses(SearchResponse, 400, 404, 409, 415, 500, 503),
         tags=["search"],
     )
     def search_text(dataset: str, request: TextSearchRequest, presign: PresignParam = False) -> SearchResponse:
@@ -102,15 +105,17 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
         summary="Search a dataset's images by an example image",
         description=(
             "The image as the raw body (Content-Type image/*), or JSON with image_base64 or the key of "
-            "an image in the bucket (under datasets/, with an image suffix; a missing key is 404, an "
-            "image over the request byte limit 413)."
+            "an image of this dataset in the bucket (under datasets/<dataset>/, with an image suffix, at most "
+            "1024 bytes, no empty, '.' or '..' segments, no control characters or backslashes: else 400 "
+            "invalid_key or key_outside_dataset; a missing key is 404, an image over the request byte limit 413)."
         ),
-        responses=_responses(SearchResponse, 400, 404, 409, 413, 415, 500),
+        responses=_responses(SearchResponse, 400, 404, 409, 413, 415, 500, 503),
         tags=["search"],
         openapi_extensions=_IMAGE_REQUEST_BODY,
     )
     def search_image(dataset: str, k: KParam = None, presign: PresignParam = False) -> SearchResponse:
         started = time.perf_counter()
+        _check_query_k_digits(app.current_event.query_string_parameters or {})
         service = observed_service()
         content_type = (app.current_event.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type.startswith("image/"):
@@ -137,14 +142,14 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
 def datasets_api(dataset_service: Callable[[], DatasetService]) -> APIGatewayHttpResolver:
     app = _resolver()
 
-    @app.get("/datasets", summary="List datasets", responses=_responses(DatasetList, 500), tags=["datasets"])
+    @app.get("/datasets", summary="List datasets", responses=_responses(DatasetList, 500, 503), tags=["datasets"])
     def list_datasets() -> DatasetList:
         return DatasetList(datasets=[_dataset_out(summary) for summary in dataset_service().list()])
 
     @app.get(
         "/datasets/<dataset>",
         summary="Describe a dataset, with its most recent failures",
-        responses=_responses(DatasetDetail, 400, 404, 500),
+        responses=_responses(DatasetDetail, 400, 404, 500, 503),
         tags=["datasets"],
     )
     def get_dataset(dataset: str) -> DatasetDetail:
@@ -160,7 +165,7 @@ def datasets_api(dataset_service: Callable[[], DatasetService]) -> APIGatewayHtt
     @app.delete(
         "/datasets/<dataset>",
         summary="Delete a dataset: its catalog rows, segments and images",
-        responses=_responses(DatasetDeleted, 400, 404, 500),
+        responses=_responses(DatasetDeleted, 400, 404, 500, 503),
         tags=["datasets"],
     )
     def delete_dataset(dataset: str) -> DatasetDeleted:
@@ -177,7 +182,7 @@ def datasets_api(dataset_service: Callable[[], DatasetService]) -> APIGatewayHtt
 
 
 def _resolver() -> APIGatewayHttpResolver:
-    app = APIGatewayHttpResolver(enable_validation=True)
+    app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=_json_body)
     register_error_handlers(app)
     return app
 
@@ -225,6 +230,21 @@ def _dataset_out(summary: DatasetSummary) -> DatasetOut:
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
     )
+
+
+def _json_body(body: str):
+    """json.loads, with a body nested past the interpreter's recursion limit refused as the caller's mistake."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise InvalidRequest(MAX_JSON_DEPTH_MESSAGE) from None
+
+
+def _check_query_k_digits(query: dict[str, str]) -> None:
+    """The query-string k as Python's int() would read it also allows '+5', ' 5', '5_0', '5.0': only digits pass."""
+    k = query.get("k")
+    if k is not None and not (k.isascii() and k.isdigit()):
+        raise InvalidRequest("query.k: must be an integer written in decimal digits")
 
 
 def _raw_body(event) -> bytes:
