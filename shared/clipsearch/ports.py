@@ -167,16 +167,18 @@ class MessageQueue(Protocol):
 class RetryBackoff:
     """How long a message handed back for a transient failure stays hidden before its next delivery.
 
-    Doubles with each receive from `first_seconds`, up to `cap_seconds`: 15, 30, 60, 120, 240 s by default,
-    so a batch that failed during a short outage comes back within a minute, not after the queue's own
-    visibility timeout (six function timeouts).
+    Grows `factor` times with each receive from `first_seconds`, up to `cap_seconds`: 15, 60, 240, 900 s by
+    default, so a batch that failed during a short outage comes back within a minute, not after the queue's
+    own visibility timeout (six function timeouts), while the four retries before the fifth receive
+    dead-letters a message still span about 20 minutes of a longer outage.
     """
 
     first_seconds: int = 15
-    cap_seconds: int = 240
+    factor: int = 4
+    cap_seconds: int = 900
 
     def delay_seconds(self, receive_count: int) -> int:
-        return min(self.cap_seconds, self.first_seconds * 2 ** max(0, receive_count - 1))
+        return min(self.cap_seconds, self.first_seconds * self.factor ** max(0, receive_count - 1))
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def receive_within(stack, seconds: float) -> dict:
 
 
 def test_the_default_backoff_starts_at_15_seconds_and_doubles_to_its_cap() -> None:
-    assert [RetryBackoff().delay_seconds(count) for count in range(1, 8)] == [15, 30, 60, 120, 240, 240, 240]
+    assert [RetryBackoff().delay_seconds(count) for count in range(1, 8)] == [15, 60, 240, 900, 900, 900, 900]
 
 
 def test_a_batch_failed_by_an_outage_is_back_after_the_short_delay_not_the_queue_timeout(
