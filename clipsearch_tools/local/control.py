@@ -85,8 +85,7 @@ def stop_stack(home: Path, timeout: float = 120) -> bool:
     was_running = state is not None and pid_alive(state.pid) and state.status not in ("stopped", "failed")
     if was_running:
         _stop_supervisor(state.pid, timeout)
-    if state is not None and state.postgres_data_dir:
-        _stop_orphan_postgres(Path(state.postgres_data_dir))
+    stop_leftovers(home)  # a supervisor that was killed stopped none of its parts
     if state is not None and state.status != "stopped":
         state.status = "stopped"
         state.write()

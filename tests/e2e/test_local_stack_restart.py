@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clipsearch_tools.local.control import stop_leftovers
+from clipsearch_tools.local.control import stop_leftovers, stop_stack
 from clipsearch_tools.local.state import StackState, pid_alive
 
 CLIPSEARCH = Path(sys.executable).parent / "clipsearch"
@@ -153,3 +153,18 @@ def test_only_the_seaweed_serving_this_home_is_stopped(tmp_path: Path):
         for process in (foreign, own):
             process.kill()
             process.wait()
+
+
+def test_local_down_after_a_killed_supervisor_stops_its_seaweed(tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    leftover = _stand_in_weed(tmp_path, home / "objects")
+    try:
+        StackState(status="ready", home=str(home), pid=_dead_pid(), log_file=str(home / "stack.log"),
+                   parts={"object_storage": leftover.pid}).write()
+        assert stop_stack(home) is False  # the supervisor itself was not running
+        assert leftover.wait(10) is not None
+        assert StackState.read(home).status == "stopped"
+    finally:
+        leftover.kill()
+        leftover.wait()
