@@ -111,14 +111,24 @@ def stop_leftovers(home: Path, timeout: float = 30) -> None:
         logger.info("removed the cgroup %s left by a supervisor that was killed", group)
 
 
-def _stop_process(pid: int, timeout: float) -> None:
+def _terminated(pid: int, timeout: float) -> bool:
+    """Sends SIGTERM and waits up to `timeout` for `pid` to exit (or be left a zombie); False if it still runs."""
     try:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not pid_alive(pid) or _is_zombie(pid):
-                return
-            time.sleep(0.1)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and not _is_zombie(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _stop_process(pid: int, timeout: float) -> None:
+    if _terminated(pid, timeout):
+        return
+    try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
@@ -127,12 +137,8 @@ def _stop_process(pid: int, timeout: float) -> None:
 
 
 def _stop_supervisor(pid: int, timeout: float) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid) or _is_zombie(pid):
-            return
-        time.sleep(0.2)
+    if _terminated(pid, timeout):
+        return
     logger.warning("the supervisor (pid %d) did not stop in %.0f s: killing its process group", pid, timeout)
     os.killpg(pid, signal.SIGKILL)  # the supervisor leads its own session: this is exactly what it started
 

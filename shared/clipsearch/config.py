@@ -58,7 +58,7 @@ class Settings:
             model_id=required("CLIPSEARCH_MODEL_ID"),
             database_url=env.get("CLIPSEARCH_DATABASE_URL") or None,
             db_secret_arn=env.get("CLIPSEARCH_DB_SECRET_ARN") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or defaults.region,
+            region=_region(env, defaults.region),
             s3_endpoint_url=env.get("CLIPSEARCH_S3_ENDPOINT_URL") or None,
             sqs_endpoint_url=env.get("CLIPSEARCH_SQS_ENDPOINT_URL") or None,
             queue_url=env.get("CLIPSEARCH_QUEUE_URL") or None,
@@ -88,7 +88,7 @@ class Settings:
             model_id="",
             database_url=env.get("CLIPSEARCH_DATABASE_URL") or None,
             db_secret_arn=env.get("CLIPSEARCH_DB_SECRET_ARN") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or cls.region,
+            region=_region(env, cls.region),
         )._with_catalog()
 
     def _with_catalog(self) -> Settings:
@@ -100,3 +100,8 @@ class Settings:
 
     def with_overrides(self, **changes) -> Settings:
         return replace(self, **changes)
+
+
+def _region(env: Mapping[str, str], default: str) -> str:
+    """The region as Lambda (AWS_REGION) or a user's shell (AWS_DEFAULT_REGION) gives it."""
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or default
