@@ -99,7 +99,7 @@ def stop_leftovers(home: Path, timeout: float = 30) -> None:
     pid the system gave to an unrelated process since is left alone. Does nothing while the supervisor lives.
     """
     state = StackState.read(home)
-    if state is None or (pid_alive(state.pid) and not _is_zombie(state.pid)):
+    if state is None or pid_alive(state.pid):
         return
     object_storage = state.parts.get("object_storage")
     if object_storage and is_server_for(command_line(object_storage), home / "objects"):
@@ -118,7 +118,7 @@ def _terminated(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and not _is_zombie(pid):
+    while pid_alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -132,7 +132,7 @@ def _stop_process(pid: int, timeout: float) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while pid_alive(pid) and not _is_zombie(pid):
+    while pid_alive(pid):
         time.sleep(0.1)
 
 
@@ -141,13 +141,6 @@ def _stop_supervisor(pid: int, timeout: float) -> None:
         return
     logger.warning("the supervisor (pid %d) did not stop in %.0f s: killing its process group", pid, timeout)
     os.killpg(pid, signal.SIGKILL)  # the supervisor leads its own session: this is exactly what it started
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except (OSError, IndexError):
-        return False
 
 
 def _stop_orphan_postgres(data_dir: Path) -> None:

@@ -86,6 +86,8 @@ class StackState:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether `pid` still runs. A zombie does not: it has exited and waits only for a parent to reap it,
+    which an orphaned supervisor's new parent (the machine's init, or a container's) may never do."""
     if not pid:
         return False
     try:
@@ -94,7 +96,14 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
 
 
 def command_line(pid: int) -> list[str] | None:
