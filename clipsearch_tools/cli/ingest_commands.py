@@ -9,21 +9,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from clipsearch.datasets import (
-    IMAGE_SUFFIXES,
-    dataset_prefix,
-    has_image_suffix,
-    image_key,
-)
+from clipsearch.datasets import IMAGE_SUFFIXES, SOURCE_PATH_METADATA, dataset_prefix, has_image_suffix
 from clipsearch.errors import ClipsearchError
-from clipsearch.ingest import SOURCE_PATH_METADATA
 from clipsearch_tools.cli.output import emit_json, note, random_weights_note
 from clipsearch_tools.client import ApiError, ClipsearchClient
+from clipsearch_tools.object_keys import MappedKey, map_file_key
 
 _POLL_SECONDS = 1.0
 
@@ -35,6 +29,7 @@ class IngestResult:
     uploaded: int = 0
     skipped: int = 0
     not_images: int = 0
+    refused: list[dict] = field(default_factory=list)
     indexed: int = 0
     pending: int = 0
     failed: list[dict] = field(default_factory=list)
@@ -46,7 +41,17 @@ class IngestResult:
 class _LocalImage:
     path: Path
     key: str
+    source_path_metadata: str | None
     md5: str
+
+
+@dataclass
+class _Folder:
+    """What a folder holds: its images with their keys, the images refused a key, and its other files."""
+
+    images: list[_LocalImage] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+    not_images: int = 0
 
 
 def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
@@ -54,10 +59,16 @@ def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise ClipsearchError(f"not a folder: {folder}")
-    images, not_images = _local_images(folder, args.dataset)
-    if not images:
+    found = _local_images(folder, args.dataset)
+    images = found.images
+    if not images and not found.refused:
         raise ClipsearchError(f"no images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    result = IngestResult(args.dataset, found=len(images), not_images=not_images)
+    result = IngestResult(args.dataset, found=len(images) + len(found.refused), not_images=found.not_images,
+                          refused=found.refused)
+    for image in images:
+        if image.source_path_metadata is None:
+            note(f"{image.path}: its path is too long for S3 metadata: uploaded without it, search results "
+                 f"show its key {image.key}")
     before = _counts(client, args.dataset)
     # Only images are ever indexed: any other object under the prefix must not count as awaited.
     stored = {item.key: item.etag for item in client.object_store().list(dataset_prefix(args.dataset))
@@ -75,7 +86,7 @@ def ingest(args: argparse.Namespace, client: ClipsearchClient) -> int:
         _fill(result, summary, keys)
     result.seconds = round(time.monotonic() - started, 1)
     _report(args, client, result, summary)
-    return 3 if result.failed else 0
+    return 3 if result.failed or result.refused else 0
 
 
 def sync(args: argparse.Namespace, client: ClipsearchClient) -> int:
@@ -101,18 +112,40 @@ def sync(args: argparse.Namespace, client: ClipsearchClient) -> int:
     return 0
 
 
-def _local_images(folder: Path, dataset: str) -> tuple[list[_LocalImage], int]:
-    """The folder's images, and how many other (not hidden) files it holds: those are not uploaded."""
-    images, not_images = [], 0
+def _local_images(folder: Path, dataset: str) -> _Folder:
+    """The folder's images with their keys (clipsearch_tools.object_keys), the ones refused a key, and how many
+    other (not hidden) files it holds: neither of those is uploaded."""
+    found = _Folder()
+    mapped_images = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
         if not has_image_suffix(path.name):
-            not_images += 1
+            found.not_images += 1
             continue
         relative = path.relative_to(folder).as_posix()
-        images.append(_LocalImage(path, image_key(dataset, relative), _md5(path)))
-    return images, not_images
+        mapped = map_file_key(dataset, relative, str(path.resolve()))
+        if isinstance(mapped, MappedKey):
+            mapped_images.append((mapped.key != dataset_prefix(dataset) + relative, path, mapped))
+        else:
+            found.refused.append({"path": _printable(path), "reason": mapped.reason})
+    owners: dict[str, Path] = {}
+    # Of two names that differ only in Unicode normalization, the one already in NFC keeps the key.
+    for _, path, mapped in sorted(mapped_images, key=lambda item: item[:2]):
+        if mapped.key in owners:
+            found.refused.append({"path": _printable(path), "reason": f"its key {mapped.key} is already that of "
+                                  f"{_printable(owners[mapped.key])} (the names differ only in Unicode "
+                                  "normalization)"})
+            continue
+        owners[mapped.key] = path
+        found.images.append(_LocalImage(path, mapped.key, mapped.source_path_metadata, _md5(path)))
+    return found
+
+
+def _printable(path: Path) -> str:
+    """`path` on one line: bytes of a name that is not UTF-8 as U+FFFD, control characters escaped (`\\n`)."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
 
 
 def _md5(path: Path) -> str:
@@ -126,11 +159,10 @@ def _upload(client: ClipsearchClient, images: list[_LocalImage], workers: int) -
 
     def put(image: _LocalImage) -> None:
         content_type = mimetypes.guess_type(image.path.name)[0] or "application/octet-stream"
-        # S3 metadata is ASCII: anything else in the path is percent-encoded.
-        source = quote(str(image.path.resolve()), safe="/ !#$&'()*+,:;=?@[]~-._")
+        metadata = {} if image.source_path_metadata is None else {SOURCE_PATH_METADATA: image.source_path_metadata}
         client.s3.put_object(
             Bucket=client.target.bucket, Key=image.key, Body=image.path.read_bytes(),
-            ContentType=content_type, Metadata={SOURCE_PATH_METADATA: source},
+            ContentType=content_type, Metadata=metadata,
         )
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
@@ -215,14 +247,18 @@ def _report(args: argparse.Namespace, client: ClipsearchClient, result: IngestRe
     if args.json:
         emit_json({"dataset": result.dataset, "found": result.found, "uploaded": result.uploaded,
                    "skipped": result.skipped, "skipped_not_images": result.not_images,
+                   "refused": result.refused,
                    "indexed": result.indexed, "pending": result.pending,
                    "failed": [{"path": item["path"], "reason": item["reason"]} for item in result.failed],
                    "failures_not_listed": result.failures_not_listed,
                    "seconds": result.seconds, "model": (summary or {}).get("model")})
         return
     not_images = f", {result.not_images} not an image (skipped)" if result.not_images else ""
+    refused = f", {len(result.refused)} whose name cannot be stored (not uploaded)" if result.refused else ""
     print(f"dataset {result.dataset}: {result.found} images found, {result.uploaded} uploaded, "
-          f"{result.skipped} unchanged (skipped){not_images}")
+          f"{result.skipped} unchanged (skipped){not_images}{refused}")
+    for item in result.refused:
+        print(f"  not uploaded: {item['path']}: {item['reason']}")
     if summary is not None:
         print(f"indexed: {result.indexed} images in the dataset, {len(result.failed)} of this folder failed "
               f"({result.seconds:.1f} s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from urllib.parse import quote, unquote
 
 from clipsearch.errors import InvalidDatasetName, InvalidKey, InvalidRequest, KeyOutsideDataset
 
@@ -15,6 +16,10 @@ DATASETS_PREFIX = "datasets/"
 INDEXES_PREFIX = "indexes/"
 MODELS_PREFIX = "models/"
 MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
+# An image's path as its owner knows it travels with the object as this metadata, percent-encoded (S3
+# metadata is ASCII); search results show it decoded.
+SOURCE_PATH_METADATA = "source-path"
+_SOURCE_PATH_SAFE = "/ !#$&'()*+,:;=?@[]~-._"
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
@@ -39,6 +44,17 @@ def image_key(dataset: str, relative_path: str) -> str:
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise InvalidRequest(f"invalid image path {relative_path!r}: must be relative, without '..'")
     return dataset_prefix(dataset) + relative.as_posix()
+
+
+def encode_source_path(path: str) -> str:
+    """`path` as S3 metadata: ASCII, `%` and everything outside a few printable characters percent-encoded
+    (bytes of a name that is not UTF-8 as they are on disk)."""
+    return quote(path, safe=_SOURCE_PATH_SAFE, errors="surrogateescape")
+
+
+def decode_source_path(metadata: str) -> str:
+    """The path `encode_source_path` encoded (bytes that are not UTF-8 shown as U+FFFD)."""
+    return unquote(metadata, errors="replace")
 
 
 def segment_key(dataset: str, segment_id: str) -> str:

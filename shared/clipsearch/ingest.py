@@ -35,7 +35,7 @@ from hashlib import sha256
 
 import numpy as np
 
-from clipsearch.datasets import segment_key
+from clipsearch.datasets import SOURCE_PATH_METADATA, decode_source_path, segment_key
 from clipsearch.errors import (
     ClipsearchError,
     DatasetNotFound,
@@ -63,7 +63,6 @@ from clipsearch.segments import FLAT, SegmentVectors, build_segment, new_segment
 
 logger = logging.getLogger(__name__)
 
-SOURCE_PATH_METADATA = "source-path"
 DEFAULT_FETCH_WORKERS = 4
 DEFAULT_EMBED_CHUNK = 64  # fewer restarts of the encoder's decode pipeline; 2 chunks of bytes in memory
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024  # a whole object sits in memory, times workers and chunks
@@ -360,12 +359,17 @@ def _skip_deleted(dataset: str, count: int, report: IngestReport) -> None:
     report.skipped += count
 
 
+def _source_path(stored: StoredObject) -> str | None:
+    metadata = stored.metadata.get(SOURCE_PATH_METADATA)
+    return None if metadata is None else decode_source_path(metadata)
+
+
 def _new_image(bucket: str, stored: StoredObject) -> NewImage:
     return NewImage(
         bucket=bucket,
         key=stored.key,
         etag=stored.etag,
-        source_path=stored.metadata.get(SOURCE_PATH_METADATA),
+        source_path=_source_path(stored),
         sha256=sha256(stored.data).hexdigest(),
         byte_size=len(stored.data),
     )
