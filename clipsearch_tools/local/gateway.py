@@ -1,24 +1,43 @@
-"""The local HTTP API: serves the template's HttpApi routes by invoking their functions with v2 events."""
+"""The local HTTP API: serves the template's HttpApi routes by invoking their functions with v2 events.
+
+It stands where API Gateway stands, so it refuses what API Gateway refuses, the way a proxy does: the
+request framing is parsed by h11 (a strict HTTP/1.1 parser), and a malformed or oversized request, a
+body that stops arriving, or more requests than a function's instances and queue can take are answered
+with a JSON error carrying a `code` (400, 408, 413, 429, 431, 501, 503), never a dropped connection.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
 
 from clipsearch_tools.local.template import Function, Route
 
 logger = logging.getLogger(__name__)
 
 API_ID = "local"
+MAX_HEADER_BYTES = 10 * 1024  # API Gateway HTTP API: request line and headers together
+MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway HTTP API's payload quota (Lambda's 6 MB is not enforced locally)
+READ_TIMEOUT_SECONDS = 10.0  # from a request's first byte to its last: slow or short requests are answered 408
+IDLE_TIMEOUT_SECONDS = 30.0  # a kept-alive connection without a request is closed, as API Gateway's idle timeout
+LISTEN_BACKLOG = 1024  # a burst of connections waits here; socketserver's 5 dropped SYNs and reset clients
+MAX_CONNECTIONS = 1000  # open at once (one thread each); more are answered 503
+QUEUE_LIMIT = 100  # requests waiting for a busy function's instance; more are answered 429
+QUEUE_WAIT_SECONDS = 25.0  # under API Gateway's 30 s integration timeout; a longer wait is answered 503
+RETRY_AFTER_SECONDS = 1
+_LINGER_SECONDS = 2.0  # after an error answer: read what the client still sends, so closing does not reset
 _TEXT_TYPES = ("application/json", "application/xml", "application/javascript", "application/x-www-form-urlencoded")
 
 
@@ -90,28 +109,111 @@ def http_response(result) -> tuple[int, dict[str, str], bytes]:
     return int(result["statusCode"]), headers, data
 
 
-class LocalGateway:
-    """A threaded HTTP server on 127.0.0.1 routing each request to its function."""
+class GatewayRefusal(Exception):
+    """A request the gateway answers itself, as API Gateway would, without invoking a function."""
 
-    def __init__(self, routes: Sequence[Route], invoke: Callable[[Function, dict], object], port: int = 0) -> None:
+    def __init__(self, status: HTTPStatus, code: str, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        status, headers, body = _error(self.status, self.message, self.code)
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        return status, headers, body
+
+
+class FunctionThrottle:
+    """Lets `instances` requests invoke a function at once and queues up to `queue_limit` more for a while.
+
+    Lambda would run one instance per concurrent request up to the function's concurrency, and API
+    Gateway throttles above its limits with 429: here a full queue answers 429 and a request that waited
+    `wait_seconds` for an instance answers 503, both with Retry-After.
+    """
+
+    def __init__(self, instances: int, queue_limit: int, wait_seconds: float) -> None:
+        self.instances = max(1, instances)
+        self._queue_limit = queue_limit
+        self._wait_seconds = wait_seconds
+        self._running = 0
+        self._waiting = 0
+        self._condition = threading.Condition()
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        with self._condition:
+            if self._running >= self.instances:
+                if self._waiting >= self._queue_limit:
+                    raise GatewayRefusal(HTTPStatus.TOO_MANY_REQUESTS, "too_many_requests", "Too Many Requests",
+                                         RETRY_AFTER_SECONDS)
+                self._waiting += 1
+                try:
+                    deadline = time.monotonic() + self._wait_seconds
+                    while self._running >= self.instances:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise GatewayRefusal(HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable",
+                                                 "Service Unavailable: every instance stayed busy", RETRY_AFTER_SECONDS)
+                        self._condition.wait(remaining)
+                finally:
+                    self._waiting -= 1
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running -= 1
+                self._condition.notify()
+
+
+class LocalGateway:
+    """An HTTP/1.1 server on 127.0.0.1 routing each request to its function, one thread per connection.
+
+    `concurrency` gives each function's instances (by logical id; 1 when absent): the FunctionHost
+    must allow as many, so that admitted requests run in parallel rather than wait inside the host.
+    """
+
+    def __init__(self, routes: Sequence[Route], invoke: Callable[[Function, dict], object], port: int = 0,
+                 concurrency: Mapping[str, int] | None = None, queue_limit: int = QUEUE_LIMIT,
+                 queue_wait_seconds: float = QUEUE_WAIT_SECONDS,
+                 read_timeout_seconds: float = READ_TIMEOUT_SECONDS) -> None:
         self._routes = routes
         self._invoke = invoke
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._request_handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="gateway", daemon=True)
+        self.read_timeout_seconds = read_timeout_seconds
+        concurrency = concurrency or {}
+        self._throttles = {
+            function.logical_id: FunctionThrottle(concurrency.get(function.logical_id, 1), queue_limit, queue_wait_seconds)
+            for function in {route.function.logical_id: route.function for route in routes}.values()
+        }
+        self._listener = socket.create_server(("127.0.0.1", port), backlog=LISTEN_BACKLOG)
+        self._listener.settimeout(0.5)  # the accept loop looks at `_stopping` this often
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="gateway", daemon=True)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        host, port = self._listener.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stopping.set()
         self._thread.join(10)
+        self._listener.close()
+        with self._connections_lock:
+            open_connections = list(self._connections)
+        for connection in open_connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def alive(self) -> bool:
@@ -124,41 +226,182 @@ class LocalGateway:
             if parameters is not None:
                 event = http_api_event(route, method, split.path, split.query, headers, body, parameters, source_ip)
                 try:
-                    return http_response(self._invoke(route.function, event))
+                    with self._throttles[route.function.logical_id].admitted():
+                        return http_response(self._invoke(route.function, event))
+                except GatewayRefusal as refusal:
+                    logger.warning("%s %s: %s", method, split.path, refusal.message)
+                    return refusal.answer()
                 except Exception:
                     logger.exception("%s failed on %s %s", route.function.logical_id, method, split.path)
-                    return _error(HTTPStatus.BAD_GATEWAY, "the function failed: see the stack log")
-        return _error(HTTPStatus.NOT_FOUND, f"no route {method} {split.path}")
+                    return _error(HTTPStatus.BAD_GATEWAY, "the function failed: see the stack log", "bad_gateway")
+        return _error(HTTPStatus.NOT_FOUND, f"no route {method} {split.path}", "not_found")
 
-    def _request_handler(self) -> type[BaseHTTPRequestHandler]:
-        gateway = self
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                logger.exception("the gateway could not accept a connection")
+                time.sleep(0.1)
+                continue
+            with self._connections_lock:
+                over_limit = len(self._connections) >= MAX_CONNECTIONS
+                self._connections.add(connection)
+            threading.Thread(target=self._serve_connection, args=(connection, address[0], over_limit),
+                             name="gateway-connection", daemon=True).start()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def _serve_connection(self, connection: socket.socket, source_ip: str, over_limit: bool) -> None:
+        try:
+            if over_limit:
+                _send_refusal(connection, GatewayRefusal(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable",
+                    f"Service Unavailable: over {MAX_CONNECTIONS} open connections", RETRY_AFTER_SECONDS))
+            else:
+                _HttpConnection(self, connection, source_ip).serve()
+        except OSError:
+            pass  # the client went away
+        except Exception:
+            logger.exception("the gateway failed on a connection from %s", source_ip)
+        finally:
+            with self._connections_lock:
+                self._connections.discard(connection)
+            connection.close()
 
-            def _serve(self) -> None:
+
+class _HttpConnection:
+    """One client connection: requests parsed by h11 in turn (kept alive, pipelined), each answered."""
+
+    def __init__(self, gateway: LocalGateway, connection: socket.socket, source_ip: str) -> None:
+        self._gateway = gateway
+        self._socket = connection
+        self._source_ip = source_ip
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._deadline: float | None = None  # the current request's, from its first byte; None while idle
+
+    def serve(self) -> None:
+        while True:
+            try:
+                request = self._read_request()
+                if request is None:
+                    return
                 started = time.perf_counter()
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, data = gateway.handle(
-                    self.command, self.path, dict(self.headers.items()), body, self.client_address[0]
-                )
-                self.send_response(status)
-                for name, value in headers.items():
-                    if name not in ("content-length", "connection", "transfer-encoding"):
-                        self.send_header(name, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                logger.info("%s %s -> %d in %.0f ms", self.command, self.path, status,
-                            (time.perf_counter() - started) * 1000)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
-
-            def log_message(self, format: str, *args) -> None:  # the request is logged once, above
+                body = self._read_body(request)
+            except GatewayRefusal as refusal:
+                logger.info("refused a request from %s: %d %s", self._source_ip, refusal.status.value, refusal.message)
+                _send_refusal(self._socket, refusal)
                 return
+            method, target = request.method.decode("ascii"), request.target.decode("latin-1")
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+            status, answer_headers, data = self._gateway.handle(method, target, headers, body, self._source_ip)
+            self._respond(method, status, answer_headers, data)
+            logger.info("%s %s -> %d in %.0f ms", method, target, status, (time.perf_counter() - started) * 1000)
+            if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
+                return  # either side asked to close (Connection: close, HTTP/1.0)
+            self._http.start_next_cycle()
+            self._deadline = None
 
-        return Handler
+    def _read_request(self) -> h11.Request | None:
+        """The next request's head; None when the client closed or stayed idle between requests."""
+        event = self._next_event()
+        if not isinstance(event, h11.Request):
+            return None
+        head_bytes = len(event.method) + len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if head_bytes > MAX_HEADER_BYTES:
+            raise GatewayRefusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large",
+                                 f"the request line and headers exceed {MAX_HEADER_BYTES} bytes")
+        names = [name for name, _ in event.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise GatewayRefusal(HTTPStatus.BAD_REQUEST, "ambiguous_framing",
+                                 "a request may not carry both Transfer-Encoding and Content-Length")
+        declared = next((int(value) for name, value in event.headers if name == b"content-length"), 0)
+        if declared > MAX_BODY_BYTES:
+            raise GatewayRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                                 f"the body exceeds {MAX_BODY_BYTES} bytes")
+        return event
+
+    def _read_body(self, request: h11.Request) -> bytes:
+        if self._http.they_are_waiting_for_100_continue:
+            self._socket.sendall(self._http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    raise GatewayRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                                         f"the body exceeds {MAX_BODY_BYTES} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+
+    def _next_event(self):
+        """h11's next event, reading as needed; None when the connection stayed idle too long between requests."""
+        while True:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as error:
+                raise _framing_refusal(error) from None
+            if event is not h11.NEED_DATA:
+                return event
+            if self._deadline is None and self._http.trailing_data[0]:
+                self._deadline = time.monotonic() + self._gateway.read_timeout_seconds  # a pipelined request began
+            timeout = IDLE_TIMEOUT_SECONDS if self._deadline is None else self._deadline - time.monotonic()
+            if timeout <= 0:
+                raise GatewayRefusal(HTTPStatus.REQUEST_TIMEOUT, "request_timeout",
+                                     f"the request did not arrive within {self._gateway.read_timeout_seconds:g} s")
+            self._socket.settimeout(timeout)
+            try:
+                data = self._socket.recv(65536)
+            except TimeoutError:
+                if self._deadline is None:
+                    return None
+                continue
+            if data and self._deadline is None:
+                self._deadline = time.monotonic() + self._gateway.read_timeout_seconds
+            self._http.receive_data(data)
+
+    def _respond(self, method: str, status: int, headers: dict[str, str], data: bytes) -> None:
+        response_headers = [(name, value) for name, value in headers.items()
+                            if name not in ("content-length", "connection", "transfer-encoding")]
+        response_headers.append(("content-length", str(len(data))))
+        self._socket.settimeout(self._gateway.read_timeout_seconds)
+        out = self._http.send(h11.Response(status_code=status, headers=response_headers))
+        if method != "HEAD" and data:
+            out += self._http.send(h11.Data(data=data))
+        out += self._http.send(h11.EndOfMessage())
+        self._socket.sendall(out)
+
+
+def _framing_refusal(error: h11.RemoteProtocolError) -> GatewayRefusal:
+    status = HTTPStatus(error.error_status_hint)
+    codes = {HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "headers_too_large",
+             HTTPStatus.NOT_IMPLEMENTED: "not_implemented"}
+    if status is HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+        message = f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"
+    else:
+        message = f"malformed request: {error}"
+    return GatewayRefusal(status, codes.get(status, "malformed_request"), message)
+
+
+def _send_refusal(connection: socket.socket, refusal: GatewayRefusal) -> None:
+    """Answers `refusal` and closes the connection the way a proxy does after a framing error."""
+    status, headers, body = refusal.answer()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{name}: {value}" for name, value in headers.items()),
+            f"content-length: {len(body)}", "connection: close"]
+    connection.settimeout(_LINGER_SECONDS)
+    connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    # Closing with unread bytes in the receive buffer sends a reset that can overtake the answer: read
+    # what the client is still sending (a body we refused) for a moment first.
+    connection.shutdown(socket.SHUT_WR)
+    linger_until = time.monotonic() + _LINGER_SECONDS
+    try:
+        while time.monotonic() < linger_until and connection.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def _is_text(content_type: str) -> bool:
@@ -166,6 +409,6 @@ def _is_text(content_type: str) -> bool:
     return media.startswith("text/") or media in _TEXT_TYPES or media.endswith(("+json", "+xml"))
 
 
-def _error(status: HTTPStatus, message: str) -> tuple[int, dict[str, str], bytes]:
+def _error(status: HTTPStatus, message: str, code: str) -> tuple[int, dict[str, str], bytes]:
     # API Gateway's own errors carry {"message": ...}; the functions' errors carry {"error": {...}}.
-    return status.value, {"content-type": "application/json"}, json.dumps({"message": message}).encode()
+    return status.value, {"content-type": "application/json"}, json.dumps({"message": message, "code": code}).encode()
