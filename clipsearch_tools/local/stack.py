@@ -39,11 +39,18 @@ DEAD_LETTER_QUEUE_NAME = "clipsearch-ingest-dlq"
 PREPROCESS_CONCURRENCY_ENV = "CLIPSEARCH_LOCAL_PREPROCESS_CONCURRENCY"
 ONNX_THREADS_ENV = "CLIPSEARCH_LOCAL_ONNX_THREADS"
 ONNX_THREADS_VARIABLE = "CLIPSEARCH_ONNX_THREADS"
+API_CONCURRENCY_ENV = "CLIPSEARCH_LOCAL_API_CONCURRENCY"
 
 
 def default_preprocess_concurrency() -> int:
     """Preprocessing instances at once: one per core."""
     return max(1, os.cpu_count() or 1)
+
+
+def api_concurrency(function: Function, per_function: int | None = None) -> int:
+    """Instances of an HTTP API function at once: one per core (or `per_function`), within its reserved concurrency."""
+    wanted = per_function or max(1, os.cpu_count() or 1)
+    return max(1, min(wanted, function.reserved_concurrency or wanted))
 
 
 def default_onnx_threads(concurrency: int) -> int:
@@ -99,7 +106,8 @@ class LocalStack:
     """Every part of the stack, started in dependency order and stopped in reverse."""
 
     def __init__(self, home: Path, model_dir: Path, template_path: Path, database_url: str | None,
-                 preprocess_concurrency: int | None = None, onnx_threads: int | None = None) -> None:
+                 preprocess_concurrency: int | None = None, onnx_threads: int | None = None,
+                 api_instances: int | None = None) -> None:
         self.home = home
         self.template = load_template(template_path)
         self.model = read_model(model_dir)
@@ -116,10 +124,12 @@ class LocalStack:
         )
         self.onnx_threads = default_onnx_threads(self.preprocess_concurrency) if onnx_threads is None else onnx_threads
         preprocess = source.function.logical_id
+        self.api_concurrency = {route.function.logical_id: api_concurrency(route.function, api_instances)
+                                for route in self.template.routes}
         self.functions = FunctionHost(
             FunctionEnvironment(self.state, {preprocess: {ONNX_THREADS_VARIABLE: str(self.onnx_threads)}}),
             runtime_dir=home / "functions",
-            concurrency={preprocess: self.preprocess_concurrency},
+            concurrency={**self.api_concurrency, preprocess: self.preprocess_concurrency},
         )
 
     def start(self) -> None:
@@ -141,8 +151,9 @@ class LocalStack:
         self._stops.append(scheduler.stop)
         self.state.status = "ready"
         self.state.write()
-        logger.info("local stack ready: API %s, S3 %s; preprocessing: %d instances at once, %d ONNX threads each",
-                    self.state.api_url, self.state.s3_endpoint_url, self.preprocess_concurrency, self.onnx_threads)
+        logger.info("local stack ready: API %s, S3 %s; preprocessing: %d instances at once, %d ONNX threads each; "
+                    "API functions' instances: %s", self.state.api_url, self.state.s3_endpoint_url,
+                    self.preprocess_concurrency, self.onnx_threads, self.api_concurrency)
 
     def stop(self) -> None:
         self.state.status = "stopping"
@@ -236,7 +247,7 @@ class LocalStack:
         self._stops.append(runner.stop)
 
     def _start_gateway(self) -> None:
-        gateway = LocalGateway(self.template.routes, self.functions.invoke)
+        gateway = LocalGateway(self.template.routes, self.functions.invoke, concurrency=self.api_concurrency)
         gateway.start()
         self._stops.append(gateway.stop)
         self.state.api_url = gateway.url
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", type=Path, required=True)
     parser.add_argument("--preprocess-concurrency", type=int, default=_env_int(PREPROCESS_CONCURRENCY_ENV))
     parser.add_argument("--onnx-threads", type=int, default=_env_int(ONNX_THREADS_ENV))
+    parser.add_argument("--api-instances", type=int, default=_env_int(API_CONCURRENCY_ENV))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = LocalStack(home, args.model_dir.resolve(), args.template.resolve(),
                            os.environ.get("CLIPSEARCH_DATABASE_URL") or None,
-                           args.preprocess_concurrency, args.onnx_threads)
+                           args.preprocess_concurrency, args.onnx_threads, args.api_instances)
         stack.start()
     except Exception as error:
         logger.exception("the local stack failed to start")

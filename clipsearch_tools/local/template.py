@@ -66,6 +66,7 @@ class Function:
     memory_size: int = DEFAULT_MEMORY_MB
     ephemeral_storage: int = DEFAULT_EPHEMERAL_STORAGE_MB
     environment: tuple[EnvironmentVariable, ...] = ()
+    reserved_concurrency: int | None = None  # ReservedConcurrentExecutions; None: unreserved
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def load_template(path: Path) -> Template:
             memory_size=int(setting("MemorySize", DEFAULT_MEMORY_MB)),
             ephemeral_storage=int(resolve(storage.get("Size", DEFAULT_EPHEMERAL_STORAGE_MB))),
             environment=_environment(global_function, properties, resolve),
+            reserved_concurrency=_reserved_concurrency(properties.get("ReservedConcurrentExecutions"), resolve),
         )
         functions[logical_id] = function
         for event in (properties.get("Events") or {}).values():
@@ -189,6 +191,18 @@ def load_template(path: Path) -> Template:
         notifications=tuple(_notification_rules(resources)),
         functions=functions,
     )
+
+
+def _reserved_concurrency(value, resolve) -> int | None:
+    """A number, a parameter, or `!If [reserve, !Ref Parameter, !Ref AWS::NoValue]` as the parameter's default decides."""
+    branches = value["Fn::If"][1:] if isinstance(value, dict) and "Fn::If" in value else [value]
+    for branch in branches:
+        if branch is None or branch == {"Ref": "AWS::NoValue"}:
+            continue
+        reserved = int(resolve(branch))
+        if reserved > 0:  # 0 is how the template's parameters say "unreserved"
+            return reserved
+    return None
 
 
 def _queue_source(function: Function, properties: dict, resources: dict, resolve) -> QueueSource:
