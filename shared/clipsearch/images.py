@@ -34,6 +34,7 @@ ORIENTATION_TAG = 0x0112
 TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_STRIP_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,7 @@ class ImagePreprocessor:
                     image = ImageOps.exif_transpose(image)
                     if orientation in SWAPPING_ORIENTATIONS:
                         width, height = height, width
-                rgb = _to_rgb(image)
-                cropped = self._resize_and_crop(rgb)
+                cropped = self._resize_and_crop(_to_l_or_rgb(image)).convert("RGB")
         except InvalidImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -161,11 +161,29 @@ class ImagePreprocessor:
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Image.convert("RGB") as the reference does, except 16-bit samples, which it would clip to white."""
-    if image.mode == "RGB":
+def _to_l_or_rgb(image: Image.Image) -> Image.Image:
+    """Image.convert("RGB") as the reference does, but grayscale stays one band until after the resize.
+
+    The filters treat bands alike, so resizing L and then converting equals converting first, at a third
+    of the memory and time. 16-bit samples are scaled to 8 bits (a plain conversion clips them to white).
+    """
+    if image.mode in ("RGB", "L"):
         return image
     if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.getextrema()[1] > 255):
-        samples = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        return Image.fromarray(((samples + 128) // 257).astype(np.uint8), "L").convert("RGB")
+        return _sixteen_bit_to_l(image)
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """Rounds sample / 257 into an L image, a strip of rows at a time: memory stays near one byte per pixel.
+
+    Converting the whole image at once made int64 copies: a 79 MP 16-bit PNG cost +1.4 GB and 4 s CPU.
+    """
+    width, height = image.size
+    eight_bit = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, SIXTEEN_BIT_STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        strip = np.asarray(image.crop((0, top, width, min(height, top + rows))))
+        samples = np.clip(strip, 0, 65535).astype(np.uint32)
+        eight_bit[top : top + rows] = (samples + 128) // 257
+    return Image.fromarray(eight_bit, "L")
