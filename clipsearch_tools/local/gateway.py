@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -127,11 +128,12 @@ class GatewayRefusal(Exception):
 
 
 class FunctionThrottle:
-    """Lets `instances` requests invoke a function at once and queues up to `queue_limit` more for a while.
+    """Lets `instances` requests invoke a function at once and queues up to `queue_limit` more, first come first served.
 
     Lambda would run one instance per concurrent request up to the function's concurrency, and API
     Gateway throttles above its limits with 429: here a full queue answers 429 and a request that waited
-    `wait_seconds` for an instance answers 503, both with Retry-After.
+    `wait_seconds` for an instance answers 503, both with Retry-After. A freed instance goes to the
+    oldest waiting request, never to one that just arrived, so that no request waits behind newcomers.
     """
 
     def __init__(self, instances: int, queue_limit: int, wait_seconds: float) -> None:
@@ -139,34 +141,35 @@ class FunctionThrottle:
         self._queue_limit = queue_limit
         self._wait_seconds = wait_seconds
         self._running = 0
-        self._waiting = 0
-        self._condition = threading.Condition()
+        self._queue: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
-        with self._condition:
-            if self._running >= self.instances:
-                if self._waiting >= self._queue_limit:
-                    raise GatewayRefusal(HTTPStatus.TOO_MANY_REQUESTS, "too_many_requests", "Too Many Requests",
-                                         RETRY_AFTER_SECONDS)
-                self._waiting += 1
-                try:
-                    deadline = time.monotonic() + self._wait_seconds
-                    while self._running >= self.instances:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise GatewayRefusal(HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable",
-                                                 "Service Unavailable: every instance stayed busy", RETRY_AFTER_SECONDS)
-                        self._condition.wait(remaining)
-                finally:
-                    self._waiting -= 1
-            self._running += 1
+        with self._lock:
+            if self._running < self.instances and not self._queue:
+                self._running += 1
+                turn = None
+            elif len(self._queue) >= self._queue_limit:
+                raise GatewayRefusal(HTTPStatus.TOO_MANY_REQUESTS, "too_many_requests", "Too Many Requests",
+                                     RETRY_AFTER_SECONDS)
+            else:
+                turn = threading.Event()
+                self._queue.append(turn)
+        if turn is not None and not turn.wait(self._wait_seconds):
+            with self._lock:
+                if not turn.is_set():  # else an instance was handed over just now: take it
+                    self._queue.remove(turn)
+                    raise GatewayRefusal(HTTPStatus.SERVICE_UNAVAILABLE, "service_unavailable",
+                                         "Service Unavailable: every instance stayed busy", RETRY_AFTER_SECONDS)
         try:
             yield
         finally:
-            with self._condition:
-                self._running -= 1
-                self._condition.notify()
+            with self._lock:
+                if self._queue:
+                    self._queue.popleft().set()  # the slot passes on: _running is unchanged
+                else:
+                    self._running -= 1
 
 
 class LocalGateway:
