@@ -1,6 +1,7 @@
 """`clipsearch evaluate`: retrieval quality of a dataset, with labels taken from file-name prefixes.
 
-A query file `beach.jpeg` (or `beach_3.jpeg`) is relevant to the dataset images named `beach_*`.
+A query file `beach.jpeg` (or `beach_3.jpeg`) is relevant to the dataset images named `beach_*`; the demo
+shapes (`red-circle-0007.jpg`, queries `red-circle.jpg`, from clipsearch_tools.demo_images) label alike.
 Precision@k averages, over the query files, the share of the top k results with the query's label;
 Hits@k is the share of dataset images that find themselves (by their bucket key) in their own top k.
 """
@@ -21,11 +22,12 @@ from clipsearch_tools.cli.output import emit_json, note, random_weights_note, ta
 from clipsearch_tools.client import ClipsearchClient
 
 CUTOFFS = (1, 5)
-_NUMBER_SUFFIX = re.compile(r"_\d+$")
+_NUMBER_SUFFIX = re.compile(r"[_-]\d+$")
 
 
 def label_of(name: str) -> str:
-    """`beach_03.jpeg` -> `beach`; `beach.jpeg` -> `beach`; `eiffel_tower_2.jpeg` -> `eiffel_tower`."""
+    """`beach_03.jpeg` -> `beach`; `beach.jpeg` -> `beach`; `eiffel_tower_2.jpeg` -> `eiffel_tower`;
+    `red-circle-0007.jpg` -> `red-circle`."""
     return _NUMBER_SUFFIX.sub("", PurePosixPath(name).stem).lower()
 
 
