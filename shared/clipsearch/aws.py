@@ -23,8 +23,11 @@ def aws_client(
     AWS_ENDPOINT_URL, the profile's), else AWS itself; without keys, the default credential chain
     (environment, profile, the function's role).
     """
+    # Presigned S3 URLs in SigV4 (scoped to one region, valid 7 days at most), never the legacy SigV2
+    # that botocore may still choose for some S3 endpoints.
     config = Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=MAX_POOL_CONNECTIONS
+        retries={"max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=MAX_POOL_CONNECTIONS,
+        signature_version="s3v4" if service == "s3" else None,
     )
     return boto3.client(
         service, region_name=region, endpoint_url=endpoint_url, config=config,

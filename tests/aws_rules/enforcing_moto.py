@@ -12,7 +12,9 @@ wrong template pass or a right one fail; each patch below brings one rule back:
 - StringLike / StringEquals conditions on s3:prefix are evaluated (moto ignores StringLike, and passes no
   request values), an Allow whose condition fails does not apply (moto turns it into an explicit Deny),
   and a condition this module cannot evaluate fails the request instead of being ignored;
-- reading a missing key answers 404 only to callers allowed s3:ListBucket (no prefix), else 403.
+- reading a missing key answers 404 only to callers allowed s3:ListBucket (no prefix), else 403;
+- a presigned URL (SigV4 query authentication) is its signer's request: its signature and expiry are
+  checked, then the signer's policies (moto reads the Authorization header only, and fails without it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import fnmatch
 import signal
 import sys
 import threading
-from urllib.parse import parse_qs, urlparse
+from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs, parse_qsl, urlparse, urlsplit
 
+from botocore.auth import S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
 from moto.iam import access_control
 from moto.iam.access_control import IAMPolicy, IAMPolicyStatement, PermissionResult
 from moto.s3 import responses as s3_responses
@@ -97,6 +102,36 @@ def _authorize_s3(self, bucket_name: str | None = None, key_name: str | None = N
             self.data["Action"] = "GetObject"
 
 
+def _request_init(self: access_control.IAMRequestBase, **request) -> None:
+    query = urlsplit(request["path"]).query
+    self._presigned_query = None
+    if "Authorization" not in request["headers"] and "X-Amz-Credential=" in query:
+        self._presigned_query = query
+        credential = dict(parse_qsl(query))["X-Amz-Credential"]
+        # moto finds the signer's access key in this header; the signature itself is checked below
+        request["headers"] = {**dict(request["headers"]),
+                              "Authorization": f"AWS4-HMAC-SHA256 Credential={credential}, Signature="}
+    _original_request_init(self, **request)
+
+
+def _check_signature(self: access_control.IAMRequestBase) -> None:
+    if self._presigned_query is None:
+        return _original_check_signature(self)
+    query = dict(parse_qsl(self._presigned_query))
+    signed_at = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    if datetime.now(timezone.utc) > signed_at + timedelta(seconds=int(query["X-Amz-Expires"])):
+        self._raise_access_denied()
+    unsigned = "&".join(item for item in self._presigned_query.split("&") if not item.startswith("X-Amz-Signature="))
+    url = f"http://{self._headers['Host']}{urlsplit(self._path).path}?{unsigned}"
+    request = AWSRequest(method=self._method, url=url)
+    request.context["timestamp"] = query["X-Amz-Date"]
+    _, _, region, service, _ = query["X-Amz-Credential"].split("/")
+    auth = S3SigV4QueryAuth(self._access_key.create_credentials(), service, region, int(query["X-Amz-Expires"]))
+    signature = auth.signature(auth.string_to_sign(request, auth.canonical_request(request)), request)
+    if query.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or signature != query["X-Amz-Signature"]:
+        self._raise_signature_does_not_match()
+
+
 def _enforcing() -> bool:
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
@@ -136,6 +171,8 @@ def _secret_resource(self) -> str:
 
 
 _original_statement_check = IAMPolicyStatement.is_action_permitted
+_original_request_init = access_control.IAMRequestBase.__init__
+_original_check_signature = access_control.IAMRequestBase.check_signature
 _original_s3_check = s3_responses.S3Response._authenticate_and_authorize_s3_action
 _original_delete_keys = s3_responses.S3Response._bucket_response_delete_keys
 _original_bucket_post = s3_responses.S3Response._bucket_response_post
@@ -144,6 +181,8 @@ _original_bucket_post = s3_responses.S3Response._bucket_response_post
 def install() -> None:
     IAMPolicyStatement.is_action_permitted = _statement_applies
     access_control.IAMRequestBase.check_action_permitted = _check_action_permitted
+    access_control.IAMRequestBase.__init__ = _request_init
+    access_control.IAMRequestBase.check_signature = _check_signature
     s3_responses.S3Response._authenticate_and_authorize_s3_action = _authorize_s3
     s3_responses.S3Response._bucket_response_delete_keys = _delete_keys
     s3_responses.S3Response._bucket_response_post = _bucket_post

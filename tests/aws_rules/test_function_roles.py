@@ -4,14 +4,18 @@ role must not be able to do."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
 from botocore.exceptions import ClientError
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
-from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.postgres_connection import RDS_CA_BUNDLE, Database, conninfo_from_secret
 from clipsearch.errors import TransientError
 from clipsearch.events import parse_message
+from psycopg.conninfo import conninfo_to_dict
 from aws_world import AwsWorld, CallLog, jpeg
 from http_events import LambdaContext, http_event, invoke, load_function
 from template_roles import MANAGED_POLICIES
@@ -303,3 +307,71 @@ def test_a_missing_key_is_404_only_to_a_role_allowed_to_list_the_bucket(world: A
     with pytest.raises(ClientError) as search:  # GetObject on indexes/*, ListBucket on the bucket
         world.client("s3", "SearchFunction").head_object(Bucket=world.resources.bucket, Key=missing)
     assert (compact.value.response["Error"]["Code"], search.value.response["Error"]["Code"]) == ("403", "404")
+
+
+# --- hardening: presigned URLs, versioned deletions, TLS to the database --------------------------------------
+
+def test_search_presigns_result_urls_with_sigv4_for_an_hour_at_most(world: AwsWorld) -> None:
+    migrated(world)
+    image = jpeg(50)
+    ingest(world, "pets", {"p.jpg": image})
+    search = load_function("search")
+    with world.run_as("SearchFunction") as log:
+        status, answer = invoke(search, http_event("search_text", dataset="pets", body={"query": "a cat", "k": 1},
+                                                   query={"presign": "true"}))
+    assert status == 200, answer
+    url = answer["results"][0]["url"]
+    signature = parse_qs(urlsplit(url).query)
+    assert signature["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"], url
+    assert 0 < int(signature["X-Amz-Expires"][0]) <= 3600, url
+    assert signature["X-Amz-Credential"][0].startswith(world.keys["SearchFunction"][0] + "/"), url
+    with urllib.request.urlopen(url, timeout=10) as response:  # signed by the search role, opened by anyone
+        assert response.read() == image
+    with pytest.raises(urllib.error.HTTPError) as tampered:  # the signature covers the key
+        urllib.request.urlopen(url.replace("/datasets/pets/p.jpg?", "/datasets/pets/other.jpg?"), timeout=10)
+    assert tampered.value.code == 403
+    assert_all_allowed(log, ("GetObject", "indexes/pets/segments/"))
+
+
+def test_a_deleted_dataset_stays_recoverable_and_no_function_can_purge_its_versions(world: AwsWorld) -> None:
+    """The template versions the bucket: a deletion leaves delete markers an operator can remove for a while."""
+    s3, bucket = world.client("s3"), world.resources.bucket
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    migrated(world)
+    ingest(world, "pets", {"a.jpg": jpeg(60)})
+    with world.run_as("DatasetsFunction") as log:
+        status, deleted = invoke(load_function("datasets"), http_event("delete_dataset", dataset="pets"))
+    assert status == 200, deleted
+    assert_all_allowed(log, ("DeleteObjects", "datasets/pets/"))
+    assert world.keys_under("datasets/pets/") == []
+    history = s3.list_object_versions(Bucket=bucket, Prefix="datasets/pets/")
+    (version,) = history["Versions"]
+    (marker,) = history["DeleteMarkers"]
+    assert version["Key"] == marker["Key"] == "datasets/pets/a.jpg"
+
+    for who in sorted(FUNCTIONS):
+        with pytest.raises(ClientError) as refused:
+            world.client("s3", who).delete_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+        assert refused.value.response["Error"]["Code"].startswith("AccessDenied"), who
+
+    s3.delete_object(Bucket=bucket, Key=marker["Key"], VersionId=marker["VersionId"])  # the operator's undo
+    assert s3.get_object(Bucket=bucket, Key="datasets/pets/a.jpg")["Body"].read() == jpeg(60)
+
+
+def test_an_rds_secret_without_sslmode_connects_only_to_a_server_whose_certificate_verifies(world: AwsWorld) -> None:
+    server = conninfo_to_dict(world.database_url)
+    secret = {"engine": "postgres", "host": server.get("host", "127.0.0.1"), "port": int(server.get("port", 5432)),
+              "username": server.get("user", "postgres"), "password": server.get("password", ""),
+              "dbname": server["dbname"]}
+    conninfo = conninfo_to_dict(conninfo_from_secret(json.dumps(secret)))
+    assert (conninfo["sslmode"], conninfo["sslrootcert"]) == ("verify-full", RDS_CA_BUNDLE)
+    # The real libpq refuses the plain-text test server instead of falling back to an unencrypted session.
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(conninfo_from_secret(json.dumps(secret)), connect_timeout=5).close()
+
+    proxy = conninfo_to_dict(conninfo_from_secret(json.dumps({**secret, "sslrootcert": "system"})))
+    assert (proxy["sslmode"], proxy["sslrootcert"]) == ("verify-full", "system")
+    local = conninfo_to_dict(conninfo_from_secret(json.dumps({**secret, "sslmode": "disable"})))
+    assert local["sslmode"] == "disable" and "sslrootcert" not in local
+    with psycopg.connect(conninfo_from_secret(json.dumps({**secret, "sslmode": "disable"}))) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import json
 import os
 import re
@@ -103,18 +105,28 @@ class NoManagedPolicies:
 template = yaml_parse(open(sys.argv[1]).read())
 validator = SamTemplateValidator(template, NoManagedPolicies(), region="us-east-1",
                                  parameter_overrides=json.loads(sys.argv[2]), language_extensions_enabled=True)
-translated = yaml.safe_load(validator.get_translated_template_if_valid())
-body = translated["Resources"]["ClipsearchApi"]["Properties"]["Body"]
-print(json.dumps({"paths": body["paths"], "schemes": body["components"]["securitySchemes"]}))
+print(json.dumps(yaml.safe_load(validator.get_translated_template_if_valid())))
 """
 
 
-def _translated_api(parameters: dict[str, str]) -> dict:
-    """The HTTP API's OpenAPI body as CloudFormation will get it: LanguageExtensions, then SAM."""
-    parameters = {"DbSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf", **parameters}
-    result = _run([str(SAM_VENV / "bin" / "python"), "-c", _TRANSLATE, str(TEMPLATE), json.dumps(parameters)], _sam_env())
+@functools.lru_cache(maxsize=None)
+def _translated_json(parameters: str) -> str:
+    parameters = json.dumps({"DbSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf",
+                             **json.loads(parameters)})
+    result = _run([str(SAM_VENV / "bin" / "python"), "-c", _TRANSLATE, str(TEMPLATE), parameters], _sam_env())
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return result.stdout
+
+
+def _translated(parameters: dict[str, str]) -> dict:
+    """The template as CloudFormation will get it: LanguageExtensions, then SAM (SAM CLI's own translator)."""
+    return json.loads(_translated_json(json.dumps(parameters, sort_keys=True)))
+
+
+def _translated_api(parameters: dict[str, str]) -> dict:
+    """The HTTP API's OpenAPI body as CloudFormation will get it."""
+    body = _translated(parameters)["Resources"]["ClipsearchApi"]["Properties"]["Body"]
+    return {"paths": body["paths"], "schemes": body["components"]["securitySchemes"]}
 
 
 def _route_security(api: dict) -> dict[str, list]:
@@ -133,13 +145,114 @@ def test_every_route_requires_iam_by_default():
     assert api["schemes"]["AWS_IAM"]["x-amazon-apigateway-authtype"] == "awsSigv4"
 
 
-def test_jwt_mode_puts_the_jwt_authorizer_on_every_route():
+def test_jwt_mode_puts_the_jwt_authorizer_on_every_route_and_delete_needs_the_admin_scope():
     api = _translated_api(
         {"AuthMode": "JWT", "JwtIssuer": "https://issuer.example.com/", "JwtAudience": "client-a,client-b"}
     )
-    assert all(security == [{"JwtAuthorizer": []}] for security in _route_security(api).values())
+    routes = _route_security(api)
+    assert routes.pop("DELETE /datasets/{dataset}") == [{"JwtAuthorizer": ["clipsearch/admin"]}]
+    assert all(security == [{"JwtAuthorizer": []}] for security in routes.values()), routes
     jwt = api["schemes"]["JwtAuthorizer"]["x-amazon-apigateway-authorizer"]
     assert jwt["jwtConfiguration"] == {"issuer": "https://issuer.example.com/", "audience": ["client-a", "client-b"]}
+
+
+def _execute_api_arn(method: str, path: str) -> str:
+    """What IAM authorizes a call of this route as (a dataset named "pets", the $default stage)."""
+    return f"arn:aws:execute-api:us-east-1:123456789012:a1b2c3/$default/{method}{path.replace('{dataset}', 'pets')}"
+
+
+def _invocable_routes(policy: dict) -> set[tuple[str, str]]:
+    patterns = []
+    for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+        assert statement["Effect"] == "Allow" and statement["Action"] == "execute-api:Invoke"
+        for resource in _as_list(statement["Resource"]):
+            patterns.append(resource["Fn::Sub"].replace("${AWS::Partition}", "aws").replace("${AWS::Region}", "us-east-1")
+                            .replace("${AWS::AccountId}", "123456789012").replace("${ClipsearchApi}", "a1b2c3"))
+    return {(method, path) for _, method, path in EXPECTED_ROUTES
+            if any(fnmatch.fnmatchcase(_execute_api_arn(method, path), pattern) for pattern in patterns)}
+
+
+def test_iam_mode_lets_only_the_admin_policy_delete_datasets(resources: dict):
+    readable = {(method, path) for _, method, path in EXPECTED_ROUTES if method != "DELETE"}
+    assert _invocable_routes(resources["ApiSearchPolicy"]) == readable
+    assert _invocable_routes(resources["ApiAdminPolicy"]) == {("DELETE", "/datasets/{dataset}")}
+
+
+def test_api_throttles_and_logs_every_request_to_a_retained_log_group(template: dict):
+    (stage,) = [r for r in _translated({})["Resources"].values() if r["Type"] == "AWS::ApiGatewayV2::Stage"]
+    settings = stage["Properties"]
+    assert settings["DefaultRouteSettings"] == {"ThrottlingRateLimit": 50, "ThrottlingBurstLimit": 100}
+    assert settings["AccessLogSettings"]["DestinationArn"] == {"Fn::GetAtt": ["ApiAccessLogGroup", "Arn"]}
+    entry = json.loads(settings["AccessLogSettings"]["Format"])
+    assert {"requestId", "ip", "caller", "route", "status"} <= set(entry)
+    assert template["Resources"]["ApiAccessLogGroup"]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+    throttled = _translated({"ApiThrottlingRateLimit": "7", "ApiThrottlingBurstLimit": "9"})
+    (stage,) = [r for r in throttled["Resources"].values() if r["Type"] == "AWS::ApiGatewayV2::Stage"]
+    limits = {name: int(value) for name, value in stage["Properties"]["DefaultRouteSettings"].items()}
+    assert limits == {"ThrottlingRateLimit": 7, "ThrottlingBurstLimit": 9}
+
+
+# A db.t4g.micro RDS PostgreSQL (1 GiB) allows ~80 connections; keep the defaults' worst case under it.
+SMALLEST_DATABASE_CONNECTIONS = 80
+
+
+def _reserved(parameters: dict[str, str]) -> dict[str, int | None]:
+    return {name: r["Properties"].get("ReservedConcurrentExecutions")
+            for name, r in _translated(parameters)["Resources"].items() if r["Type"] == "AWS::Lambda::Function"}
+
+
+def test_database_facing_http_functions_have_reserved_concurrency_unless_zero(template: dict):
+    reserved = _reserved({})
+    assert (reserved["SearchFunction"], reserved["DatasetsFunction"]) == (20, 5)
+    unreserved = _reserved({"SearchReservedConcurrency": "0", "DatasetsReservedConcurrency": "0"})
+    assert (unreserved["SearchFunction"], unreserved["DatasetsFunction"]) == (None, None)
+    defaults = template["Parameters"]
+    # each instance holds one connection; compaction and reconciliation run one at a time on a schedule
+    connections = (defaults["PreprocessMaxConcurrency"]["Default"] + defaults["SearchReservedConcurrency"]["Default"]
+                   + defaults["DatasetsReservedConcurrency"]["Default"] + 2)
+    assert connections <= SMALLEST_DATABASE_CONNECTIONS
+
+
+def test_bucket_is_versioned_and_old_versions_and_delete_markers_expire(resources: dict):
+    properties = resources["ImagesBucket"]["Properties"]
+    assert properties["VersioningConfiguration"] == {"Status": "Enabled"}
+    rules = {rule["Id"]: rule for rule in properties["LifecycleConfiguration"]["Rules"]}
+    assert all(rule["Status"] == "Enabled" for rule in rules.values())
+    assert rules["ExpireNoncurrentVersions"]["NoncurrentVersionExpiration"] == {
+        "NoncurrentDays": {"Ref": "NoncurrentVersionRetentionDays"}}
+    assert "Prefix" not in rules["ExpireNoncurrentVersions"]
+    assert rules["ExpireNoncurrentSegments"]["Prefix"] == "indexes/"
+    assert rules["RemoveExpiredDeleteMarkers"]["ExpiredObjectDeleteMarker"] is True
+    for name, statement in _allow_statements(resources):
+        assert not {"s3:DeleteObjectVersion", "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration"} & set(
+            _as_list(statement["Action"])), name
+
+
+def test_bucket_access_is_logged_to_a_private_bucket_only_s3_logging_writes(resources: dict):
+    logging = resources["ImagesBucket"]["Properties"]["LoggingConfiguration"]
+    assert logging == {"DestinationBucketName": {"Ref": "AccessLogsBucket"}, "LogFilePrefix": "images/"}
+    log_bucket = resources["AccessLogsBucket"]["Properties"]
+    assert log_bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "AES256"}  # the only encryption S3 log delivery supports
+    assert all(log_bucket["PublicAccessBlockConfiguration"].values())
+    (expiry,) = log_bucket["LifecycleConfiguration"]["Rules"]
+    assert expiry["ExpirationInDays"] == {"Ref": "LogRetentionDays"}
+    (delivery,) = [s for _, s in _allow_statements({"p": resources["AccessLogsBucketPolicy"]})]
+    assert delivery["Principal"] == {"Service": "logging.s3.amazonaws.com"} and delivery["Action"] == "s3:PutObject"
+    source = delivery["Condition"]["ArnLike"]["aws:SourceArn"]["Fn::Sub"]
+    bucket_name = resources["ImagesBucket"]["Properties"]["BucketName"]["Fn::Sub"]
+    assert source == ["arn:${AWS::Partition}:s3:::" + bucket_name[0], bucket_name[1]]
+    assert "AccessLogsBucketPolicy" in _as_list(resources["ImagesBucket"]["DependsOn"])
+
+
+@pytest.mark.parametrize("bucket, policy", [("ImagesBucket", "ImagesBucketPolicy"),
+                                            ("AccessLogsBucket", "AccessLogsBucketPolicy")])
+def test_bucket_refuses_requests_without_tls(resources: dict, bucket: str, policy: str):
+    statements = resources[policy]["Properties"]["PolicyDocument"]["Statement"]
+    (deny,) = [s for s in statements if s.get("Sid") == "DenyInsecureTransport"]
+    assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", "*", "s3:*")
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny["Resource"] == [{"Fn::GetAtt": [bucket, "Arn"]}, {"Fn::Sub": f"${{{bucket}.Arn}}/*"}]
 
 
 # --- structural invariants ----------------------------------------------------------------------
@@ -178,7 +291,7 @@ def test_bucket_notifies_the_queue_of_creations_and_removals_under_datasets(reso
     for configuration in configurations:
         assert configuration["Queue"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
         assert configuration["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": "datasets/"}]
-    assert bucket["DependsOn"] == "IngestQueuePolicy"
+    assert "IngestQueuePolicy" in _as_list(bucket["DependsOn"])
 
 
 def test_queue_policy_names_the_bucket_by_the_same_computed_name(resources: dict):
@@ -226,6 +339,7 @@ def test_no_policy_allows_a_wildcard_action(resources: dict):
 
 def test_bucket_permissions_are_scoped_to_the_bucket_and_its_prefixes(resources: dict):
     allowed_objects = {f"${{ImagesBucket.Arn}}/{prefix}/*" for prefix in ("datasets", "indexes", "models")}
+    allowed_objects.add("${AccessLogsBucket.Arn}/images/*")  # S3 log delivery (the test above checks who)
     for name, statement in _allow_statements(resources):
         for action in _as_list(statement["Action"]):
             if not action.startswith("s3:"):

@@ -71,14 +71,27 @@ def _domain_error(connection: psycopg.Connection, error: psycopg.Error) -> Clips
     return CatalogError(f"catalog statement failed: {error}")
 
 
+# Where infra/Makefile puts the RDS CA bundle in the layer (layers unpack under /opt). The RDS roots are
+# in no public trust store, so libpq's sslrootcert=system (libpq 16+; psycopg-binary 3.3.9 has 18)
+# verifies an RDS Proxy endpoint (an Amazon Trust Services certificate) but not an RDS instance.
+RDS_CA_BUNDLE = "/opt/rds-ca/global-bundle.pem"
+
+
 def conninfo_from_secret(secret_string: str) -> str:
-    """A libpq connection string from a Secrets Manager RDS-style secret (host, port, username, ...)."""
+    """A libpq connection string from a Secrets Manager RDS-style secret (host, port, username, ...).
+
+    Without `sslmode` in the secret, the server's certificate and host name are verified against the RDS
+    CA bundle (or the secret's `sslrootcert`, e.g. "system" for an RDS Proxy endpoint).
+    """
     secret = json.loads(secret_string)
+    sslmode = secret.get("sslmode", "verify-full")
+    tls = {"sslrootcert": secret.get("sslrootcert", RDS_CA_BUNDLE)} if sslmode.startswith("verify") else {}
     return psycopg.conninfo.make_conninfo(
         host=secret["host"],
         port=str(secret.get("port", 5432)),
         user=secret["username"],
         password=secret["password"],
         dbname=secret.get("dbname", "postgres"),
-        sslmode=secret.get("sslmode", "require"),
+        sslmode=sslmode,
+        **tls,
     )
