@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 
 from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, cpu_description
 
-CLI = [sys.executable, "-m", "clipsearch_tools.cli"]
+CLI = [str(Path(sys.executable).with_name("clipsearch"))]  # the console script a user runs
 REQUEST_TIMEOUT_SECONDS = 60
 
 
@@ -44,6 +44,7 @@ class Tally:
     throttled_with_retry_after: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     deadline: float = 0.0  # set once, just before the clients are released together
+    counting_from: float = 0.0  # answers to requests sent earlier (the warm-up) are not counted
 
 
 def api_url(home: Path) -> str:
@@ -86,11 +87,12 @@ def run_client(url: str, dataset: str, image: bytes | None, image_share: float, 
             connection = None
             continue
         elapsed_ms = (time.perf_counter() - started) * 1000
-        with tally.lock:
-            tally.latencies_ms.append(elapsed_ms)
-            tally.statuses[response.status] += 1
-            if response.status in (429, 503) and response.getheader("retry-after"):
-                tally.throttled_with_retry_after += 1
+        if time.monotonic() - elapsed_ms / 1000 >= tally.counting_from:
+            with tally.lock:
+                tally.latencies_ms.append(elapsed_ms)
+                tally.statuses[response.status] += 1
+                if response.status in (429, 503) and response.getheader("retry-after"):
+                    tally.throttled_with_retry_after += 1
         if response.will_close:
             connection.close()
             connection = None
@@ -114,6 +116,8 @@ def main() -> int:
     parser.add_argument("--dataset", required=True, help="an indexed dataset to query")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--warmup", type=float, default=10,
+                        help="seconds of load before the measured ones (new instances start: their first queries are slow)")
     parser.add_argument("--image-share", type=float, default=0.0, help="share of image queries, 0..1")
     parser.add_argument("--image", type=Path, default=SEED_EVAL / "val" / "beach.jpeg")
     parser.add_argument("--ingest", type=Path, help="a folder ingested into DATASET-ingest while the clients run")
@@ -135,12 +139,12 @@ def main() -> int:
             url, args.dataset, image, args.image_share, number, start, tally)))
     for thread in clients:
         thread.start()
-    began = time.monotonic()
-    tally.deadline = began + args.seconds
+    tally.counting_from = time.monotonic() + args.warmup
+    tally.deadline = tally.counting_from + args.seconds
     start.wait()
     for thread in clients:
-        thread.join(args.seconds + REQUEST_TIMEOUT_SECONDS + 10)
-    wall = time.monotonic() - began
+        thread.join(max(0.0, tally.deadline - time.monotonic()) + REQUEST_TIMEOUT_SECONDS + 10)
+    wall = time.monotonic() - tally.counting_from
 
     ingest_report = None
     if ingest is not None:
@@ -152,6 +156,7 @@ def main() -> int:
         "api_url": url,
         "clients": args.clients,
         "seconds": round(wall, 1),
+        "warmup_seconds": args.warmup,
         "image_share": args.image_share,
         "during_ingest": str(args.ingest) if args.ingest else None,
         "requests": len(latencies),
@@ -168,7 +173,8 @@ def main() -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"CPU: {summary['cpu']}")
-        print(f"{args.clients} clients for {wall:.1f} s against {url} (image share {args.image_share:g}"
+        print(f"{args.clients} clients for {wall:.1f} s after {args.warmup:g} s of warm-up against {url} "
+              f"(image share {args.image_share:g}"
               f"{', during an ingest of ' + str(args.ingest) if args.ingest else ''})")
         print(f"requests: {len(latencies)}, {summary['requests_per_second']} requests/s")
         print("latency ms: " + ", ".join(f"{name} {value}" for name, value in summary["latency_ms"].items())
