@@ -133,6 +133,12 @@ class SearchCatalog(Protocol):
 
     def remove_dataset(self, name: str) -> DatasetRemoval: ...  # raises DatasetNotFound
 
+    def filtered_image_ids(
+        self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
+    ) -> Sequence[int]:
+        """Ids of the indexed images whose key starts with `key_prefix` and that were ingested in [since, until)."""
+        ...
+
 
 # --- ingestion side -------------------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ new segments are fetched (in parallel), retired ones are dropped and the deleted
 Snapshots are swapped whole, so concurrent requests never see a half-refreshed index.
 
 Deleted ids are excluded inside FAISS (an id selector), so a query costs the same however many
-vectors await compaction.
+vectors await compaction; filters (key prefix, ingest time) are id selectors too, built from the
+catalog's matching ids, so a filtered page holds k hits without fetching more and dropping.
+Pages are cut from one ranking ordered by (score, id), the same for every page while the dataset does
+not change.
 """
 
 from __future__ import annotations
@@ -33,13 +36,31 @@ from clipsearch.errors import (
     TransientError,
 )
 from clipsearch.ports import Dataset, ObjectStore, SearchCatalog, SegmentRef
-from clipsearch.search_results import DEFAULT_K, MAX_K, SearchHit, SearchResult
+from clipsearch.datasets import dataset_prefix
+from clipsearch.search_results import (
+    DEFAULT_K,
+    MAX_K,
+    MIN_COMBINED_NORM,
+    MIN_DUPLICATE_SCORE,
+    DuplicateGroup,
+    DuplicateReport,
+    ImageFilter,
+    InvalidParameter,
+    QueryTerm,
+    SearchHit,
+    SearchOptions,
+    SearchResult,
+    check_terms,
+)
 from clipsearch.segments import load_segment
 
 logger = logging.getLogger(__name__)
 
 # How often the live segments and deleted ids are read again when a commit lands between the reads.
 _CONSISTENT_READ_ATTEMPTS = 5
+# Finding duplicates compares every vector with every other: 20k x 20k x 512 is ~2e11 multiply-adds,
+# a few seconds on two cores. Beyond that it needs an approximate pass (not built).
+MAX_DUPLICATE_SCAN = 20_000
 
 
 class QueryVector(Protocol):
@@ -89,16 +110,27 @@ class FaissSegment:
         k = min(k, self._index.ntotal)
         if k == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        params = None
-        if allowed is not None:
-            # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
-            if self._ef_search is None:
-                params = faiss.SearchParameters(sel=allowed)
-            else:
-                params = faiss.SearchParametersHNSW(sel=allowed, efSearch=self._ef_search)
-        scores, ids = self._index.search(query, k, params=params)
+        scores, ids = self._index.search(query, k, params=self._parameters(allowed))
         found = ids[0] >= 0
         return scores[0][found], ids[0][found]
+
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, in the order of `ids`."""
+        return self._index.index.reconstruct_n(0, self._index.ntotal)
+
+    def range_search(
+        self, queries: np.ndarray, min_score: float, allowed: faiss.IDSelector | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each query row, the vectors scoring at least `min_score`: FAISS's (limits, scores, ids)."""
+        return self._index.range_search(queries, min_score, params=self._parameters(allowed))
+
+    def _parameters(self, allowed: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+        if allowed is None:
+            return None
+        # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
+        if self._ef_search is None:
+            return faiss.SearchParameters(sel=allowed)
+        return faiss.SearchParametersHNSW(sel=allowed, efSearch=self._ef_search)
 
 
 T = TypeVar("T")
@@ -155,19 +187,38 @@ class DatasetIndex:
             live=faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted)) if len(deleted) else None,
         )
 
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and vectors of every live image, each once."""
+        id_parts, vector_parts = [], []
+        for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
+            ids, vectors = loaded.segment.ids, loaded.segment.vectors()
+            if deleted_count:
+                keep = np.array([self.live.is_member(int(image_id)) for image_id in ids], dtype=bool)
+                ids, vectors = ids[keep], vectors[keep]
+            id_parts.append(ids)
+            vector_parts.append(vectors)
+        if not id_parts:
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        ids, first = np.unique(np.concatenate(id_parts), return_index=True)
+        return ids, np.ascontiguousarray(np.concatenate(vector_parts)[first])
+
     def is_current(self, dataset: Dataset) -> bool:
         """True when this snapshot is at least as new as the row a request read (a refresh may have
         read a newer version than the row that asked for it)."""
         return self.dataset_id == dataset.id and self.index_version >= dataset.index_version
 
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The k best live (image id, score) pairs: a segment holding deleted vectors searches through
-        the live-id selector (the others without, which is faster); an id found in two segments counts once."""
+    def search(
+        self, vector: np.ndarray, k: int, allowed: faiss.IDSelector | None = None
+    ) -> list[tuple[int, float]]:
+        """The k best live (image id, score) pairs, ties broken by id: a segment holding deleted vectors
+        searches through the live-id selector (the others without, which is faster); `allowed`, holding
+        only live ids, replaces it in every segment; an id found in two segments counts once."""
         candidates: list[tuple[float, int]] = []
         for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
-            scores, ids = loaded.segment.search(vector, k, self.live if deleted_count else None)
+            selector = allowed if allowed is not None else (self.live if deleted_count else None)
+            scores, ids = loaded.segment.search(vector, k, selector)
             candidates.extend(zip(scores.tolist(), ids.tolist()))
-        candidates.sort(key=lambda candidate: -candidate[0])
+        candidates.sort(key=lambda candidate: (-candidate[0], candidate[1]))
         hits: list[tuple[int, float]] = []
         seen: set[int] = set()
         for score, image_id in candidates:
@@ -210,47 +261,156 @@ class SearchService:
         on the request's thread (metrics, without this module knowing how they are published)."""
         self._cache_listener = listener
 
-    def search_text(self, dataset: str, query: str, k: int = DEFAULT_K, presign: bool = False) -> SearchResult:
+    def search_text(
+        self, dataset: str, query: str, k: int = DEFAULT_K, presign: bool = False,
+        options: SearchOptions = SearchOptions(),
+    ) -> SearchResult:
         _check_k(k)
+        options.check()
         if not query.strip():
             raise InvalidRequest("query is empty")
         self._warm_up(self._text_encoder)
         row = self._dataset(dataset)
         self._prefetch_index(row)
         embedding = self._text_encoder.get().embed_text(query)
-        return self._search(row, embedding.vector, k, presign, truncated=embedding.truncated)
+        return self._search(row, embedding.vector, k, presign, options, truncated=embedding.truncated)
 
     def search_image(
-        self, dataset: str, image: bytes, name: str = "query image", k: int = DEFAULT_K, presign: bool = False
+        self, dataset: str, image: bytes, name: str = "query image", k: int = DEFAULT_K, presign: bool = False,
+        options: SearchOptions = SearchOptions(),
     ) -> SearchResult:
         _check_k(k)
-        self._check_size(name, len(image))
-        if not image:
-            raise InvalidRequest("the image is empty")
+        options.check()
+        self._check_image(name, image)
         self._warm_up(self._image_encoder)
         row = self._dataset(dataset)
         self._prefetch_index(row)
         embedding = self._image_encoder.get().embed_image(image, name)
-        return self._search(row, embedding.vector, k, presign)
+        return self._search(row, embedding.vector, k, presign, options)
 
     def search_stored_image(
-        self, dataset: str, key: str, k: int = DEFAULT_K, presign: bool = False
+        self, dataset: str, key: str, k: int = DEFAULT_K, presign: bool = False,
+        options: SearchOptions = SearchOptions(),
     ) -> SearchResult:
         """Query by an image already in the bucket, under datasets/<dataset>/ (missing -> ObjectNotFound),
         within the request byte limit (checked on its size before it is fetched)."""
         _check_k(k)
+        options.check()
         check_caller_image_key(dataset, key)
         self._warm_up(self._image_encoder)
         row = self._dataset(dataset)
         self._prefetch_index(row)
+        embedding = self._image_encoder.get().embed_image(self._stored_image(key), key)
+        return self._search(row, embedding.vector, k, presign, options)
+
+    def search_terms(
+        self, dataset: str, terms: Sequence[QueryTerm], k: int = DEFAULT_K, presign: bool = False,
+        options: SearchOptions = SearchOptions(),
+    ) -> SearchResult:
+        """Query arithmetic: the normalized weighted sum of the terms' embeddings (a negative weight
+        pushes results away from its term)."""
+        _check_k(k)
+        options.check()
+        check_terms(terms)
+        for position, term in enumerate(terms):
+            if term.key is not None:
+                check_caller_image_key(dataset, term.key)
+            if term.image is not None:
+                self._check_image(f"terms[{position}].image_base64", term.image)
+        if any(term.text is not None for term in terms):
+            self._warm_up(self._text_encoder)
+        if any(term.text is None for term in terms):
+            self._warm_up(self._image_encoder)
+        row = self._dataset(dataset)
+        self._prefetch_index(row)
+        combined = np.zeros(0, np.float32)
+        truncated = False
+        for position, term in enumerate(terms):
+            if term.text is not None:
+                embedding = self._text_encoder.get().embed_text(term.text)
+                truncated = truncated or embedding.truncated
+            elif term.image is not None:
+                embedding = self._image_encoder.get().embed_image(term.image, f"terms[{position}].image_base64")
+            else:
+                embedding = self._image_encoder.get().embed_image(self._stored_image(term.key), term.key)
+            weighted = term.weight * np.asarray(embedding.vector, dtype=np.float32)
+            combined = weighted if not combined.size else combined + weighted
+        norm = float(np.linalg.norm(combined))
+        if norm < MIN_COMBINED_NORM:
+            raise InvalidParameter("terms", "the weighted terms cancel out: their sum points nowhere")
+        return self._search(row, combined / norm, k, presign, options, truncated=truncated)
+
+    def find_duplicates(self, dataset: str, min_score: float) -> DuplicateReport:
+        """Groups of images whose vectors score at least `min_score` with another member (a range search
+        of every live vector against every segment), biggest groups first."""
+        if not (np.isfinite(min_score) and MIN_DUPLICATE_SCORE <= min_score <= 1):
+            raise InvalidParameter("min_score", f"must be between {MIN_DUPLICATE_SCORE} and 1, got {min_score}")
+        row = self._dataset(dataset)
+        index = self._index(row)
+        ids, vectors = index.live_vectors()
+        if len(ids) > MAX_DUPLICATE_SCAN:
+            raise InvalidRequest(
+                f"dataset {dataset!r} has {len(ids)} vectors; finding duplicates scans at most {MAX_DUPLICATE_SCAN}"
+            )
+        links: dict[tuple[int, int], float] = {}
+        if len(ids):
+            for loaded, deleted_count in zip(index.segments, index.deleted_per_segment):
+                limits, scores, found = loaded.segment.range_search(
+                    vectors, min_score, index.live if deleted_count else None
+                )
+                for row_number, image_id in enumerate(ids.tolist()):
+                    start, end = limits[row_number], limits[row_number + 1]
+                    for score, other in zip(scores[start:end].tolist(), found[start:end].tolist()):
+                        if other != image_id:
+                            pair = (min(image_id, other), max(image_id, other))
+                            links[pair] = max(score, links.get(pair, -1.0))
+        return DuplicateReport(row.name, row.model_id, min_score, self._duplicate_groups(links))
+
+    def _duplicate_groups(self, links: Mapping[tuple[int, int], float]) -> list[DuplicateGroup]:
+        parent: dict[int, int] = {}
+
+        def root(image_id: int) -> int:
+            parent.setdefault(image_id, image_id)
+            while parent[image_id] != image_id:
+                parent[image_id] = parent[parent[image_id]]
+                image_id = parent[image_id]
+            return image_id
+
+        best_link: dict[int, float] = {}
+        for (first, second), score in links.items():
+            parent[root(first)] = root(second)
+            for image_id in (first, second):
+                best_link[image_id] = max(score, best_link.get(image_id, -1.0))
+        locations = self._catalog.image_locations(list(best_link)) if best_link else {}
+        members: dict[int, list[int]] = {}
+        for image_id in best_link:
+            if image_id in locations:  # removed since the index snapshot
+                members.setdefault(root(image_id), []).append(image_id)
+        groups = []
+        for group in members.values():
+            if len(group) < 2:
+                continue
+            group.sort(key=lambda image_id: locations[image_id].key)
+            groups.append(DuplicateGroup([
+                self._hit(position + 1, best_link[image_id], locations[image_id], presign=False)
+                for position, image_id in enumerate(group)
+            ]))
+        groups.sort(key=lambda group: (-len(group.hits), group.hits[0].key))
+        return groups
+
+    def _stored_image(self, key: str) -> bytes:
         info = self._store.head(key)
         if info is None:
             raise ObjectNotFound(key)
         self._check_size(key, info.size)
         image = self._store.get(key)
         self._check_size(key, len(image.data))  # replaced by a larger object since the head
-        embedding = self._image_encoder.get().embed_image(image.data, key)
-        return self._search(row, embedding.vector, k, presign)
+        return image.data
+
+    def _check_image(self, name: str, image: bytes) -> None:
+        self._check_size(name, len(image))
+        if not image:
+            raise InvalidRequest(f"{name}: the image is empty")
 
     def _check_size(self, name: str, size: int) -> None:
         if size > self._max_image_bytes:
@@ -270,29 +430,51 @@ class SearchService:
         return row
 
     def _search(
-        self, dataset: Dataset, vector: np.ndarray, k: int, presign: bool, truncated: bool = False
+        self, dataset: Dataset, vector: np.ndarray, k: int, presign: bool, options: SearchOptions,
+        truncated: bool = False,
     ) -> SearchResult:
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         index = self._index(dataset)
-        with _one_faiss_thread():
-            ranked = index.search(query, k)
-        locations = self._catalog.image_locations([image_id for image_id, _ in ranked]) if ranked else {}
+        allowed = self._filter_selector(dataset, options.image_filter)
+        ranked: list[tuple[int, float]] = []
+        if allowed is not False:
+            with _one_faiss_thread():
+                ranked = index.search(query, options.offset + k, allowed)
+        if options.min_score is not None:
+            ranked = [(image_id, score) for image_id, score in ranked if score >= options.min_score]
+        autocut_at = None
+        if options.autocut:
+            autocut_at = largest_gap_cut([score for _, score in ranked])
+            ranked = ranked[:autocut_at]
+        page = ranked[options.offset:options.offset + k]
+        locations = self._catalog.image_locations([image_id for image_id, _ in page]) if page else {}
         hits = []
-        for image_id, score in ranked:
+        for position, (image_id, score) in enumerate(page):
             location = locations.get(image_id)
             if location is None:  # removed between the index snapshot and now
                 continue
-            hits.append(
-                SearchHit(
-                    rank=len(hits) + 1,
-                    score=score,
-                    image_id=image_id,
-                    key=location.key,
-                    path=location.source_path or f"s3://{location.bucket}/{location.key}",
-                    url=self._store.presigned_url(location.key) if presign else None,
-                )
-            )
-        return SearchResult(dataset.name, dataset.model_id, k, hits, truncated)
+            hits.append(self._hit(options.offset + position + 1, score, location, presign))
+        return SearchResult(dataset.name, dataset.model_id, k, hits, truncated, options.offset, autocut_at)
+
+    def _hit(self, rank: int, score: float, location, presign: bool) -> SearchHit:
+        return SearchHit(
+            rank=rank,
+            score=score,
+            image_id=location.id,
+            key=location.key,
+            path=location.source_path or f"s3://{location.bucket}/{location.key}",
+            url=self._store.presigned_url(location.key) if presign else None,
+        )
+
+    def _filter_selector(self, dataset: Dataset, image_filter: ImageFilter) -> faiss.IDSelector | None | bool:
+        """None without a filter; False when no image matches; else a selector of the matching (live) ids."""
+        if not image_filter.active:
+            return None
+        key_prefix = dataset_prefix(dataset.name) + (image_filter.key_prefix or "")
+        ids = self._catalog.filtered_image_ids(dataset.id, key_prefix, image_filter.since, image_filter.until)
+        if not ids:
+            return False
+        return faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
@@ -385,6 +567,15 @@ def _one_faiss_thread() -> Iterator[None]:
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:
     """The listener until one is given."""
+
+
+def largest_gap_cut(scores: Sequence[float]) -> int:
+    """How many of the descending `scores` come before the largest drop between two neighbours (all of
+    them when there are fewer than three: one gap says nothing about where relevance ends)."""
+    if len(scores) < 3:
+        return len(scores)
+    gaps = [scores[position] - scores[position + 1] for position in range(len(scores) - 1)]
+    return gaps.index(max(gaps)) + 1
 
 
 def _check_k(k: int) -> None:

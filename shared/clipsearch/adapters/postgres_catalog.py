@@ -161,6 +161,23 @@ class PostgresCatalog:
             for row in rows
         }
 
+    def filtered_image_ids(
+        self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
+    ) -> Sequence[int]:
+        conditions, params = ["dataset_id = %s", "status = 'indexed'"], [dataset_id]
+        if key_prefix:
+            conditions.append("starts_with(object_key, %s)")
+            params.append(key_prefix)
+        if since is not None:
+            conditions.append("created_at >= %s")
+            params.append(since)
+        if until is not None:
+            conditions.append("created_at < %s")
+            params.append(until)
+        with self._database.transaction() as connection:
+            rows = connection.execute(f"SELECT id FROM images WHERE {' AND '.join(conditions)}", params).fetchall()
+        return [row["id"] for row in rows]
+
     def remove_dataset(self, name: str) -> DatasetRemoval:
         validate_dataset_name(name)
         with self._database.transaction() as connection:

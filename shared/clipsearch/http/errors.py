@@ -27,6 +27,8 @@ from clipsearch.errors import (
     TransientError,
     UnsupportedMediaType,
 )
+from clipsearch.http.models import NAMED_PARAMETERS
+from clipsearch.search_results import InvalidParameter
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,15 @@ def register_error_handlers(app: ApiGatewayResolver) -> None:
         logger.warning("503 unavailable: %s", error)
         return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", UNAVAILABLE_MESSAGE)
 
+    @app.exception_handler(InvalidParameter)
+    def invalid_parameter(error: InvalidParameter) -> Response:
+        logger.info("400 invalid_%s: %s", error.parameter, error)
+        return error_response(HTTPStatus.BAD_REQUEST, f"invalid_{error.parameter}", str(error))
+
     @app.exception_handler(RequestValidationError)
     def invalid_request(error: RequestValidationError) -> Response:
-        return error_response(HTTPStatus.BAD_REQUEST, "invalid_request", _describe(error.errors()))
+        errors = error.errors()
+        return error_response(HTTPStatus.BAD_REQUEST, validation_code(errors), _describe(errors))
 
     @app.exception_handler(RequestUnsupportedContentType)
     def unsupported_content_type(error: RequestUnsupportedContentType) -> Response:
@@ -96,6 +104,15 @@ def _domain_handler(status: HTTPStatus, code: str) -> Callable[[Exception], Resp
         return error_response(status, code, str(error))
 
     return handle
+
+
+def validation_code(errors) -> str:
+    """invalid_<parameter> when every error is about one named parameter ('body.offset', 'query.min_score',
+    'body.terms.0.weight'), else invalid_request."""
+    parameters = {str(error["loc"][1]) if len(error.get("loc", ())) > 1 else None for error in errors}
+    if len(parameters) == 1 and (parameter := parameters.pop()) in NAMED_PARAMETERS:
+        return f"invalid_{parameter}"
+    return "invalid_request"
 
 
 def _describe(errors) -> str:

@@ -7,6 +7,7 @@ import binascii
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -16,25 +17,48 @@ from aws_lambda_powertools.event_handler import (
     content_types,
 )
 from aws_lambda_powertools.event_handler.openapi.params import Query
-from pydantic import ValidationError
+from pydantic import AwareDatetime, ValidationError
 
 from clipsearch.dataset_service import DatasetService
 from clipsearch.errors import InvalidRequest, UnsupportedMediaType
 from clipsearch.http.errors import register_error_handlers
 from clipsearch.http.models import (
+    AUTOCUT_DESCRIPTION,
+    MIN_SCORE_DESCRIPTION,
+    OFFSET_DESCRIPTION,
+    PREFIX_DESCRIPTION,
+    SINCE_DESCRIPTION,
+    UNTIL_DESCRIPTION,
     DatasetDeleted,
     DatasetDetail,
     DatasetList,
     DatasetOut,
+    DuplicateGroupOut,
+    DuplicateOut,
+    DuplicatesResponse,
     ErrorResponse,
     FailureOut,
     ImageSearchRequest,
+    QueryTermIn,
     SearchHitOut,
     SearchResponse,
     TextSearchRequest,
 )
 from clipsearch.ports import DatasetSummary
-from clipsearch.search_results import DEFAULT_K, MAX_K, SearchResult
+from clipsearch.search_results import (
+    DEFAULT_DUPLICATE_SCORE,
+    DEFAULT_K,
+    MAX_K,
+    MAX_OFFSET,
+    MAX_PREFIX_CHARS,
+    MIN_DUPLICATE_SCORE,
+    DuplicateReport,
+    ImageFilter,
+    InvalidParameter,
+    QueryTerm,
+    SearchOptions,
+    SearchResult,
+)
 
 if TYPE_CHECKING:  # the datasets function must not import faiss and onnxruntime
     from clipsearch.search import SearchService
@@ -47,6 +71,16 @@ KParam = Annotated[
 ]
 MAX_JSON_DEPTH_MESSAGE = "the JSON body is nested too deeply"
 PresignParam = Annotated[bool, Query(description="Add a presigned GET URL to each result.")]
+OffsetParam = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)]
+MinScoreParam = Annotated[float | None, Query(ge=-1, le=1, description=MIN_SCORE_DESCRIPTION)]
+AutocutParam = Annotated[bool, Query(description=AUTOCUT_DESCRIPTION)]
+PrefixParam = Annotated[str | None, Query(max_length=MAX_PREFIX_CHARS, description=PREFIX_DESCRIPTION)]
+SinceParam = Annotated[AwareDatetime | None, Query(description=SINCE_DESCRIPTION)]
+UntilParam = Annotated[AwareDatetime | None, Query(description=UNTIL_DESCRIPTION)]
+DuplicateScoreParam = Annotated[
+    float,
+    Query(ge=MIN_DUPLICATE_SCORE, le=1, description="The cosine at or above which two images are duplicates."),
+]
 
 
 def _responses(success: type, *errors: int) -> dict:
@@ -97,7 +131,15 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
     )
     def search_text(dataset: str, request: TextSearchRequest, presign: PresignParam = False) -> SearchResponse:
         started = time.perf_counter()
-        result = observed_service().search_text(dataset, request.query, request.k, presign)
+        options = _options(
+            request.offset, request.min_score, request.autocut, request.prefix, request.since, request.until
+        )
+        service = observed_service()
+        if request.terms is not None:
+            terms = [_query_term(position, term) for position, term in enumerate(request.terms)]
+            result = service.search_terms(dataset, terms, request.k, presign, options)
+        else:
+            result = service.search_text(dataset, request.query or "", request.k, presign, options)
         return answer(result, "text", started)
 
     @app.post(
@@ -113,27 +155,53 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
         tags=["search"],
         openapi_extensions=_IMAGE_REQUEST_BODY,
     )
-    def search_image(dataset: str, k: KParam = None, presign: PresignParam = False) -> SearchResponse:
+    def search_image(
+        dataset: str,
+        k: KParam = None,
+        presign: PresignParam = False,
+        offset: OffsetParam = 0,
+        min_score: MinScoreParam = None,
+        autocut: AutocutParam = False,
+        prefix: PrefixParam = None,
+        since: SinceParam = None,
+        until: UntilParam = None,
+    ) -> SearchResponse:
         started = time.perf_counter()
-        _check_query_k_digits(app.current_event.query_string_parameters or {})
+        _check_query_digits(app.current_event.query_string_parameters or {})
+        options = _options(offset, min_score, autocut, prefix, since, until)
         service = observed_service()
         content_type = (app.current_event.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type.startswith("image/"):
             image = _raw_body(app.current_event)
-            result = service.search_image(dataset, image, "request body", k or DEFAULT_K, presign)
+            result = service.search_image(dataset, image, "request body", k or DEFAULT_K, presign, options)
         elif content_type in ("application/json", ""):
             request = _image_request(app.current_event.decoded_body)
             k = request.k or k or DEFAULT_K
             if request.key is not None:
-                result = service.search_stored_image(dataset, request.key, k, presign)
+                result = service.search_stored_image(dataset, request.key, k, presign, options)
             else:
                 image = _base64(request.image_base64 or "")
-                result = service.search_image(dataset, image, "image_base64", k, presign)
+                result = service.search_image(dataset, image, "image_base64", k, presign, options)
         else:
             raise UnsupportedMediaType(
                 f"content type {content_type!r}: send image/* or application/json"
             )
         return answer(result, "image", started)
+
+    @app.get(
+        "/datasets/<dataset>/duplicates",
+        summary="Groups of near-duplicate images",
+        description=(
+            "A range search of every indexed image against the dataset's index: images scoring at least "
+            "min_score with another image are grouped (transitively). Scans at most 20,000 images (else 400)."
+        ),
+        responses=_responses(DuplicatesResponse, 400, 404, 409, 500, 503),
+        tags=["search"],
+    )
+    def duplicates(dataset: str, min_score: DuplicateScoreParam = DEFAULT_DUPLICATE_SCORE) -> DuplicatesResponse:
+        started = time.perf_counter()
+        report = observed_service().find_duplicates(dataset, min_score)
+        return _duplicates_response(report, started)
 
     _openapi_route(app)
     return app
@@ -211,13 +279,45 @@ def _search_response(result: SearchResult, started: float) -> SearchResponse:
         dataset=result.dataset,
         model=result.model_id,
         k=result.k,
+        offset=result.offset,
         results=[
             SearchHitOut(rank=hit.rank, score=hit.score, path=hit.path, key=hit.key, url=hit.url)
             for hit in result.hits
         ],
         took_ms=round((time.perf_counter() - started) * 1000, 3),
         truncated=result.truncated,
+        autocut_at=result.autocut_at,
     )
+
+
+def _duplicates_response(report: DuplicateReport, started: float) -> DuplicatesResponse:
+    return DuplicatesResponse(
+        dataset=report.dataset,
+        model=report.model_id,
+        min_score=report.min_score,
+        groups=[
+            DuplicateGroupOut(images=[DuplicateOut(path=hit.path, key=hit.key, score=hit.score) for hit in group.hits])
+            for group in report.groups
+        ],
+        took_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+def _options(
+    offset: int, min_score: float | None, autocut: bool, prefix: str | None,
+    since: datetime | None, until: datetime | None,
+) -> SearchOptions:
+    return SearchOptions(offset, min_score, autocut, ImageFilter(prefix or None, since, until))
+
+
+def _query_term(position: int, term: QueryTermIn) -> QueryTerm:
+    image = None
+    if term.image_base64 is not None:
+        try:
+            image = base64.b64decode(term.image_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameter("terms", f"term {position}: the image is not valid base64") from None
+    return QueryTerm(weight=term.weight, text=term.text, image=image, key=term.key)
 
 
 def _dataset_out(summary: DatasetSummary) -> DatasetOut:
@@ -240,11 +340,14 @@ def _json_body(body: str):
         raise InvalidRequest(MAX_JSON_DEPTH_MESSAGE) from None
 
 
-def _check_query_k_digits(query: dict[str, str]) -> None:
-    """The query-string k as Python's int() would read it also allows '+5', ' 5', '5_0', '5.0': only digits pass."""
+def _check_query_digits(query: dict[str, str]) -> None:
+    """Query-string integers as Python's int() would read them also allow '+5', ' 5', '5_0', '5.0': only digits pass."""
     k = query.get("k")
     if k is not None and not (k.isascii() and k.isdigit()):
         raise InvalidRequest("query.k: must be an integer written in decimal digits")
+    offset = query.get("offset")
+    if offset is not None and not (offset.isascii() and offset.isdigit()):
+        raise InvalidParameter("offset", "must be an integer written in decimal digits")
 
 
 def _raw_body(event) -> bytes:
