@@ -38,6 +38,7 @@ NOT_IN_LAYER = ("clipsearch_tools", "yaml", "_yaml", "tqdm", "moto", "torch", "t
 EXPECTED_ROUTES = {
     ("SearchFunction", "POST", "/datasets/{dataset}/search/text"),
     ("SearchFunction", "POST", "/datasets/{dataset}/search/image"),
+    ("SearchFunction", "GET", "/datasets/{dataset}/duplicates"),
     ("SearchFunction", "GET", "/openapi.json"),
     ("DatasetsFunction", "GET", "/datasets"),
     ("DatasetsFunction", "GET", "/datasets/{dataset}"),
