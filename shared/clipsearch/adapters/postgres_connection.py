@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ class Database:
         with self._lock:
             if self._connection is None or self._connection.closed or self._connection.broken:
                 self._connection = self._connect()
+            elif _ended_by_server(self._connection):
+                logger.warning("PostgreSQL ended the idle connection (a restart or an outage); reconnecting")
+                self._connection.close()
+                self._connection = self._connect()
             connection = self._connection
             try:
                 with connection.transaction():
@@ -58,6 +63,16 @@ class Database:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+
+def _ended_by_server(connection: psycopg.Connection) -> bool:
+    """Whether the server spoke on this idle connection: it only does so unasked to end the session (FATAL on a
+    shutdown, a restart, a terminated backend), so the next statement would fail. One non-blocking poll."""
+    try:
+        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _domain_error(connection: psycopg.Connection, error: psycopg.Error) -> ClipsearchError:
