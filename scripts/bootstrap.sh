@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything clipsearch needs on a fresh machine: system packages, .venv (runtime, export, dev),
-# and .venv-sam (AWS SAM CLI, kept apart because it pins older boto3/click). Safe to re-run.
+# .venv-sam (AWS SAM CLI, kept apart because it pins older boto3/click) and .venv-checkov. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .cache
@@ -39,5 +39,13 @@ if [ "${CLIPSEARCH_SKIP_SAM:-0}" != "1" ] && [ ! -x .venv-sam/bin/sam ]; then
   quiet python3 -m venv .venv-sam
   quiet .venv-sam/bin/python -m pip install -q --upgrade pip
   quiet .venv-sam/bin/python -m pip install -q "aws-sam-cli==1.170.0" "cfn-lint==1.58.0"
+fi
+
+# checkov (the template's static security check) would downgrade .venv's boto3 to 1.35: its own venv
+# (~70 s, 289 MB).
+if [ "${CLIPSEARCH_SKIP_CHECKOV:-0}" != "1" ] && [ ! -x .venv-checkov/bin/checkov ]; then
+  quiet python3 -m venv .venv-checkov
+  quiet .venv-checkov/bin/python -m pip install -q --upgrade pip
+  quiet .venv-checkov/bin/python -m pip install -q "checkov==3.3.30"
 fi
 echo "bootstrap: done" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import functools
 import json
@@ -18,6 +19,7 @@ from aws_lambda_powertools.utilities.parser.models import (
     S3Model,
     SqsModel,
 )
+from clipsearch.adapters.postgres_connection import RDS_CA_BUNDLE
 from clipsearch_tools.local.template import CloudFormationLoader
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -256,6 +258,36 @@ def test_bucket_refuses_requests_without_tls(resources: dict, bucket: str, polic
     assert deny["Resource"] == [{"Fn::GetAtt": [bucket, "Arn"]}, {"Fn::Sub": f"${{{bucket}.Arn}}/*"}]
 
 
+CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
+CHECKOV_SUPPRESSIONS = REPO / "infra" / "checkov-suppressions.yaml"
+JWT_MODE = {"AuthMode": "JWT", "JwtIssuer": "https://issuer.example.com/", "JwtAudience": "client-a"}
+
+
+def test_checkov_finds_nothing_beyond_the_listed_suppressions(tmp_path: Path):
+    if not CHECKOV.exists():
+        pytest.skip(f"checkov is not installed in {CHECKOV.parent.parent} (scripts/bootstrap.sh installs it)")
+    files = []
+    for name, parameters in (("iam-mode.json", {}), ("jwt-mode.json", JWT_MODE)):
+        (tmp_path / name).write_text(_translated_json(json.dumps(parameters, sort_keys=True)))
+        files += ["--file", str(tmp_path / name)]
+    # No platform downloads; a dead loopback proxy makes any request checkov still tries fail on this machine.
+    environment = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "HTTPS_PROXY": "http://127.0.0.1:9",
+                   "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    result = _run([str(CHECKOV), *files, "--framework", "cloudformation", "--skip-download", "--output", "json",
+                   "--quiet"], environment, timeout=600)
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    summary, failed_checks = report["summary"], report["results"]["failed_checks"]
+    assert summary["parsing_errors"] == 0 and summary["passed"] > 100, summary
+    found = {(check["check_id"], check["resource"]) for check in failed_checks}
+
+    suppressions = yaml.safe_load(CHECKOV_SUPPRESSIONS.read_text())
+    assert all(len(entry["reason"].split()) >= 10 for entry in suppressions.values()), "every suppression says why"
+    suppressed = {(check_id, resource) for check_id, entry in suppressions.items() for resource in entry["resources"]}
+    assert sorted(found - suppressed) == [], "new checkov findings: fix them or list them with a reason"
+    assert sorted(suppressed - found) == [], "suppressions that no longer fire: remove them"
+
+
 # --- structural invariants ----------------------------------------------------------------------
 
 
@@ -463,16 +495,21 @@ def test_events_readme_names_every_event_file():
 
 def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
     build_dir = tmp_path / "build"
+    ca_bundle = tmp_path / "global-bundle.pem"
+    ca_bundle.write_bytes(_self_signed_ca_pem("test RDS root"))
     result = _run(
         [
             str(SAM_VENV / "bin" / "sam"), "build", "--template-file", str(TEMPLATE), "--base-dir", str(REPO),
             "--build-dir", str(build_dir), "--cache-dir", str(tmp_path / "cache"),
         ],
-        _sam_env(),
+        {**_sam_env(), "RDS_CA_BUNDLE": str(ca_bundle)},
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
+    # the layer unpacks under /opt, where the functions look for the database's CA bundle
+    packaged_bundle = build_dir / "ClipsearchLayer" / RDS_CA_BUNDLE.removeprefix("/opt/")
+    assert packaged_bundle.read_bytes() == ca_bundle.read_bytes()
     layer = build_dir / "ClipsearchLayer" / "python"
     assert (layer / "clipsearch" / "__init__.py").is_file()
     assert not list(layer.rglob("__pycache__"))
@@ -488,6 +525,23 @@ def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
         assert (function_dir / "app.py").is_file()
         assert layer_bytes + _tree_bytes(function_dir) < LAMBDA_UNZIPPED_LIMIT, f"{name}: {layer_bytes} bytes of layer"
     _assert_layer_dependencies_complete(layer)
+
+
+def _self_signed_ca_pem(name: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM)
 
 
 def _tree_bytes(root: Path) -> int:
