@@ -184,7 +184,10 @@ def test_iam_mode_lets_only_the_admin_policy_delete_datasets(resources: dict):
 def test_api_throttles_and_logs_every_request_to_a_retained_log_group(template: dict):
     (stage,) = [r for r in _translated({})["Resources"].values() if r["Type"] == "AWS::ApiGatewayV2::Stage"]
     settings = stage["Properties"]
-    assert settings["DefaultRouteSettings"] == {"ThrottlingRateLimit": 50, "ThrottlingBurstLimit": 100}
+    assert settings["DefaultRouteSettings"] == {"ThrottlingRateLimit": 50, "ThrottlingBurstLimit": 20}
+    defaults = template["Parameters"]
+    # a burst the API lets through must fit the search function's reserved instances, even all cold
+    assert defaults["ApiThrottlingBurstLimit"]["Default"] <= defaults["SearchReservedConcurrency"]["Default"]
     assert settings["AccessLogSettings"]["DestinationArn"] == {"Fn::GetAtt": ["ApiAccessLogGroup", "Arn"]}
     entry = json.loads(settings["AccessLogSettings"]["Format"])
     assert {"requestId", "ip", "caller", "route", "status"} <= set(entry)
