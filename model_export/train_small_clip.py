@@ -162,8 +162,10 @@ def train(plan: TrainingPlan, out: Path) -> dict:
     model.eval()
     evaluation = evaluate(model, tokens, preprocessor, plan)
     save(model, tokenizer, processor, out)
+    window = max(1, min(50, plan.steps // 4))
     record = {"plan": asdict(plan), "parameters": parameters, "training_seconds": round(training_seconds, 1),
-              "first_loss": round(losses[0], 4), "final_loss": round(float(np.mean(losses[-50:])), 4),
+              "first_loss": round(float(np.mean(losses[:window])), 4),
+              "final_loss": round(float(np.mean(losses[-window:])), 4),
               "evaluation": evaluation}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.pop("out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     record = train(TrainingPlan(**args), out)
-    log.info("trained in %.1f s: loss %.4f -> %.4f, checkpoint at %s", record["training_seconds"],
+    log.info("trained in %.1f s: mean loss %.4f (first steps) -> %.4f (last steps), checkpoint at %s", record["training_seconds"],
              record["first_loss"], record["final_loss"], out)
     return 0
 
