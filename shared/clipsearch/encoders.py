@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +32,10 @@ DEFAULT_TEXT_BATCH_SIZE = 32
 # with 0 / 1 / 2 decode workers, seed-eval photos 50.4 / 51.8 / 52.9: decoding overlaps inference best
 # with two workers.
 DEFAULT_DECODE_WORKERS = 2
+# `decode_at_low_priority` runs decode threads at nice 19: inference splits each operator evenly over its
+# threads and waits for the slowest, so a decode thread holding one core stalls both; at low priority,
+# decoding takes only the cycles inference leaves idle. Off until measured on a quiet machine.
+LOWEST_NICE = 19
 
 SessionSource = ort.InferenceSession | Callable[[], ort.InferenceSession]
 
@@ -155,11 +161,13 @@ class OnnxImageEncoder:
         session: SessionSource,
         batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
         decode_workers: int = DEFAULT_DECODE_WORKERS,
+        decode_at_low_priority: bool = False,
     ) -> None:
         self.preprocessor = preprocessor
         self._session = _OnceSession(session)
         self.batch_size = batch_size
         self.decode_workers = decode_workers
+        self.decode_at_low_priority = decode_at_low_priority
 
     @classmethod
     def from_model_files(
@@ -214,7 +222,8 @@ class OnnxImageEncoder:
                 yield index, self._prepare(item)
             return
         ahead = self.batch_size + self.decode_workers
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+        lower = _lower_this_thread_priority if self.decode_at_low_priority else None
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode", initializer=lower) as pool:
             pending: deque[tuple[int, Future[PreparedImage | InvalidImage]]] = deque()
             upcoming = iter(enumerate(items))
             for index, item in upcoming:
@@ -235,3 +244,9 @@ class OnnxImageEncoder:
             ImageEmbedding(vector, prepared.width, prepared.height)
             for vector, prepared in zip(vectors, batch, strict=True)
         ]
+
+
+def _lower_this_thread_priority() -> None:
+    """Linux gives each thread its own nice value; elsewhere setpriority would lower the whole process."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_NICE)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from PIL import Image
 
 from clipsearch.encoders import (
+    LOWEST_NICE,
     ImageEmbedding,
     OnnxImageEncoder,
     OnnxTextEncoder,
@@ -121,6 +125,31 @@ def test_decoding_in_workers_or_inline_gives_the_same_embeddings(model_files, se
     pooled = OnnxImageEncoder.from_model_files(model_files, threads=1, batch_size=4, decode_workers=2)
     for left, right in zip(inline.embed_images(items), pooled.embed_images(items), strict=True):
         assert np.array_equal(left.vector, right.vector)
+
+
+class PriorityRecordingPreprocessor(ImagePreprocessor):
+    """Notes the nice value of each thread that prepares an image."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nice_values: set[int] = set()
+
+    def prepare(self, source, name):
+        self.nice_values.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().prepare(source, name)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_decode_workers_run_at_the_lowest_priority_only_when_asked(model_files, seed_eval_photos) -> None:
+    items = [ImageInput(path.name, path) for path in seed_eval_photos[:4]]
+    session = create_session(model_files.vision_graph, threads=1)
+    caller_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for low, expected in ((True, {LOWEST_NICE}), (False, {caller_nice})):
+        preprocessor = PriorityRecordingPreprocessor(model_files.preprocess())
+        encoder = OnnxImageEncoder(preprocessor, session, batch_size=2, decode_workers=2, decode_at_low_priority=low)
+        assert all(isinstance(result, ImageEmbedding) for result in encoder.embed_images(items))
+        assert preprocessor.nice_values == expected
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller_nice
 
 
 def test_bad_images_give_one_named_error_each_while_the_rest_is_embedded(model_files, tmp_path: Path) -> None:
