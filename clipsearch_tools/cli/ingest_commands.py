@@ -20,6 +20,8 @@ from clipsearch_tools.client import ApiError, ClipsearchClient
 from clipsearch_tools.object_keys import MappedKey, map_file_key
 
 _POLL_SECONDS = 1.0
+# Answers that say "not now" (throttled, the database or a function unavailable): waiting goes on through them.
+_RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass
@@ -195,9 +197,20 @@ def _wait_indexed(client: ClipsearchClient, dataset: str, expected: int, before:
     replaced images keep their count while they are re-indexed.
     """
     deadline = time.monotonic() + timeout
+    unavailable_noted = False
     with tqdm(total=expected, desc="indexing", unit="img", disable=None, leave=False) as progress:
         while True:
-            summary = _counts(client, dataset)
+            try:
+                summary = _counts(client, dataset)
+            except ApiError as error:
+                if error.status not in _RETRYABLE_STATUSES or time.monotonic() > deadline:
+                    raise
+                if not unavailable_noted:
+                    note(f"the API answered {error.status} ({error}) while waiting for dataset {dataset!r}: "
+                         "still waiting")
+                    unavailable_noted = True
+                time.sleep(_POLL_SECONDS)
+                continue
             counts = (summary or {}).get("counts", {})
             done = counts.get("indexed", 0) + counts.get("failed", 0)
             progress.n = min(done, expected)
