@@ -40,9 +40,10 @@ def dataset_prefix(dataset: str) -> str:
 
 
 def image_key(dataset: str, relative_path: str) -> str:
-    relative = PurePosixPath(relative_path.replace("\\", "/"))
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise InvalidRequest(f"invalid image path {relative_path!r}: must be relative, without '..'")
+    """The key of a `/`-separated relative path (the CLI maps local files with clipsearch_tools.object_keys)."""
+    relative = PurePosixPath(relative_path)
+    if "\\" in relative_path or relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise InvalidRequest(f"invalid image path {relative_path!r}: must be relative, without '..' or '\\'")
     return dataset_prefix(dataset) + relative.as_posix()
 
 

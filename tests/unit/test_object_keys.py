@@ -11,7 +11,9 @@ from clipsearch.datasets import (
     check_caller_image_key,
     decode_source_path,
     encode_source_path,
+    image_key,
 )
+from clipsearch.errors import InvalidRequest
 from clipsearch_tools.object_keys import MAX_METADATA_BYTES, MAX_SEGMENT_BYTES, MappedKey, RefusedName, map_file_key
 
 CAFE_NFC = unicodedata.normalize("NFC", "café.jpg")
@@ -97,3 +99,9 @@ def test_a_source_path_over_s3s_metadata_limit_is_left_out_not_cut() -> None:
     assert map_file_key("A", "x.jpg", fits).source_path_metadata == fits
     assert map_file_key("A", "x.jpg", fits + "a").source_path_metadata is None
     assert map_file_key("A", "x.jpg", "/" + "é" * 400).source_path_metadata is None  # 2,400 bytes encoded
+
+
+def test_image_key_refuses_a_backslash_rather_than_reading_it_as_a_separator() -> None:
+    assert image_key("A", "sub/x.jpg") == "datasets/A/sub/x.jpg"
+    with pytest.raises(InvalidRequest):
+        image_key("A", "sub\\x.jpg")
