@@ -3,6 +3,7 @@ role must not be able to do."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -338,16 +339,36 @@ def test_a_deleted_dataset_stays_recoverable_and_no_function_can_purge_its_versi
     s3, bucket = world.client("s3"), world.resources.bucket
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     migrated(world)
-    ingest(world, "pets", {"a.jpg": jpeg(60)})
+    ingest(world, "pets", {"a.jpg": jpeg(60), "gone.jpg": jpeg(61)})
+    marker_version = s3.delete_object(Bucket=bucket, Key="datasets/pets/gone.jpg")["VersionId"]
+    # AWS's event for a delete in a versioned bucket; moto sends none for a delete marker
+    body = json.dumps({"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2026-11-29T06:00:00.000Z", "eventName": "ObjectRemoved:DeleteMarkerCreated",
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+               "object": {"key": "datasets/pets/gone.jpg", "versionId": marker_version,
+                          "sequencer": "0065F0C1A2B3C4D5E6"}}}]})
+    event = {"Records": [{
+        "messageId": "delete-marker-1", "receiptHandle": "delete-marker-1", "body": body,
+        "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+        "md5OfBody": hashlib.md5(body.encode()).hexdigest(), "eventSource": "aws:sqs",
+        "eventSourceARN": world.resources.queue_arn, "awsRegion": "us-east-1"}]}
+    assert world.drain()["Records"] == []
+    with world.run_as("PreprocessFunction") as log:
+        assert load_function("preprocess").handler(event, CONTEXT) == {"batchItemFailures": []}
+    assert_all_allowed(log, ("HeadObject", "datasets/pets/gone.jpg"))
+    assert rows(world, "pets") == {"datasets/pets/a.jpg": "indexed", "datasets/pets/gone.jpg": "deleted"}
+
     with world.run_as("DatasetsFunction") as log:
         status, deleted = invoke(load_function("datasets"), http_event("delete_dataset", dataset="pets"))
     assert status == 200, deleted
     assert_all_allowed(log, ("DeleteObjects", "datasets/pets/"))
     assert world.keys_under("datasets/pets/") == []
     history = s3.list_object_versions(Bucket=bucket, Prefix="datasets/pets/")
-    (version,) = history["Versions"]
-    (marker,) = history["DeleteMarkers"]
-    assert version["Key"] == marker["Key"] == "datasets/pets/a.jpg"
+    version = next(v for v in history["Versions"] if v["Key"] == "datasets/pets/a.jpg")
+    marker = next(m for m in history["DeleteMarkers"] if m["Key"] == "datasets/pets/a.jpg")
+    assert {v["Key"] for v in history["Versions"]} == {m["Key"] for m in history["DeleteMarkers"]} == {
+        "datasets/pets/a.jpg", "datasets/pets/gone.jpg"}
 
     for who in sorted(FUNCTIONS):
         with pytest.raises(ClientError) as refused:
