@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +24,9 @@ from clipsearch_tools.local.state import StackState, stack_home
 API_URL_ENV = "CLIPSEARCH_API_URL"
 BUCKET_ENV = "CLIPSEARCH_BUCKET"
 _REQUEST_TIMEOUT = 300  # the first search of a fresh stack downloads and loads the model
+# The weight of an excluded text (--not): the example of issue 9; stronger pushes out results that merely
+# share the query's subject.
+EXCLUDE_WEIGHT = -0.5
 _EXECUTE_API_HOST = re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com")
 
 
@@ -90,13 +95,35 @@ class ClipsearchClient:
     def delete_dataset(self, name: str) -> dict:
         return self._request("DELETE", f"/datasets/{_segment(name)}")
 
-    def search_text(self, dataset: str, query: str, k: int) -> dict:
-        return self._request("POST", f"/datasets/{_segment(dataset)}/search/text", {"query": query, "k": k})
+    def search_text(
+        self, dataset: str, query: str, k: int, refinements: Mapping[str, object] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> dict:
+        """`refinements`: offset, min_score, autocut, prefix, since, until (None values left out);
+        each text in `exclude` becomes a term of weight EXCLUDE_WEIGHT."""
+        body: dict = {"k": k, **_present(refinements)}
+        if exclude:
+            body["terms"] = [{"text": query, "weight": 1}, *_excluded(exclude)]
+        else:
+            body["query"] = query
+        return self._request("POST", f"/datasets/{_segment(dataset)}/search/text", body)
 
-    def search_image(self, dataset: str, image: bytes, content_type: str, k: int) -> dict:
-        return self._request(
-            "POST", f"/datasets/{_segment(dataset)}/search/image?k={k}", raw=(image, content_type)
-        )
+    def search_image(
+        self, dataset: str, image: bytes, content_type: str, k: int, refinements: Mapping[str, object] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> dict:
+        if exclude:  # terms mix an image with texts: the JSON body of the text route
+            terms = [{"image_base64": base64.b64encode(image).decode("ascii"), "weight": 1}, *_excluded(exclude)]
+            body = {"terms": terms, "k": k, **_present(refinements)}
+            return self._request("POST", f"/datasets/{_segment(dataset)}/search/text", body)
+        query = urllib.parse.urlencode({"k": k, **{
+            name: ("true" if value is True else value) for name, value in _present(refinements).items()
+        }})
+        return self._request("POST", f"/datasets/{_segment(dataset)}/search/image?{query}", raw=(image, content_type))
+
+    def duplicates(self, dataset: str, min_score: float) -> dict:
+        query = urllib.parse.urlencode({"min_score": min_score})
+        return self._request("GET", f"/datasets/{_segment(dataset)}/duplicates?{query}")
 
     def search_stored_image(self, dataset: str, key: str, k: int) -> dict:
         return self._request("POST", f"/datasets/{_segment(dataset)}/search/image", {"key": key, "k": k})
@@ -154,6 +181,14 @@ class ClipsearchClient:
             return bool(json.loads(manifest["Body"].read()).get("random_weights"))
         except (BotoCoreError, ClientError, ValueError):  # only a label: a manifest we cannot read must not fail the search
             return model_id.startswith("random-")
+
+
+def _present(refinements: Mapping[str, object] | None) -> dict:
+    return {name: value for name, value in (refinements or {}).items() if value not in (None, False)}
+
+
+def _excluded(texts: Sequence[str]) -> list[dict]:
+    return [{"text": text, "weight": EXCLUDE_WEIGHT} for text in texts]
 
 
 def _segment(value: str) -> str:

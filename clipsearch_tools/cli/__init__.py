@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime
 
 from clipsearch.errors import ClipsearchError
 
@@ -77,6 +78,15 @@ def _non_negative(value: str) -> int:
     return int(value)
 
 
+def _moment(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date or time in ISO 8601 (2026-01-31T18:00), not {value!r}") \
+            from None
+    return moment if moment.tzinfo else moment.astimezone()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from clipsearch_tools.cli import (
         evaluate,
@@ -133,7 +143,22 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("query", metavar=what)
         sub.add_argument("--dataset", required=True)
         sub.add_argument("-k", type=_k, default=5, help="how many results (default 5)")
+        sub.add_argument("--offset", type=_non_negative, default=0, help="skip this many ranked results (paging)")
+        sub.add_argument("--min-score", type=float, help="leave out results scoring below this cosine")
+        sub.add_argument("--autocut", action="store_true", help="stop at the largest drop in score")
+        sub.add_argument("--not", dest="exclude", action="append", default=[], metavar="TEXT",
+                         help="move away from TEXT (repeatable)")
+        sub.add_argument("--prefix", help="only images under this folder of the dataset, e.g. trips/2024/")
+        sub.add_argument("--since", type=_moment, help="only images ingested at or after (ISO 8601; local time "
+                         "when no zone is given)")
+        sub.add_argument("--until", type=_moment, help="only images ingested before (ISO 8601)")
         sub.set_defaults(run=_with_client(search_commands.search), kind=kind)
+
+    duplicates = commands.add_parser("duplicates", parents=[remote], help="groups of near-duplicate images")
+    duplicates.add_argument("--dataset", required=True)
+    duplicates.add_argument("--min-score", type=float, default=0.95, help="cosine at or above which images "
+                            "are duplicates (default 0.95)")
+    duplicates.set_defaults(run=_with_client(search_commands.duplicates))
 
     commands.add_parser("datasets", parents=[remote], help="list datasets") \
         .set_defaults(run=_with_client(search_commands.list_datasets))

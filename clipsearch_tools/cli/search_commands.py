@@ -13,25 +13,48 @@ from clipsearch_tools.client import ClipsearchClient, read_image
 
 
 def search(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    refinements = {
+        "offset": args.offset, "min_score": args.min_score, "autocut": args.autocut, "prefix": args.prefix,
+        "since": args.since.isoformat() if args.since else None,
+        "until": args.until.isoformat() if args.until else None,
+    }
     if args.kind == "text":
-        response = client.search_text(args.dataset, args.query, args.k)
+        response = client.search_text(args.dataset, args.query, args.k, refinements, args.exclude)
     else:
         path = Path(args.query)
         image = read_image(path)
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if not content_type.startswith("image/"):
             raise ClipsearchError(f"{path} does not look like an image file (by its name)")
-        response = client.search_image(args.dataset, image, content_type, args.k)
+        response = client.search_image(args.dataset, image, content_type, args.k, refinements, args.exclude)
     if client.model_has_random_weights(response["model"]):
         note(random_weights_note(response["model"]))
     if args.json:
         emit_json(response)
         return 0
     if not response["results"]:
-        print(f"no results: dataset {args.dataset} has no indexed images yet")
+        narrowed = args.offset or args.min_score is not None or args.autocut or args.prefix or args.since or args.until
+        print("no results: nothing matches these options" if narrowed
+              else f"no results: dataset {args.dataset} has no indexed images yet")
         return 0
     table(["rank", "score", "path"],
           [[hit["rank"], f"{hit['score']:.4f}", hit["path"]] for hit in response["results"]], right=(0, 1))
+    if len(response["results"]) == args.k:
+        note(f"more: --offset {args.offset + args.k}")
+    return 0
+
+
+def duplicates(args: argparse.Namespace, client: ClipsearchClient) -> int:
+    response = client.duplicates(args.dataset, args.min_score)
+    if args.json:
+        emit_json(response)
+        return 0
+    if not response["groups"]:
+        print(f"no duplicates in dataset {args.dataset} at min score {response['min_score']}")
+        return 0
+    for number, group in enumerate(response["groups"], start=1):
+        print(f"group {number}: {len(group['images'])} images")
+        table(["score", "path"], [[f"{image['score']:.4f}", image["path"]] for image in group["images"]], right=(0,))
     return 0
 
 
