@@ -22,6 +22,10 @@ is retired by the next claim that finds the bucket's version already live (recon
 pending keys, so it is never left waiting).
 
 A dataset deleted while its batch is in flight settles its images: they are logged and skipped.
+
+Each embedded image also gets a WebP thumbnail (thumbnails.py), written while the chunk's neighbours are
+fetched and, like the segment, before the commit that makes the image searchable; a removal deletes
+its key's thumbnail after the catalog forgets the image.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from clipsearch.ports import (
     StoredObject,
 )
 from clipsearch.segments import FLAT, SegmentVectors, build_segment, new_segment_id
+from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_key
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,7 @@ class _DatasetBatch:
     vectors: list[np.ndarray] = field(default_factory=list)
     indexed: list[IndexedImage] = field(default_factory=list)
     failed: list[FailedImage] = field(default_factory=list)
+    thumbnails: list[Future[None]] = field(default_factory=list)
 
     def drop(self, stale: frozenset[int]) -> None:
         keep = [position for position, image_id in enumerate(self.ids) if image_id not in stale]
@@ -137,6 +143,7 @@ class IngestService:
         fetch_workers: int = DEFAULT_FETCH_WORKERS,
         embed_chunk: int = DEFAULT_EMBED_CHUNK,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        write_thumbnails: bool = True,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -145,6 +152,7 @@ class IngestService:
         self._fetch_workers = fetch_workers
         self._embed_chunk = embed_chunk
         self._max_image_bytes = max_image_bytes
+        self._write_thumbnails = write_thumbnails
 
     def ingest(self, events: Sequence[ObjectEvent]) -> IngestReport:
         report = IngestReport()
@@ -204,7 +212,19 @@ class IngestService:
                         batch.ids.append(claim.id)
                         batch.vectors.append(result.vector)
                         batch.indexed.append(IndexedImage(claim.id, result.width, result.height))
+                        if self._write_thumbnails:
+                            batch.thumbnails.append(pool.submit(self._put_thumbnail, item.image.key, item.data))
         return batches
+
+    def _put_thumbnail(self, key: str, data: bytes) -> None:
+        """An image Pillow cannot shrink (rare: the encoder decoded it) just has no thumbnail; a storage
+        fault fails the batch's commit, to be retried."""
+        try:
+            thumbnail = make_thumbnail(data)
+        except Exception as error:  # Pillow raises many types for odd files; a preview is not worth a failure
+            logger.warning("no thumbnail for %r: %s", key, error)
+            return
+        self._store.put(thumbnail_key(key), thumbnail, content_type=THUMBNAIL_CONTENT_TYPE)
 
     def _fetch(self, key: str, events: list[ObjectEvent]) -> _Fetched:
         """GETs the object unless it is too large; a size the events lack or exceed is checked by HEAD."""
@@ -282,6 +302,8 @@ class IngestService:
     def _publish(self, batch: _DatasetBatch, report: IngestReport) -> None:
         name = batch.dataset.name
         try:
+            for written in batch.thumbnails:  # objects first: the thumbnails are in the bucket before the commit
+                written.result()
             committed = self._commit(batch)
         except DatasetNotFound:
             _skip_deleted(name, len(batch.indexed) + len(batch.failed), report)
@@ -348,6 +370,8 @@ class IngestService:
             report.removed += self._catalog.remove_images(
                 event.dataset, event.key, current.etag if current else None
             )
+            if current is None and self._write_thumbnails:
+                self._store.delete_many([thumbnail_key(event.key)])
         except TransientError as error:
             logger.warning("will retry the removal of %r: %s", event.key, error)
             report.retry_messages([event], str(error))

@@ -53,6 +53,7 @@ from clipsearch.search_results import (
     check_terms,
 )
 from clipsearch.segments import load_segment
+from clipsearch.thumbnails import thumbnail_key
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ _CONSISTENT_READ_ATTEMPTS = 5
 # Finding duplicates compares every vector with every other: 20k x 20k x 512 is ~2e11 multiply-adds,
 # a few seconds on two cores. Beyond that it needs an approximate pass (not built).
 MAX_DUPLICATE_SCAN = 20_000
+# A page shows its thumbnails at once; a short expiry limits what a copied URL gives away.
+THUMBNAIL_URL_SECONDS = 900
 
 
 class QueryVector(Protocol):
@@ -453,10 +456,10 @@ class SearchService:
             location = locations.get(image_id)
             if location is None:  # removed between the index snapshot and now
                 continue
-            hits.append(self._hit(options.offset + position + 1, score, location, presign))
+            hits.append(self._hit(options.offset + position + 1, score, location, presign, options.thumbnails))
         return SearchResult(dataset.name, dataset.model_id, k, hits, truncated, options.offset, autocut_at)
 
-    def _hit(self, rank: int, score: float, location, presign: bool) -> SearchHit:
+    def _hit(self, rank: int, score: float, location, presign: bool, thumbnail: bool = False) -> SearchHit:
         return SearchHit(
             rank=rank,
             score=score,
@@ -464,6 +467,9 @@ class SearchService:
             key=location.key,
             path=location.source_path or f"s3://{location.bucket}/{location.key}",
             url=self._store.presigned_url(location.key) if presign else None,
+            thumbnail=(
+                self._store.presigned_url(thumbnail_key(location.key), THUMBNAIL_URL_SECONDS) if thumbnail else None
+            ),
         )
 
     def _filter_selector(self, dataset: Dataset, image_filter: ImageFilter) -> faiss.IDSelector | None | bool:

@@ -52,6 +52,7 @@ class SearchOptions:
     min_score: float | None = None
     autocut: bool = False
     image_filter: ImageFilter = field(default_factory=ImageFilter)
+    thumbnails: bool = False  # a presigned URL of each hit's thumbnail
 
     def check(self) -> None:
         if not 0 <= self.offset <= MAX_OFFSET:

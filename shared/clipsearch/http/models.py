@@ -108,6 +108,9 @@ class SearchHitOut(BaseModel):
     path: str = Field(description="The source path recorded at ingest, else the s3:// URI.")
     key: str
     url: str | None = Field(None, description="A presigned GET URL, with ?presign=true.")
+    thumbnail: str | None = Field(
+        None, description="A presigned GET URL (15 minutes) of a WebP preview, longest side 320 px, with ?thumbnails=true."
+    )
 
 
 class SearchResponse(BaseModel):

@@ -71,6 +71,7 @@ KParam = Annotated[
 ]
 MAX_JSON_DEPTH_MESSAGE = "the JSON body is nested too deeply"
 PresignParam = Annotated[bool, Query(description="Add a presigned GET URL to each result.")]
+ThumbnailsParam = Annotated[bool, Query(description="Add a presigned URL of each result's thumbnail.")]
 OffsetParam = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)]
 MinScoreParam = Annotated[float | None, Query(ge=-1, le=1, description=MIN_SCORE_DESCRIPTION)]
 AutocutParam = Annotated[bool, Query(description=AUTOCUT_DESCRIPTION)]
@@ -129,10 +130,13 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
         responses=_responses(SearchResponse, 400, 404, 409, 415, 500, 503),
         tags=["search"],
     )
-    def search_text(dataset: str, request: TextSearchRequest, presign: PresignParam = False) -> SearchResponse:
+    def search_text(
+        dataset: str, request: TextSearchRequest, presign: PresignParam = False, thumbnails: ThumbnailsParam = False
+    ) -> SearchResponse:
         started = time.perf_counter()
         options = _options(
-            request.offset, request.min_score, request.autocut, request.prefix, request.since, request.until
+            request.offset, request.min_score, request.autocut, request.prefix, request.since, request.until,
+            thumbnails,
         )
         service = observed_service()
         if request.terms is not None:
@@ -159,6 +163,7 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
         dataset: str,
         k: KParam = None,
         presign: PresignParam = False,
+        thumbnails: ThumbnailsParam = False,
         offset: OffsetParam = 0,
         min_score: MinScoreParam = None,
         autocut: AutocutParam = False,
@@ -168,7 +173,7 @@ def search_api(search_service: Callable[[], SearchService], observer: SearchObse
     ) -> SearchResponse:
         started = time.perf_counter()
         _check_query_digits(app.current_event.query_string_parameters or {})
-        options = _options(offset, min_score, autocut, prefix, since, until)
+        options = _options(offset, min_score, autocut, prefix, since, until, thumbnails)
         service = observed_service()
         content_type = (app.current_event.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type.startswith("image/"):
@@ -281,7 +286,9 @@ def _search_response(result: SearchResult, started: float) -> SearchResponse:
         k=result.k,
         offset=result.offset,
         results=[
-            SearchHitOut(rank=hit.rank, score=hit.score, path=hit.path, key=hit.key, url=hit.url)
+            SearchHitOut(
+                rank=hit.rank, score=hit.score, path=hit.path, key=hit.key, url=hit.url, thumbnail=hit.thumbnail
+            )
             for hit in result.hits
         ],
         took_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -305,9 +312,9 @@ def _duplicates_response(report: DuplicateReport, started: float) -> DuplicatesR
 
 def _options(
     offset: int, min_score: float | None, autocut: bool, prefix: str | None,
-    since: datetime | None, until: datetime | None,
+    since: datetime | None, until: datetime | None, thumbnails: bool,
 ) -> SearchOptions:
-    return SearchOptions(offset, min_score, autocut, ImageFilter(prefix or None, since, until))
+    return SearchOptions(offset, min_score, autocut, ImageFilter(prefix or None, since, until), thumbnails)
 
 
 def _query_term(position: int, term: QueryTermIn) -> QueryTerm:
