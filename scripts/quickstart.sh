@@ -39,5 +39,10 @@ if [ -f "$query_image" ]; then
   echo "\$ clipsearch search image $query_image --dataset demo -k 5"
   $clipsearch search image "$query_image" --dataset demo -k 5
 fi
+if [[ $images == .cache/demo-shapes/images ]]; then
+  echo
+  echo '$ clipsearch evaluate --queries .cache/demo-shapes/queries --dataset demo    (one query image per colour/shape)'
+  $clipsearch evaluate --queries .cache/demo-shapes/queries --dataset demo
+fi
 echo
 echo "The local stack keeps running: '.venv/bin/clipsearch local status', '.venv/bin/clipsearch local down'."
