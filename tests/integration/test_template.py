@@ -228,6 +228,7 @@ def test_bucket_is_versioned_and_old_versions_and_delete_markers_expire(resource
         "NoncurrentDays": {"Ref": "NoncurrentVersionRetentionDays"}}
     assert "Prefix" not in rules["ExpireNoncurrentVersions"]
     assert rules["ExpireNoncurrentSegments"]["Prefix"] == "indexes/"
+    assert rules["ExpireNoncurrentThumbnails"]["Prefix"] == "thumbnails/"
     assert rules["RemoveExpiredDeleteMarkers"]["ExpiredObjectDeleteMarker"] is True
     for name, statement in _allow_statements(resources):
         assert not {"s3:DeleteObjectVersion", "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration"} & set(
@@ -374,7 +375,7 @@ def test_no_policy_allows_a_wildcard_action(resources: dict):
 
 
 def test_bucket_permissions_are_scoped_to_the_bucket_and_its_prefixes(resources: dict):
-    allowed_objects = {f"${{ImagesBucket.Arn}}/{prefix}/*" for prefix in ("datasets", "indexes", "models")}
+    allowed_objects = {f"${{ImagesBucket.Arn}}/{prefix}/*" for prefix in ("datasets", "indexes", "models", "thumbnails")}
     allowed_objects.add("${AccessLogsBucket.Arn}/images/*")  # S3 log delivery (the test above checks who)
     for name, statement in _allow_statements(resources):
         for action in _as_list(statement["Action"]):
