@@ -188,8 +188,9 @@ class LocalGateway:
         self.read_timeout_seconds = read_timeout_seconds
         concurrency = concurrency or {}
         self._throttles = {
-            function.logical_id: FunctionThrottle(concurrency.get(function.logical_id, 1), queue_limit, queue_wait_seconds)
-            for function in {route.function.logical_id: route.function for route in routes}.values()
+            route.function.logical_id: FunctionThrottle(concurrency.get(route.function.logical_id, 1), queue_limit,
+                                                        queue_wait_seconds)
+            for route in routes
         }
         self._listener = socket.create_server(("127.0.0.1", port), backlog=LISTEN_BACKLOG)
         self._listener.settimeout(0.5)  # the accept loop looks at `_stopping` this often
@@ -298,7 +299,10 @@ class _HttpConnection:
                 _send_refusal(self._socket, refusal)
                 return
             method, target = request.method.decode("ascii"), request.target.decode("latin-1")
-            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+            headers: dict[str, str] = {}
+            for raw_name, raw_value in request.headers:  # h11 gives names in lower case
+                name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+                headers[name] = f"{headers[name]},{value}" if name in headers else value  # API Gateway joins repeats
             status, answer_headers, data = self._gateway.handle(method, target, headers, body, self._source_ip)
             self._respond(method, status, answer_headers, data)
             logger.info("%s %s -> %d in %.0f ms", method, target, status, (time.perf_counter() - started) * 1000)
