@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,13 @@ from clipsearch_tools.local.template import NotificationRule
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 30
+# SendMessageBatch's limit. One batch of 10 cost the supervisor 1.3-1.7 ms of CPU per message against the
+# local SQS, one SendMessage each 9.2-9.6 ms (client and server in one process, a loaded machine).
+SQS_BATCH_LIMIT = 10
+
+
+class NotificationsNotSent(ClipsearchError):
+    """The queue refused some of a batch of notifications."""
 
 
 class ObjectStorageUnavailable(ClipsearchError):
@@ -115,12 +123,25 @@ class SeaweedServer:
         _terminate(self.process)
 
 
+def sqs_batch_sender(sqs_client, queue_url: str) -> Callable[[Sequence[str]], None]:
+    """Sends up to SQS_BATCH_LIMIT message bodies in one SendMessageBatch; raises if any was refused."""
+
+    def send_batch(bodies: Sequence[str]) -> None:
+        entries = [{"Id": str(index), "MessageBody": body} for index, body in enumerate(bodies)]
+        failed = sqs_client.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed") or []
+        if failed:
+            raise NotificationsNotSent(f"{len(failed)} of {len(bodies)} notifications refused: {failed[0]}")
+
+    return send_batch
+
+
 class FilerEventFeed:
     """Follows the filer's metadata changes under the bucket and sends each object change to the queue.
 
     Events are read from the moment the feed was created; if `weed filer.meta.tail` dies it is
-    restarted from the last event seen, so no change is skipped (a change seen twice is harmless:
-    ingestion is idempotent by etag).
+    restarted from the last event sent, so no change is skipped (a change seen twice is harmless:
+    ingestion is idempotent by etag). With `send_batch`, the changes that arrive together (an upload of
+    many files) go out in batches of up to SQS_BATCH_LIMIT; a change arriving alone is sent at once.
     """
 
     def __init__(
@@ -130,11 +151,12 @@ class FilerEventFeed:
         rules: Sequence[NotificationRule],
         send: Callable[[str], None],
         log_file: Path,
+        send_batch: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self._server = server
         self._bucket = bucket
         self._rules = rules
-        self._send = send
+        self._send_batch = send_batch or (lambda bodies: [send(body) for body in bodies])
         self._log_file = log_file
         self._since_ns = time.time_ns()
         self._process: subprocess.Popen | None = None
@@ -173,18 +195,56 @@ class FilerEventFeed:
             self._process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
             )
+        lines: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_pipe_lines, args=(self._process.stdout, lines), daemon=True,
+                                  name="filer-event-lines")
+        reader.start()
+        pending: list[str] = []
+        pending_since_ns = self._since_ns
+
+        def flush() -> None:
+            nonlocal pending
+            if pending:
+                self._send_batch(pending)
+                self.events_sent += len(pending)
+                pending = []
+            self._since_ns = max(self._since_ns, pending_since_ns)
+
         try:
-            for event in read_events(self._process.stdout):
+            for event in read_events(_lines_flushing_when_idle(lines, flush)):
                 for record in s3_records(event, self._bucket, self._rules):
-                    self._send(json.dumps({"Records": [record]}))
-                    self.events_sent += 1
-                self._since_ns = max(self._since_ns, int(event.get("tsNs") or 0))
+                    pending.append(json.dumps({"Records": [record]}))
+                    if len(pending) == SQS_BATCH_LIMIT:
+                        flush()
+                pending_since_ns = max(pending_since_ns, int(event.get("tsNs") or 0))
+            flush()
             self._process.wait()
             if not self._stop.is_set():
                 logger.warning("weed filer.meta.tail exited with status %s", self._process.returncode)
         finally:  # a failed send must not leave this tail running beside the one the restart starts
             _terminate(self._process)
             self._process.stdout.close()
+
+
+def _pipe_lines(stream, lines: queue.Queue[str | None]) -> None:
+    try:
+        for line in stream:
+            lines.put(line)
+    except (OSError, ValueError):  # the pipe closed under us: the feed is stopping or restarting
+        pass
+    finally:
+        lines.put(None)
+
+
+def _lines_flushing_when_idle(lines: queue.Queue[str | None], flush: Callable[[], None]) -> Iterator[str]:
+    """The tail's lines; before waiting for more, `flush` sends what was read so far."""
+    while True:
+        if lines.empty():
+            flush()
+        line = lines.get()
+        if line is None:
+            return
+        yield line
 
 
 def is_server_for(command: list[str] | None, data_dir: Path) -> bool:
