@@ -176,7 +176,8 @@ def measure_onnx(model_dir: Path, photos: list[Path], large: list[Path], threads
         for setting in settings:
             figures[f"end-to-end img/s, {label}, {setting}"] = len(items) / walls[setting]
             figures[f"end-to-end CPU ms per image, {label}, {setting}"] = 1000 * cpus[setting] / len(items)
-        for setting, row in (("decode workers 1", "draft factor 2"), ("decode workers 2, draft factor 1", "draft factor 1")):
+        for setting, row in (("decode workers 1", "draft factor 2"),
+                             ("decode workers 2, draft factor 1", "draft factor 1")):
             cosines = np.sum(vectors[setting] * vectors["full decoding"], axis=1)
             figures[f"{row} vs full decoding min cosine, {label}"] = float(cosines.min())
     figures["peak RSS MiB"] = peak_rss_mib()
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as scratch:
         large = large_jpegs(all_photos, args.large, Path(scratch))
         columns = {
-            model_dir.name: in_child(measure_onnx, model_dir, photos, large, args.threads, args.tower_images, args.rounds)
+            model_dir.name: in_child(measure_onnx, model_dir, photos, large, args.threads, args.tower_images,
+                                     args.rounds)
             for model_dir in args.models
         }
         baseline = {}
