@@ -33,7 +33,7 @@ SAM_VENV = REPO / ".venv-sam"
 # Lambda's limit for a function and all its layers, unzipped.
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
 # Project dependencies only the tools (clipsearch_tools: CLI, local stack) import; the layer leaves them out.
-TOOLS_ONLY_DEPENDENCIES = {"pyyaml", "tqdm"}
+TOOLS_ONLY_DEPENDENCIES = {"pyyaml", "tqdm", "h11"}  # h11: the local gateway's HTTP parsing
 # Top-level names in the layer that would mean tools, or their dependencies, were packaged.
 NOT_IN_LAYER = ("clipsearch_tools", "yaml", "_yaml", "tqdm", "moto", "torch", "transformers", "optimum")
 
