@@ -21,9 +21,14 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from clipsearch.datasets import MAX_KEY_BYTES, SOURCE_PATH_METADATA, dataset_prefix, encode_source_path
+from clipsearch.datasets import (
+    MAX_KEY_BYTES,
+    MAX_KEY_SEGMENT_BYTES,
+    SOURCE_PATH_METADATA,
+    dataset_prefix,
+    encode_source_path,
+)
 
-MAX_SEGMENT_BYTES = 255  # SeaweedFS refuses a longer name part (KeyTooLongError); S3 has no such limit
 # S3 allows 2 KB of user metadata, counting the UTF-8 bytes of each name and value.
 MAX_METADATA_BYTES = 2048
 
@@ -63,8 +68,8 @@ def map_file_key(dataset: str, relative_path: str, source_path: str) -> MappedKe
     if any(segment in ("", ".", "..") for segment in segments):
         return RefusedName("its path has an empty, '.' or '..' part")
     longest = max(len(segment.encode("utf-8")) for segment in segments)
-    if longest > MAX_SEGMENT_BYTES:
-        return RefusedName(f"a part of its path is {longest} bytes, over the {MAX_SEGMENT_BYTES} the local "
+    if longest > MAX_KEY_SEGMENT_BYTES:
+        return RefusedName(f"a part of its path is {longest} bytes, over the {MAX_KEY_SEGMENT_BYTES} the local "
                            "object store holds (rename it)")
     key = dataset_prefix(dataset) + normalized
     size = len(key.encode("utf-8"))

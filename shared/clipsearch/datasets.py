@@ -16,6 +16,7 @@ DATASETS_PREFIX = "datasets/"
 INDEXES_PREFIX = "indexes/"
 MODELS_PREFIX = "models/"
 MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
+MAX_KEY_SEGMENT_BYTES = 255  # the local store (SeaweedFS) refuses a longer part between '/'; S3 has no such limit
 # An image's path as its owner knows it travels with the object as this metadata, percent-encoded (S3
 # metadata is ASCII); search results show it decoded.
 SOURCE_PATH_METADATA = "source-path"
@@ -56,6 +57,13 @@ def encode_source_path(path: str) -> str:
 def decode_source_path(metadata: str) -> str:
     """The path `encode_source_path` encoded (bytes that are not UTF-8 shown as U+FFFD)."""
     return unquote(metadata, errors="replace")
+
+
+def storable_everywhere(key: str) -> bool:
+    """Whether S3 and the local store both hold `key` as is, by length (at most 1,024 UTF-8 bytes, no part
+    over 255)."""
+    encoded = key.encode("utf-8", "surrogatepass")
+    return len(encoded) <= MAX_KEY_BYTES and all(len(part) <= MAX_KEY_SEGMENT_BYTES for part in encoded.split(b"/"))
 
 
 def segment_key(dataset: str, segment_id: str) -> str:

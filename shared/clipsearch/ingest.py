@@ -39,7 +39,7 @@ from hashlib import sha256
 
 import numpy as np
 
-from clipsearch.datasets import SOURCE_PATH_METADATA, decode_source_path, segment_key
+from clipsearch.datasets import SOURCE_PATH_METADATA, decode_source_path, segment_key, storable_everywhere
 from clipsearch.errors import (
     ClipsearchError,
     DatasetNotFound,
@@ -218,13 +218,18 @@ class IngestService:
 
     def _put_thumbnail(self, key: str, data: bytes) -> None:
         """An image Pillow cannot shrink (rare: the encoder decoded it) just has no thumbnail; a storage
-        fault fails the batch's commit, to be retried."""
+        fault fails the batch's commit, to be retried. An image key within 7 bytes of the key limits has no
+        thumbnail either: its thumbnail's key would be refused every time, and the batch with it retried."""
+        destination = thumbnail_key(key)
+        if not storable_everywhere(destination):
+            logger.warning("no thumbnail for %r: its key would be too long for the object store", key)
+            return
         try:
             thumbnail = make_thumbnail(data)
         except Exception as error:  # Pillow raises many types for odd files; a preview is not worth a failure
             logger.warning("no thumbnail for %r: %s", key, error)
             return
-        self._store.put(thumbnail_key(key), thumbnail, content_type=THUMBNAIL_CONTENT_TYPE)
+        self._store.put(destination, thumbnail, content_type=THUMBNAIL_CONTENT_TYPE)
 
     def _fetch(self, key: str, events: list[ObjectEvent]) -> _Fetched:
         """GETs the object unless it is too large; a size the events lack or exceed is checked by HEAD."""

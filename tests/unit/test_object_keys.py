@@ -7,14 +7,17 @@ import unicodedata
 import pytest
 from clipsearch.datasets import (
     MAX_KEY_BYTES,
+    MAX_KEY_SEGMENT_BYTES,
     SOURCE_PATH_METADATA,
     check_caller_image_key,
     decode_source_path,
     encode_source_path,
     image_key,
+    storable_everywhere,
 )
 from clipsearch.errors import InvalidRequest
-from clipsearch_tools.object_keys import MAX_METADATA_BYTES, MAX_SEGMENT_BYTES, MappedKey, RefusedName, map_file_key
+from clipsearch_tools.object_keys import MAX_METADATA_BYTES, MappedKey, RefusedName, map_file_key
+from clipsearch.thumbnails import thumbnail_key
 
 CAFE_NFC = unicodedata.normalize("NFC", "café.jpg")
 CAFE_NFD = unicodedata.normalize("NFD", "café.jpg")
@@ -36,7 +39,7 @@ def key_of(relative: str, dataset: str = "A") -> str:
         ("dir./..x.jpg", "datasets/A/dir./..x.jpg"),
         (CAFE_NFC, "datasets/A/" + CAFE_NFC),
         (CAFE_NFD, "datasets/A/" + CAFE_NFC),  # NFC: the same key whichever form the file system keeps
-        ("y" * (MAX_SEGMENT_BYTES - 4) + ".jpg", "datasets/A/" + "y" * (MAX_SEGMENT_BYTES - 4) + ".jpg"),
+        ("y" * (MAX_KEY_SEGMENT_BYTES - 4) + ".jpg", "datasets/A/" + "y" * (MAX_KEY_SEGMENT_BYTES - 4) + ".jpg"),
     ],
 )
 def test_a_storable_path_keeps_its_name_under_the_dataset_and_is_a_valid_query_key(relative: str, key: str) -> None:
@@ -62,7 +65,7 @@ def test_the_longest_key_s3_takes_is_kept() -> None:
         ("line\nbreak.jpg", "control character"),
         ("del\x7f.jpg", "control character"),
         ("bad\udcff.jpg", "not valid UTF-8"),  # os.fsdecode of a name that is not UTF-8
-        ("z" * (MAX_SEGMENT_BYTES - 3) + ".jpg", f"over the {MAX_SEGMENT_BYTES}"),
+        ("z" * (MAX_KEY_SEGMENT_BYTES - 3) + ".jpg", f"over the {MAX_KEY_SEGMENT_BYTES}"),
     ],
 )
 def test_a_name_the_stores_disagree_on_is_refused_with_its_reason(relative: str, reason: str) -> None:
@@ -105,3 +108,13 @@ def test_image_key_refuses_a_backslash_rather_than_reading_it_as_a_separator() -
     assert image_key("A", "sub/x.jpg") == "datasets/A/sub/x.jpg"
     with pytest.raises(InvalidRequest):
         image_key("A", "sub\\x.jpg")
+
+
+def test_a_thumbnail_key_seven_bytes_longer_than_its_image_key_may_not_be_storable() -> None:
+    longest_part = "datasets/A/" + "n" * (MAX_KEY_SEGMENT_BYTES - 4) + ".jpg"
+    longest_key = "datasets/A/" + ("d" * 200 + "/") * 5 + "x" * (MAX_KEY_BYTES - 1020) + ".jpg"
+    assert len(longest_key.encode()) == MAX_KEY_BYTES
+    for image in (longest_part, longest_key):
+        assert storable_everywhere(image)
+        assert not storable_everywhere(thumbnail_key(image))
+    assert storable_everywhere(thumbnail_key("datasets/A/sub/x.jpg"))
