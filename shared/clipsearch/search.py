@@ -350,11 +350,12 @@ class SearchService:
             raise InvalidParameter("min_score", f"must be between {MIN_DUPLICATE_SCORE} and 1, got {min_score}")
         row = self._dataset(dataset)
         index = self._index(row)
-        ids, vectors = index.live_vectors()
-        if len(ids) > MAX_DUPLICATE_SCAN:
+        stored = sum(len(loaded.segment.ids) for loaded in index.segments)
+        if stored > MAX_DUPLICATE_SCAN:  # refused before any vector is copied out of the index
             raise InvalidRequest(
-                f"dataset {dataset!r} has {len(ids)} vectors; finding duplicates scans at most {MAX_DUPLICATE_SCAN}"
+                f"dataset {dataset!r} has {stored} vectors; finding duplicates scans at most {MAX_DUPLICATE_SCAN}"
             )
+        ids, vectors = index.live_vectors()
         links: dict[tuple[int, int], float] = {}
         if len(ids):
             for loaded, deleted_count in zip(index.segments, index.deleted_per_segment):
