@@ -22,7 +22,9 @@ from clipsearch.ports import ObjectStore
 logger = logging.getLogger(__name__)
 
 REAL_CHECKPOINT = "openai/clip-vit-base-patch32"
-RANDOM_STAND_IN = ("--random-arch", "vit-b-32", "--seed", "0", "--quantize", "int8")
+# Trained here on coloured shapes (model_export/train_small_clip.py): semantic offline, but only for such images.
+SMALL_CLIP_CHECKPOINT = Path(__file__).resolve().parents[2] / "model_export" / "small_clip"
+SMALL_CLIP_QUANTIZATION = "none"
 # huggingface_hub logs every retry of an unreachable download; the exporter's own last line says it all.
 _DOWNLOAD_RETRY_NOISE = ("Retrying in", "thrown while requesting")
 _HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT overrides it there and here
@@ -66,7 +68,7 @@ def run_exporter(arguments: list[str], out: Path, progress: TextIO, offline: boo
 
 
 def ensure_default_model(models_dir: Path, progress: TextIO) -> ModelInfo:
-    """The model exported in `models_dir`; else exports the real checkpoint, or the random stand-in offline."""
+    """The model exported in `models_dir`; else exports the real checkpoint, or offline the small shapes CLIP."""
     for candidate in sorted(models_dir.glob("*/")):
         try:
             return read_model(candidate)
@@ -80,11 +82,18 @@ def ensure_default_model(models_dir: Path, progress: TextIO) -> ModelInfo:
         run_exporter(["--model", REAL_CHECKPOINT], real, progress, offline=offline)
         return read_model(real)
     except ModelExportFailed:
-        logger.warning("could not export %s: exporting a RANDOM-weight ViT-B/32 stand-in instead "
-                       "(search results will not be semantic)", REAL_CHECKPOINT)
-    stand_in = models_dir / "random-vit-b-32-seed0-int8"
-    run_exporter([*RANDOM_STAND_IN, "--force"], stand_in, progress)
-    return read_model(stand_in)
+        logger.warning("could not export %s: exporting the small CLIP trained here on coloured shapes "
+                       "(%s) instead: search is semantic only for images of simple coloured shapes",
+                       REAL_CHECKPOINT, SMALL_CLIP_CHECKPOINT)
+    return export_small_clip(models_dir, progress)
+
+
+def export_small_clip(models_dir: Path, progress: TextIO) -> ModelInfo:
+    """Exports the shipped small shapes CLIP by the same `python -m model_export --model DIR` path as any checkpoint."""
+    suffix = "-int8" if SMALL_CLIP_QUANTIZATION == "int8" else ""
+    out = models_dir / f"{SMALL_CLIP_CHECKPOINT.name}{suffix}"
+    run_exporter(["--model", str(SMALL_CLIP_CHECKPOINT), "--quantize", SMALL_CLIP_QUANTIZATION, "--force"], out, progress)
+    return read_model(out)
 
 
 def hub_reachable(timeout: float = _HUB_PROBE_SECONDS) -> bool:
