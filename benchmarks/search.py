@@ -10,6 +10,7 @@ catalog row per vector in a throwaway PostgreSQL, in a moto S3 endpoint over HTT
   matrix-vector product, HNSW), to choose how search runs.
 
     .venv/bin/python benchmarks/search.py [--sizes 10000,100000[,1000000]] [--queries 200]
+    .venv/bin/python benchmarks/search.py --formats --sizes 100000   # segment formats only (no services)
 
 Needs the int8 ViT-B/32 model directory (exported when missing:
 python -m model_export --random-arch vit-b-32 --seed 0 --quantize int8 --out .cache/models/random-vit-b-32-seed0-int8).
@@ -46,6 +47,10 @@ def main() -> int:
         return _child(args)
     sizes = [int(size) for size in args.sizes.split(",")]
     print(f"CPU: {cpu_description()}", flush=True)
+    if args.formats:
+        for size in sizes:
+            _print_formats(size, _compare_formats(_clustered(size, seed=size), args.formats_skip.split(",")))
+        return 0
     model_dir = _model_dir(args.model)
     rows = []
     with _services() as (endpoint, database_url), tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
@@ -170,6 +175,127 @@ def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
         results["hnsw build s"] = build_s
     faiss.omp_set_num_threads(2)
     return results
+
+
+def _compare_formats(vectors: np.ndarray, skip: list[str]) -> list[dict]:
+    """Each candidate segment format on the same vectors: build time, bytes per vector (serialized),
+    recall@10 against exact search, one-thread query p50/p99, and a memory-mapped reload's time and RSS."""
+    import faiss
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import IVF_SQ8, SegmentVectors, ivf_spec
+
+    rng = np.random.default_rng(7)
+    queries = vectors[rng.integers(0, len(vectors), 200)] + 0.05 * rng.standard_normal((200, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(vectors)
+    faiss.omp_set_num_threads(2)
+    _, truth = exact.search(queries, K)
+    del exact
+    ids = np.arange(len(vectors), dtype=np.int64)
+    lists = ivf_spec(len(vectors)).lists
+    candidates = {
+        "flat": ("Flat", {}),
+        "fp16": ("SQfp16", {}),
+        "sq8": ("SQ8", {}),
+        "ivf_pq64+rflat": (f"IVF{lists},PQ64x8,RFlat", {"nprobe": 64, "k_factor": 8}),
+        "ivf_pq64+rsq8": (f"IVF{lists},PQ64x8,Refine(SQ8)", {"nprobe": 64, "k_factor": 8}),
+        "hnsw32_sq8": ("HNSW32_SQ8", {"efSearch": 256}),
+    }
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="formats-"))
+    for name, (factory, params) in candidates.items():
+        if name in skip:
+            continue
+        started = time.perf_counter()
+        faiss.omp_set_num_threads(2)
+        inner = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+        if "HNSW" in factory:
+            faiss.downcast_index(inner).hnsw.efConstruction = 80
+        if not inner.is_trained:
+            inner.train(vectors[rng.choice(len(vectors), min(len(vectors), lists * 256), replace=False)])
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vectors, ids)
+        build_s = time.perf_counter() - started
+        _set_search_parameters(faiss.downcast_index(index.index), params)
+        rows.append(_measure_format(name, index, build_s, queries, truth, scratch))
+        del index, inner
+        _log(f"format {name}: {rows[-1]}")
+    if IVF_SQ8 not in skip:
+        for probes in (32, 64, 128):
+            spec = ivf_spec(len(vectors))
+            spec = type(spec)(spec.kind, lists=spec.lists, probes=probes)
+            started = time.perf_counter()
+            path = scratch / "ivf_sq8.faiss"
+            faiss.omp_set_num_threads(2)
+            FaissVectorIndex().write(SegmentVectors(ids, vectors), spec, path)
+            build_s = time.perf_counter() - started
+            index = faiss.read_index(str(path))
+            rows.append(_measure_format(f"ivf_sq8 (nprobe {probes}, shipped)", index, build_s, queries, truth, scratch))
+            del index
+            _log(f"format ivf_sq8/{probes}: {rows[-1]}")
+    return rows
+
+
+def _set_search_parameters(index, params: dict) -> None:
+    import faiss
+
+    if "k_factor" in params:
+        index.k_factor = params["k_factor"]
+        index = faiss.downcast_index(index.base_index)
+    if "nprobe" in params:
+        index.nprobe = params["nprobe"]
+    if "efSearch" in params:
+        index.hnsw.efSearch = params["efSearch"]
+
+
+def _measure_format(name, index, build_s, queries, truth, scratch: Path) -> dict:
+    import faiss
+
+    path = scratch / "segment.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    faiss.omp_set_num_threads(1)
+    found = np.vstack([index.search(query[None], K)[1] for query in queries])
+    recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+    durations = []
+    for query in queries:
+        started = time.perf_counter()
+        index.search(query[None], K)
+        durations.append((time.perf_counter() - started) * 1000)
+    faiss.omp_set_num_threads(2)
+    load = _mmap_reload(path)
+    path.unlink()
+    return {"format": name, "build_s": build_s, "bytes_per_vector": size / index.ntotal, "recall@10": recall,
+            "p50_ms": float(np.percentile(durations, 50)), "p99_ms": float(np.percentile(durations, 99)), **load}
+
+
+def _mmap_reload(path: Path) -> dict:
+    """Opens the file memory-mapped in a fresh process, runs 200 queries: open time and RSS growth."""
+    script = (
+        "import faiss, numpy as np, time, json, sys\n"
+        "def rss():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024\n"
+        "before = rss(); t = time.perf_counter()\n"
+        "index = faiss.read_index(sys.argv[1], faiss.IO_FLAG_MMAP_IFC)\n"
+        "opened = time.perf_counter() - t\n"
+        "faiss.omp_set_num_threads(1)\n"
+        "q = np.random.default_rng(0).standard_normal((200, index.d)).astype('float32')\n"
+        "[index.search(v[None], 10) for v in q]\n"
+        "print(json.dumps({'mmap_open_ms': opened * 1000, 'rss_growth_mb': rss() - before}))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _print_formats(size: int, rows: list[dict]) -> None:
+    print(f"\n== segment formats at {size:,} clustered 512-d vectors (k=10, one thread per query) ==")
+    print("| format | build s | bytes/vector | recall@10 | p50 ms | p99 ms | mmap open ms | RSS after 200 queries MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['format']} | {row['build_s']:.1f} | {row['bytes_per_vector']:.0f} | {row['recall@10']:.3f} | "
+              f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mmap_open_ms']:.0f} | {row['rss_growth_mb']:.0f} |")
+    sys.stdout.flush()
 
 
 def _p50(search, queries: np.ndarray) -> float:
@@ -474,6 +600,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-queries", type=int, default=15)
     parser.add_argument("--baseline-image-queries", type=int, default=8)
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build an HNSW for comparison")
+    parser.add_argument("--formats", action="store_true", help="compare segment formats only (no services)")
+    parser.add_argument("--formats-skip", default="", help="comma-separated formats to leave out (e.g. hnsw32_sq8)")
     parser.add_argument("--verbose", action="store_true", help="show the timed log of each child process")
     parser.add_argument("--child", choices=["service", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)

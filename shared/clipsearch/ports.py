@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from clipsearch.errors import InvalidImage
+from clipsearch.segments import IndexSpec, SegmentVectors
 
 IMAGE_STATUSES = ("pending", "indexed", "failed", "deleted")
 
@@ -301,3 +302,43 @@ class Catalog(SearchCatalog, Protocol):
     def forget_segments(self, ids: Sequence[str]) -> None: ...
 
     def segment_keys(self, dataset_id: int) -> set[str]: ...
+
+
+# --- vector index -----------------------------------------------------------------------------------
+
+
+class IdExclusion(Protocol):
+    """Ids a search must skip, in the form the VectorIndex that built it searches through (opaque here)."""
+
+
+class SegmentSearcher(Protocol):
+    """A loaded segment: the image ids it holds and a top-k inner-product search over them."""
+
+    ids: np.ndarray  # int64 [n]
+    nbytes: int  # what the loaded segment occupies (file size; memory-mapped pages count once)
+
+    def __len__(self) -> int: ...
+
+    def search(
+        self, query: np.ndarray, k: int, excluded: IdExclusion | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the k nearest vectors to `query` ([1, dim]) outside `excluded`, best first;
+        fewer when fewer remain."""
+        ...
+
+
+class VectorIndex(Protocol):
+    """Builds segments of an IndexSpec, loads them (from bytes, or memory-mapped from a file), reads back
+    their vectors for merging, and makes the id exclusions its searches take."""
+
+    def build(self, content: SegmentVectors, spec: IndexSpec) -> bytes: ...
+
+    def write(self, content: SegmentVectors, spec: IndexSpec, destination: Path) -> int: ...
+
+    def load(self, data: bytes) -> SegmentSearcher: ...
+
+    def open(self, path: Path) -> SegmentSearcher: ...
+
+    def read_vectors(self, data: bytes | Path) -> SegmentVectors: ...
+
+    def exclusion(self, excluded_ids: np.ndarray) -> IdExclusion: ...
