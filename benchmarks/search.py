@@ -106,16 +106,13 @@ def _clustered(count: int, seed: int, clusters: int = 1000) -> np.ndarray:
 def _index_dataset(
     catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
 ) -> tuple[str, np.ndarray]:
-    """One catalog row per vector, and the vectors as one segment: the type compaction would choose
-    ("compacted"), or HNSW whatever the size ("hnsw")."""
+    """One catalog row per vector, and the vectors as one segment: the kind compaction would choose for a
+    3008 MB search function ("compacted"), or HNSW whatever the size ("hnsw")."""
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.config import Settings
     from clipsearch.datasets import image_key, segment_key
     from clipsearch.ports import IndexedImage, NewImage, NewSegment
-    from clipsearch.segments import (
-        HNSW,
-        SegmentVectors,
-        build_segment,
-        choose_index_type,
-    )
+    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors, choose_index
 
     row = catalog.ensure_dataset(dataset, model_id)
     claims = catalog.claim_images(
@@ -127,20 +124,22 @@ def _index_dataset(
         ],
     )
     ids = np.array([claim.id for claim in claims], dtype=np.int64)
-    index_type = choose_index_type(len(vectors)) if layout == "compacted" else HNSW
+    budget = Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
+    spec = choose_index(len(vectors), budget) if layout == "compacted" else IndexSpec(HNSW)
+    index_type = spec.kind
     segment_id = uuid.uuid4().hex
     segment = NewSegment(segment_id, segment_key(dataset, segment_id), len(vectors), index_type)
-    store.put(segment.object_key, build_segment(SegmentVectors(ids, vectors), index_type))
+    store.put(segment.object_key, FaissVectorIndex().build(SegmentVectors(ids, vectors), spec))
     catalog.commit_batch(row.id, segment, [IndexedImage(int(i), 640, 480) for i in ids], [])
     return index_type, ids
 
 
 def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
     """The original project's index: one flat FAISS file on disk with the image ids."""
-    import faiss
-    from clipsearch.segments import SegmentVectors, build_index
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import FLAT, IndexSpec, SegmentVectors
 
-    faiss.write_index(build_index(SegmentVectors(ids, vectors)), str(path))
+    FaissVectorIndex().write(SegmentVectors(ids, vectors), IndexSpec(FLAT), path)
 
 
 # --- scan alternatives -------------------------------------------------------------------------------
@@ -148,7 +147,8 @@ def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> N
 
 def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
     import faiss
-    from clipsearch.segments import HNSW, SegmentVectors, build_index
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors
 
     rng = np.random.default_rng(7)
     queries = vectors[rng.integers(0, len(vectors), 100)] + 0.05 * rng.standard_normal((100, DIM), dtype=np.float32)
@@ -165,12 +165,12 @@ def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
     if len(vectors) <= hnsw_max:
         started = time.perf_counter()
         ids = np.arange(len(vectors), dtype=np.int64)
-        hnsw = build_index(SegmentVectors(ids, vectors), HNSW)
+        hnsw = FaissVectorIndex().load(FaissVectorIndex().build(SegmentVectors(ids, vectors), IndexSpec(HNSW)))
         build_s = time.perf_counter() - started
         faiss.omp_set_num_threads(1)
         results["hnsw, 1 thread"] = _p50(lambda q: hnsw.search(q[None], K), queries)
         _, exact = flat.search(queries, K)
-        _, approximate = hnsw.search(queries, K)
+        approximate = [hnsw.search(query[None], K)[1] for query in queries]
         results["hnsw recall@10"] = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(approximate, exact)]))
         results["hnsw build s"] = build_s
     faiss.omp_set_num_threads(2)

@@ -109,7 +109,9 @@ def test_deleted_ids_are_excluded_inside_an_approximate_segment_at_its_search_de
         len(set(found) & set(exact_top(ids[live], vectors[live], query[None], 10))) / 10
         for found, query in zip(results, queries)
     ])
-    assert recall >= 0.95
+    # IVF probes a fixed set of lists: with each query's 30 best excluded, some of the next-best live in
+    # lists it does not probe (a dataset that far behind on compaction is the exception).
+    assert recall >= (0.95 if index_type == HNSW else 0.85)
 
 
 def test_an_empty_dataset_finds_nothing() -> None:
