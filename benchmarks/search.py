@@ -10,6 +10,7 @@ catalog row per vector in a throwaway PostgreSQL, in a moto S3 endpoint over HTT
   matrix-vector product, HNSW), to choose how search runs.
 
     .venv/bin/python benchmarks/search.py [--sizes 10000,100000[,1000000]] [--queries 200]
+    .venv/bin/python benchmarks/search.py --formats --sizes 100000   # segment formats only (no services)
 
 Needs the int8 ViT-B/32 model directory (exported when missing:
 python -m model_export --random-arch vit-b-32 --seed 0 --quantize int8 --out .cache/models/random-vit-b-32-seed0-int8).
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +48,10 @@ def main() -> int:
         return _child(args)
     sizes = [int(size) for size in args.sizes.split(",")]
     print(f"CPU: {cpu_description()}", flush=True)
+    if args.formats:
+        for size in sizes:
+            _print_formats(size, _compare_formats(_clustered(size, seed=size), args.formats_skip.split(",")))
+        return 0
     model_dir = _model_dir(args.model)
     rows = []
     with _services() as (endpoint, database_url), tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
@@ -101,16 +107,13 @@ def _clustered(count: int, seed: int, clusters: int = 1000) -> np.ndarray:
 def _index_dataset(
     catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
 ) -> tuple[str, np.ndarray]:
-    """One catalog row per vector, and the vectors as one segment: the type compaction would choose
-    ("compacted"), or HNSW whatever the size ("hnsw")."""
+    """One catalog row per vector, and the vectors as one segment: the kind compaction would choose for a
+    3008 MB search function ("compacted"), or HNSW whatever the size ("hnsw")."""
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.config import Settings
     from clipsearch.datasets import image_key, segment_key
     from clipsearch.ports import IndexedImage, NewImage, NewSegment
-    from clipsearch.segments import (
-        HNSW,
-        SegmentVectors,
-        build_segment,
-        choose_index_type,
-    )
+    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors, choose_index
 
     row = catalog.ensure_dataset(dataset, model_id)
     claims = catalog.claim_images(
@@ -122,20 +125,22 @@ def _index_dataset(
         ],
     )
     ids = np.array([claim.id for claim in claims], dtype=np.int64)
-    index_type = choose_index_type(len(vectors)) if layout == "compacted" else HNSW
+    budget = Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
+    spec = choose_index(len(vectors), budget) if layout == "compacted" else IndexSpec(HNSW)
+    index_type = spec.kind
     segment_id = uuid.uuid4().hex
     segment = NewSegment(segment_id, segment_key(dataset, segment_id), len(vectors), index_type)
-    store.put(segment.object_key, build_segment(SegmentVectors(ids, vectors), index_type))
+    store.put(segment.object_key, FaissVectorIndex().build(SegmentVectors(ids, vectors), spec))
     catalog.commit_batch(row.id, segment, [IndexedImage(int(i), 640, 480) for i in ids], [])
     return index_type, ids
 
 
 def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
     """The original project's index: one flat FAISS file on disk with the image ids."""
-    import faiss
-    from clipsearch.segments import SegmentVectors, build_index
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import FLAT, IndexSpec, SegmentVectors
 
-    faiss.write_index(build_index(SegmentVectors(ids, vectors)), str(path))
+    FaissVectorIndex().write(SegmentVectors(ids, vectors), IndexSpec(FLAT), path)
 
 
 # --- scan alternatives -------------------------------------------------------------------------------
@@ -143,7 +148,8 @@ def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> N
 
 def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
     import faiss
-    from clipsearch.segments import HNSW, SegmentVectors, build_index
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors
 
     rng = np.random.default_rng(7)
     queries = vectors[rng.integers(0, len(vectors), 100)] + 0.05 * rng.standard_normal((100, DIM), dtype=np.float32)
@@ -160,16 +166,139 @@ def _compare_scans(vectors: np.ndarray, hnsw_max: int) -> dict[str, float]:
     if len(vectors) <= hnsw_max:
         started = time.perf_counter()
         ids = np.arange(len(vectors), dtype=np.int64)
-        hnsw = build_index(SegmentVectors(ids, vectors), HNSW)
+        hnsw = FaissVectorIndex().load(FaissVectorIndex().build(SegmentVectors(ids, vectors), IndexSpec(HNSW)))
         build_s = time.perf_counter() - started
         faiss.omp_set_num_threads(1)
         results["hnsw, 1 thread"] = _p50(lambda q: hnsw.search(q[None], K), queries)
         _, exact = flat.search(queries, K)
-        _, approximate = hnsw.search(queries, K)
+        approximate = [hnsw.search(query[None], K)[1] for query in queries]
         results["hnsw recall@10"] = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(approximate, exact)]))
         results["hnsw build s"] = build_s
     faiss.omp_set_num_threads(2)
     return results
+
+
+def _compare_formats(vectors: np.ndarray, skip: list[str]) -> list[dict]:
+    """Each candidate segment format on the same vectors: build time, bytes per vector (serialized),
+    recall@10 against exact search, one-thread query p50/p99, and a memory-mapped reload's time and RSS."""
+    import faiss
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.segments import IVF_SQ8, SegmentVectors, ivf_spec
+
+    rng = np.random.default_rng(7)
+    queries = vectors[rng.integers(0, len(vectors), 200)] + 0.05 * rng.standard_normal((200, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(vectors)
+    faiss.omp_set_num_threads(2)
+    _, truth = exact.search(queries, K)
+    del exact
+    ids = np.arange(len(vectors), dtype=np.int64)
+    lists = ivf_spec(len(vectors)).lists
+    candidates = {
+        "flat": ("Flat", {}),
+        "fp16": ("SQfp16", {}),
+        "sq8": ("SQ8", {}),
+        "ivf_pq64+rflat": (f"IVF{lists},PQ64x8,RFlat", {"nprobe": 64, "k_factor": 8}),
+        "ivf_pq64+rsq8": (f"IVF{lists},PQ64x8,Refine(SQ8)", {"nprobe": 64, "k_factor": 8}),
+        "hnsw32_sq8": ("HNSW32_SQ8", {"efSearch": 256}),
+    }
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="formats-"))
+    for name, (factory, params) in candidates.items():
+        if name in skip:
+            continue
+        started = time.perf_counter()
+        faiss.omp_set_num_threads(2)
+        inner = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+        if "HNSW" in factory:
+            faiss.downcast_index(inner).hnsw.efConstruction = 80
+        if not inner.is_trained:
+            inner.train(vectors[rng.choice(len(vectors), min(len(vectors), lists * 256), replace=False)])
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vectors, ids)
+        build_s = time.perf_counter() - started
+        _set_search_parameters(faiss.downcast_index(index.index), params)
+        rows.append(_measure_format(name, index, build_s, queries, truth, scratch))
+        del index, inner
+        _log(f"format {name}: {rows[-1]}")
+    if IVF_SQ8 not in skip:
+        spec = ivf_spec(len(vectors))
+        started = time.perf_counter()
+        path = scratch / "ivf_sq8.faiss"
+        faiss.omp_set_num_threads(2)
+        FaissVectorIndex().write(SegmentVectors(ids, vectors), spec, path)
+        build_s = time.perf_counter() - started
+        index = faiss.read_index(str(path))
+        for probes in sorted({spec.probes, 32, 128}):
+            faiss.downcast_index(index.index).nprobe = probes
+            shipped = ", shipped" if probes == spec.probes else ""
+            rows.append(_measure_format(f"ivf{spec.lists}_sq8 nprobe {probes}{shipped}", index, build_s, queries,
+                                        truth, scratch))
+            _log(f"format ivf_sq8/{probes}: {rows[-1]}")
+        del index
+    return rows
+
+
+def _set_search_parameters(index, params: dict) -> None:
+    import faiss
+
+    if "k_factor" in params:
+        index.k_factor = params["k_factor"]
+        index = faiss.downcast_index(index.base_index)
+    if "nprobe" in params:
+        index.nprobe = params["nprobe"]
+    if "efSearch" in params:
+        index.hnsw.efSearch = params["efSearch"]
+
+
+def _measure_format(name, index, build_s, queries, truth, scratch: Path) -> dict:
+    import faiss
+
+    path = scratch / "segment.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    faiss.omp_set_num_threads(1)
+    found = np.vstack([index.search(query[None], K)[1] for query in queries])
+    recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+    durations = []
+    for query in queries:
+        started = time.perf_counter()
+        index.search(query[None], K)
+        durations.append((time.perf_counter() - started) * 1000)
+    faiss.omp_set_num_threads(2)
+    load = _mmap_reload(path)
+    path.unlink()
+    return {"format": name, "build_s": build_s, "bytes_per_vector": size / index.ntotal, "recall@10": recall,
+            "p50_ms": float(np.percentile(durations, 50)), "p99_ms": float(np.percentile(durations, 99)), **load}
+
+
+def _mmap_reload(path: Path) -> dict:
+    """Opens the file memory-mapped in a fresh process, runs 200 queries: open time and RSS growth."""
+    script = (
+        "import faiss, numpy as np, time, json, sys\n"
+        "def rss():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024\n"
+        "before = rss(); t = time.perf_counter()\n"
+        "index = faiss.read_index(sys.argv[1], faiss.IO_FLAG_MMAP_IFC)\n"
+        "opened = time.perf_counter() - t\n"
+        "faiss.omp_set_num_threads(1)\n"
+        "q = np.random.default_rng(0).standard_normal((200, index.d)).astype('float32')\n"
+        "[index.search(v[None], 10) for v in q]\n"
+        "print(json.dumps({'mmap_open_ms': opened * 1000, 'rss_growth_mb': rss() - before}))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _print_formats(size: int, rows: list[dict]) -> None:
+    print(f"\n== segment formats at {size:,} clustered 512-d vectors (k=10, one thread per query) ==")
+    print("| format | build s | bytes/vector | recall@10 | p50 ms | p99 ms | mmap open ms | RSS after 200 queries MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['format']} | {row['build_s']:.1f} | {row['bytes_per_vector']:.0f} | {row['recall@10']:.3f} | "
+              f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mmap_open_ms']:.0f} | {row['rss_growth_mb']:.0f} |")
+    sys.stdout.flush()
 
 
 def _p50(search, queries: np.ndarray) -> float:
@@ -198,6 +327,8 @@ def _run_child(kind: str, environment: dict, dataset: str, args, scratch: Path, 
         **os.environ, **environment,
         "CLIPSEARCH_MODEL_CACHE_DIR": str(scratch / f"model-cache-{uuid.uuid4().hex[:8]}"),  # cold: fetch again
         "BENCH_SPAWNED_AT": repr(time.time()),
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008",  # the template's, so the snapshot budget is the deployed one
+        "CLIPSEARCH_SEGMENT_DIR": str(scratch / f"segments-{uuid.uuid4().hex[:8]}"),
     }
     _log(f"{dataset}: running {kind}")
     completed = subprocess.run(
@@ -251,6 +382,10 @@ def _service_searchers(dataset: str):
     spec = importlib.util.spec_from_file_location("search_app", REPO / "functions" / "search" / "app.py")
     function = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(function)
+    context = types.SimpleNamespace(  # what Powertools reads from Lambda's context
+        function_name="search", function_version="$LATEST", memory_limit_in_mb=3008,
+        invoked_function_arn="arn:aws:lambda:us-east-1:000000000000:function:search", aws_request_id="bench",
+    )
 
     def call(path: str, body: str, content_type: str, encoded: bool) -> int:
         event = {
@@ -259,7 +394,7 @@ def _service_searchers(dataset: str):
             "headers": {"content-type": content_type}, "isBase64Encoded": encoded, "body": body,
             "requestContext": {"http": {"method": "POST", "path": path}, "stage": "$default"},
         }
-        response = function.handler(event, None)
+        response = function.handler(event, context)
         if response["statusCode"] != 200:
             raise RuntimeError(f"search failed: {response}")
         return len(json.loads(response["body"])["results"])
@@ -474,6 +609,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-queries", type=int, default=15)
     parser.add_argument("--baseline-image-queries", type=int, default=8)
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build an HNSW for comparison")
+    parser.add_argument("--formats", action="store_true", help="compare segment formats only (no services)")
+    parser.add_argument("--formats-skip", default="", help="comma-separated formats to leave out (e.g. hnsw32_sq8)")
     parser.add_argument("--verbose", action="store_true", help="show the timed log of each child process")
     parser.add_argument("--child", choices=["service", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)

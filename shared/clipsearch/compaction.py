@@ -2,7 +2,8 @@
 
 A vector is dead when its image is no longer indexed (deleted or replaced) or when the catalog says
 its live copy is in another segment (images.segment_id). Merging keeps exactly the live set, picks
-the index type by size, writes the merged segment, then publishes it in one transaction under the
+the index kind by size and the search function's memory budget (segments.choose_index), writes the
+merged segment, then publishes it in one transaction under the
 dataset's advisory lock. Objects of retired segments, and orphan objects (a crash between a segment
 write and its commit), are deleted only after a grace period, so a search that loaded the previous
 version, or a batch about to commit, never finds its segment gone.
@@ -20,16 +21,8 @@ import numpy as np
 
 from clipsearch.datasets import INDEXES_PREFIX, segment_key
 from clipsearch.errors import DatasetNotFound, MaintenanceFailed
-from clipsearch.ports import Catalog, Dataset, NewSegment, ObjectStore, SegmentRef
-from clipsearch.segments import (
-    FLAT_LIMIT,
-    SegmentVectors,
-    build_segment,
-    choose_index_type,
-    load_segment,
-    new_segment_id,
-    segment_vectors,
-)
+from clipsearch.ports import Catalog, Dataset, NewSegment, ObjectStore, SegmentRef, VectorIndex
+from clipsearch.segments import FLAT_LIMIT, SegmentVectors, choose_index, new_segment_id
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +35,7 @@ class CompactionPolicy:
     deleted_fraction: float = 0.2
     orphan_grace_seconds: int = 3600
     flat_limit: int = FLAT_LIMIT
+    segment_budget_bytes: float = float("inf")  # what one segment may occupy in a search function
 
     def needs_compaction(self, segment_count: int, vector_count: int, dead_count: int) -> bool:
         """More live segments than `max_segments`, or a dead share of vectors above `deleted_fraction`."""
@@ -62,10 +56,13 @@ class CompactionReport:
 
 
 class CompactionService:
-    def __init__(self, store: ObjectStore, catalog: Catalog, policy: CompactionPolicy) -> None:
+    def __init__(
+        self, store: ObjectStore, catalog: Catalog, policy: CompactionPolicy, vector_index: VectorIndex
+    ) -> None:
         self._store = store
         self._catalog = catalog
         self._policy = policy
+        self._vector_index = vector_index
 
     def compact_all(self, force: bool = False) -> list[CompactionReport]:
         """Every dataset, each on its own: one failing dataset does not hold back the others.
@@ -105,10 +102,13 @@ class CompactionService:
             return CompactionReport(dataset.name)
 
         merged = self._live_content(segments, members)
-        index_type = choose_index_type(len(merged.ids), self._policy.flat_limit)
+        spec = choose_index(
+            len(merged.ids), self._policy.segment_budget_bytes, self._policy.flat_limit, merged.vectors.shape[1]
+        )
+        index_type = spec.kind
         segment_id = new_segment_id()
         segment = NewSegment(segment_id, segment_key(dataset.name, segment_id), len(merged.ids), index_type)
-        self._store.put(segment.object_key, build_segment(merged, index_type),
+        self._store.put(segment.object_key, self._vector_index.build(merged, spec),
                         content_type="application/octet-stream")
         version = self._catalog.publish_compaction(
             dataset.id, segment, [s.id for s in segments], merged.ids.tolist()
@@ -126,7 +126,7 @@ class CompactionService:
 
     def _live_content(self, segments: Sequence[SegmentRef], members: dict[int, str]) -> SegmentVectors:
         def live_part(segment: SegmentRef) -> SegmentVectors:
-            content = segment_vectors(load_segment(self._store.get(segment.object_key).data))
+            content = self._vector_index.read_vectors(self._store.get(segment.object_key).data)
             return content.keep(np.array([members.get(int(i)) == segment.id for i in content.ids], bool))
 
         with ThreadPoolExecutor(_LOAD_WORKERS, thread_name_prefix="segment") as pool:

@@ -14,6 +14,12 @@ class ConfigurationError(ClipsearchError):
     """A setting is missing or malformed."""
 
 
+# What a search process holds besides its dataset snapshots: Python, onnxruntime, faiss, the int8 text
+# and image towers' sessions and a query in flight (peak RSS of benchmarks/search.py at 10k vectors,
+# rounded up with margin; docs/SEGMENT_FORMATS.md).
+SEARCH_RUNTIME_RESERVE_MB = 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     bucket: str
@@ -32,6 +38,25 @@ class Settings:
     compact_max_segments: int = 8
     compact_deleted_fraction: float = 0.2
     orphan_grace_seconds: int = 3600
+    segment_dir: Path = Path("/tmp/clipsearch/segments")  # fetched segment files, memory-mapped from here
+    function_memory_mb: int = 0  # the function's MemorySize (Lambda's AWS_LAMBDA_FUNCTION_MEMORY_SIZE); 0: unknown
+    index_cache_mb: int = 0  # the search function's snapshot budget; 0: derived from function_memory_mb
+    search_memory_mb: int = 0  # the search function's MemorySize, as compaction sizes segments for it; 0: unknown
+
+    @property
+    def index_cache_bytes(self) -> float:
+        """What a search execution environment's dataset snapshots may occupy together: the explicit
+        setting, else the function's memory less what the runtime and both towers hold, else unbounded."""
+        if self.index_cache_mb:
+            return self.index_cache_mb * 2**20
+        if self.function_memory_mb:
+            return _snapshot_budget_mb(self.function_memory_mb) * 2**20
+        return float("inf")
+
+    @property
+    def segment_budget_bytes(self) -> float:
+        """The most one segment may occupy: what a search function with `search_memory_mb` can hold."""
+        return _snapshot_budget_mb(self.search_memory_mb) * 2**20 if self.search_memory_mb else float("inf")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -76,6 +101,10 @@ class Settings:
                 "CLIPSEARCH_COMPACT_DELETED_FRACTION", defaults.compact_deleted_fraction, float
             ),
             orphan_grace_seconds=number("CLIPSEARCH_ORPHAN_GRACE_SECONDS", defaults.orphan_grace_seconds),
+            segment_dir=Path(env.get("CLIPSEARCH_SEGMENT_DIR") or defaults.segment_dir),
+            function_memory_mb=number("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", defaults.function_memory_mb),
+            index_cache_mb=number("CLIPSEARCH_INDEX_CACHE_MB", defaults.index_cache_mb),
+            search_memory_mb=number("CLIPSEARCH_SEARCH_MEMORY_MB", defaults.search_memory_mb),
         )
         return settings._with_catalog()
 
@@ -100,6 +129,10 @@ class Settings:
 
     def with_overrides(self, **changes) -> Settings:
         return replace(self, **changes)
+
+
+def _snapshot_budget_mb(memory_mb: int) -> int:
+    return max(SEARCH_RUNTIME_RESERVE_MB, memory_mb - SEARCH_RUNTIME_RESERVE_MB)
 
 
 def _region(env: Mapping[str, str], default: str) -> str:

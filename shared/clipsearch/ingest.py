@@ -62,8 +62,9 @@ from clipsearch.ports import (
     NewSegment,
     ObjectStore,
     StoredObject,
+    VectorIndex,
 )
-from clipsearch.segments import FLAT, SegmentVectors, build_segment, new_segment_id
+from clipsearch.segments import FLAT, IndexSpec, SegmentVectors, new_segment_id
 from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_key
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class IngestService:
         catalog: Catalog,
         encoder: ImageEncoder,
         model_id: str,
+        vector_index: VectorIndex,
         fetch_workers: int = DEFAULT_FETCH_WORKERS,
         embed_chunk: int = DEFAULT_EMBED_CHUNK,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -149,6 +151,7 @@ class IngestService:
         self._catalog = catalog
         self._encoder = encoder
         self._model_id = model_id
+        self._vector_index = vector_index
         self._fetch_workers = fetch_workers
         self._embed_chunk = embed_chunk
         self._max_image_bytes = max_image_bytes
@@ -362,7 +365,7 @@ class IngestService:
         if not batch.ids:
             return None, 0
         content = SegmentVectors(np.array(batch.ids, np.int64), np.stack(batch.vectors))
-        data = build_segment(content, FLAT)
+        data = self._vector_index.build(content, IndexSpec(FLAT))
         segment_id = new_segment_id()
         key = segment_key(batch.dataset.name, segment_id)
         self._store.put(key, data, content_type="application/octet-stream")

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from clipsearch.errors import InvalidImage
+from clipsearch.segments import IndexSpec, SegmentVectors
 
 IMAGE_STATUSES = ("pending", "indexed", "failed", "deleted")
 
@@ -307,3 +308,61 @@ class Catalog(SearchCatalog, Protocol):
     def forget_segments(self, ids: Sequence[str]) -> None: ...
 
     def segment_keys(self, dataset_id: int) -> set[str]: ...
+
+
+# --- vector index -----------------------------------------------------------------------------------
+
+
+class IdSelection(Protocol):
+    """The ids a search may return (only these, or every id but these), in the form the VectorIndex that
+    made it searches through (opaque here)."""
+
+
+class SegmentSearcher(Protocol):
+    """A loaded segment: the image ids it holds, top-k and range inner-product searches over them."""
+
+    ids: np.ndarray  # int64 [n]
+    nbytes: int  # what the loaded segment occupies (file size; memory-mapped pages count once)
+
+    def __len__(self) -> int: ...
+
+    def search(
+        self, query: np.ndarray, k: int, selection: IdSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the k nearest vectors to `query` ([1, dim]) among the ids `selection` admits
+        (all when None), best first; fewer when fewer remain."""
+        ...
+
+    def range_search(
+        self, queries: np.ndarray, min_score: float, selection: IdSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each query row, the admitted vectors scoring at least `min_score`: (limits [n + 1], scores,
+        ids), row i's matches at limits[i]:limits[i + 1]."""
+        ...
+
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, in the order of `ids` (decoded: approximate for compressed kinds)."""
+        ...
+
+
+class VectorIndex(Protocol):
+    """Builds segments of an IndexSpec, loads them (from bytes, or memory-mapped from a file), reads back
+    their vectors for merging, and makes the id selections its searches take."""
+
+    def build(self, content: SegmentVectors, spec: IndexSpec) -> bytes: ...
+
+    def write(self, content: SegmentVectors, spec: IndexSpec, destination: Path) -> int: ...
+
+    def load(self, data: bytes) -> SegmentSearcher: ...
+
+    def open(self, path: Path) -> SegmentSearcher: ...
+
+    def read_vectors(self, data: bytes | Path) -> SegmentVectors: ...
+
+    def exclusion(self, excluded_ids: np.ndarray) -> IdSelection:
+        """Every id but `excluded_ids`."""
+        ...
+
+    def selection(self, allowed_ids: np.ndarray) -> IdSelection:
+        """Only `allowed_ids`."""
+        ...

@@ -6,24 +6,26 @@ segments and deleted ids. Each request reads the dataset row once; when `index_v
 new segments are fetched (in parallel), retired ones are dropped and the deleted ids re-read.
 Snapshots are swapped whole, so concurrent requests never see a half-refreshed index.
 
-Deleted ids are excluded inside FAISS (an id selector), so a query costs the same however many
-vectors await compaction; filters (key prefix, ingest time) are id selectors too, built from the
-catalog's matching ids, so a filtered page holds k hits without fetching more and dropping.
-Pages are cut from one ranking ordered by (score, id), the same for every page while the dataset does
-not change.
+Deleted ids are excluded inside the index (an id selection), so a query costs the same however many
+vectors await compaction; filters (key prefix, ingest time) are id selections too, built from the
+catalog's matching ids, so a filtered page holds k hits without fetching more and dropping. Pages are
+cut from one ranking ordered by (score, id), the same for every page while the dataset does not change.
+Segments are fetched into a scratch directory and opened memory-mapped, so a loaded segment costs about
+its file size once; the snapshots together stay under a byte budget, the least recently searched
+dataset dropped first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-import faiss
 import numpy as np
 
 from clipsearch.datasets import check_caller_image_key
@@ -35,8 +37,16 @@ from clipsearch.errors import (
     ObjectNotFound,
     TransientError,
 )
-from clipsearch.ports import Dataset, ObjectStore, SearchCatalog, SegmentRef
 from clipsearch.datasets import dataset_prefix
+from clipsearch.ports import (
+    Dataset,
+    IdSelection,
+    ObjectStore,
+    SearchCatalog,
+    SegmentRef,
+    SegmentSearcher,
+    VectorIndex,
+)
 from clipsearch.search_results import (
     DEFAULT_K,
     MAX_K,
@@ -52,7 +62,6 @@ from clipsearch.search_results import (
     SearchResult,
     check_terms,
 )
-from clipsearch.segments import load_segment
 from clipsearch.thumbnails import thumbnail_key
 
 logger = logging.getLogger(__name__)
@@ -91,51 +100,6 @@ class CacheListener(Protocol):
     def __call__(self, cache: str, hit: bool) -> None: ...
 
 
-class FaissSegment:
-    """A loaded segment (flat or HNSW, as it was built): its vector ids and a top-k inner-product search."""
-
-    def __init__(self, index: faiss.Index) -> None:
-        self._index = index
-        self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        inner = faiss.downcast_index(index.index)
-        # Search parameters replace the index's own, so a filtered HNSW search must repeat its depth.
-        self._ef_search = inner.hnsw.efSearch if isinstance(inner, faiss.IndexHNSW) else None
-
-    @classmethod
-    def load(cls, data: bytes) -> FaissSegment:
-        return cls(load_segment(data))
-
-    def search(
-        self, query: np.ndarray, k: int, allowed: faiss.IDSelector | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the k nearest vectors to `query` ([1, dim]) among the ids `allowed` selects
-        (all when None), best first; fewer when fewer are allowed."""
-        k = min(k, self._index.ntotal)
-        if k == 0:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores, ids = self._index.search(query, k, params=self._parameters(allowed))
-        found = ids[0] >= 0
-        return scores[0][found], ids[0][found]
-
-    def vectors(self) -> np.ndarray:
-        """Every stored vector, in the order of `ids`."""
-        return self._index.index.reconstruct_n(0, self._index.ntotal)
-
-    def range_search(
-        self, queries: np.ndarray, min_score: float, allowed: faiss.IDSelector | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For each query row, the vectors scoring at least `min_score`: FAISS's (limits, scores, ids)."""
-        return self._index.range_search(queries, min_score, params=self._parameters(allowed))
-
-    def _parameters(self, allowed: faiss.IDSelector | None) -> faiss.SearchParameters | None:
-        if allowed is None:
-            return None
-        # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
-        if self._ef_search is None:
-            return faiss.SearchParameters(sel=allowed)
-        return faiss.SearchParametersHNSW(sel=allowed, efSearch=self._ef_search)
-
-
 T = TypeVar("T")
 
 
@@ -162,7 +126,7 @@ class Lazy(Generic[T]):
 @dataclass(frozen=True)
 class LoadedSegment:
     ref: SegmentRef
-    segment: FaissSegment
+    segment: SegmentSearcher
 
 
 @dataclass(frozen=True)
@@ -173,11 +137,12 @@ class DatasetIndex:
     index_version: int
     segments: tuple[LoadedSegment, ...]
     deleted_per_segment: tuple[int, ...]
-    live: faiss.IDSelector | None  # every id but the deleted ones; None when nothing is deleted
+    deleted_ids: np.ndarray  # int64, sorted
+    excluded: IdSelection | None  # every id but the deleted ones; None when nothing is deleted
 
     @classmethod
     def build(
-        cls, dataset: Dataset, segments: Sequence[LoadedSegment], deleted_ids: set[int]
+        cls, dataset: Dataset, segments: Sequence[LoadedSegment], deleted_ids: set[int], vector_index: VectorIndex
     ) -> DatasetIndex:
         deleted = np.array(sorted(deleted_ids), dtype=np.int64)
         return cls(
@@ -187,7 +152,8 @@ class DatasetIndex:
             deleted_per_segment=tuple(
                 int(np.isin(loaded.segment.ids, deleted, assume_unique=True).sum()) for loaded in segments
             ),
-            live=faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted)) if len(deleted) else None,
+            deleted_ids=deleted,
+            excluded=vector_index.exclusion(deleted) if len(deleted) else None,
         )
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +162,7 @@ class DatasetIndex:
         for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
             ids, vectors = loaded.segment.ids, loaded.segment.vectors()
             if deleted_count:
-                keep = np.array([self.live.is_member(int(image_id)) for image_id in ids], dtype=bool)
+                keep = ~np.isin(ids, self.deleted_ids)
                 ids, vectors = ids[keep], vectors[keep]
             id_parts.append(ids)
             vector_parts.append(vectors)
@@ -205,21 +171,25 @@ class DatasetIndex:
         ids, first = np.unique(np.concatenate(id_parts), return_index=True)
         return ids, np.ascontiguousarray(np.concatenate(vector_parts)[first])
 
+    @property
+    def nbytes(self) -> int:
+        return sum(loaded.segment.nbytes for loaded in self.segments)
+
     def is_current(self, dataset: Dataset) -> bool:
         """True when this snapshot is at least as new as the row a request read (a refresh may have
         read a newer version than the row that asked for it)."""
         return self.dataset_id == dataset.id and self.index_version >= dataset.index_version
 
     def search(
-        self, vector: np.ndarray, k: int, allowed: faiss.IDSelector | None = None
+        self, vector: np.ndarray, k: int, allowed: IdSelection | None = None
     ) -> list[tuple[int, float]]:
         """The k best live (image id, score) pairs, ties broken by id: a segment holding deleted vectors
-        searches through the live-id selector (the others without, which is faster); `allowed`, holding
-        only live ids, replaces it in every segment; an id found in two segments counts once."""
+        searches through the exclusion (the others without, which is faster); `allowed`, holding only
+        live ids, replaces it in every segment; an id found in two segments counts once."""
         candidates: list[tuple[float, int]] = []
         for loaded, deleted_count in zip(self.segments, self.deleted_per_segment):
-            selector = allowed if allowed is not None else (self.live if deleted_count else None)
-            scores, ids = loaded.segment.search(vector, k, selector)
+            selection = allowed if allowed is not None else (self.excluded if deleted_count else None)
+            scores, ids = loaded.segment.search(vector, k, selection)
             candidates.extend(zip(scores.tolist(), ids.tolist()))
         candidates.sort(key=lambda candidate: (-candidate[0], candidate[1]))
         hits: list[tuple[int, float]] = []
@@ -244,17 +214,23 @@ class SearchService:
         text_encoder: Callable[[], TextQueryEncoder],
         image_encoder: Callable[[], ImageQueryEncoder],
         max_image_bytes: int,
+        vector_index: VectorIndex,
+        segment_dir: Path,
+        index_cache_bytes: float = float("inf"),
         segment_load_threads: int = 8,
     ) -> None:
         self._catalog = catalog
         self._store = store
+        self._vector_index = vector_index
+        self._segment_dir = segment_dir
+        self._index_cache_bytes = index_cache_bytes
         self.model_id = model_id
         self._text_encoder = Lazy(text_encoder)
         self._image_encoder = Lazy(image_encoder)
         self._max_image_bytes = max_image_bytes
         self._segment_load_threads = segment_load_threads
         self._background = Lazy(lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm-up"))
-        self._indexes: dict[str, DatasetIndex] = {}
+        self._indexes: OrderedDict[str, DatasetIndex] = OrderedDict()  # least recently searched first
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._cache_listener: CacheListener = _ignore_cache_lookup
@@ -360,7 +336,7 @@ class SearchService:
         if len(ids):
             for loaded, deleted_count in zip(index.segments, index.deleted_per_segment):
                 limits, scores, found = loaded.segment.range_search(
-                    vectors, min_score, index.live if deleted_count else None
+                    vectors, min_score, index.excluded if deleted_count else None
                 )
                 for row_number, image_id in enumerate(ids.tolist()):
                     start, end = limits[row_number], limits[row_number + 1]
@@ -439,11 +415,11 @@ class SearchService:
     ) -> SearchResult:
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         index = self._index(dataset)
-        allowed = self._filter_selector(dataset, options.image_filter)
+        self._mark_searched(dataset.name)
+        allowed = self._filter_selection(dataset, options.image_filter)
         ranked: list[tuple[int, float]] = []
         if allowed is not False:
-            with _one_faiss_thread():
-                ranked = index.search(query, options.offset + k, allowed)
+            ranked = index.search(query, options.offset + k, allowed)
         if options.min_score is not None:
             ranked = [(image_id, score) for image_id, score in ranked if score >= options.min_score]
         autocut_at = None
@@ -473,15 +449,15 @@ class SearchService:
             ),
         )
 
-    def _filter_selector(self, dataset: Dataset, image_filter: ImageFilter) -> faiss.IDSelector | None | bool:
-        """None without a filter; False when no image matches; else a selector of the matching (live) ids."""
+    def _filter_selection(self, dataset: Dataset, image_filter: ImageFilter) -> IdSelection | None | bool:
+        """None without a filter; False when no image matches; else a selection of the matching (live) ids."""
         if not image_filter.active:
             return None
         key_prefix = dataset_prefix(dataset.name) + (image_filter.key_prefix or "")
         ids = self._catalog.filtered_image_ids(dataset.id, key_prefix, image_filter.since, image_filter.until)
         if not ids:
             return False
-        return faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))
+        return self._vector_index.selection(np.asarray(ids, dtype=np.int64))
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
@@ -499,16 +475,51 @@ class SearchService:
             self._background.get().submit(self._index, dataset)
 
     def _index(self, dataset: Dataset) -> DatasetIndex:
-        cached = self._indexes.get(dataset.name)
-        if cached is not None and cached.is_current(dataset):
+        cached = self._cached(dataset)
+        if cached is not None:
             return cached
         with self._refresh_lock(dataset.name):
-            cached = self._indexes.get(dataset.name)
-            if cached is not None and cached.is_current(dataset):
+            cached = self._cached(dataset)
+            if cached is not None:
                 return cached
-            refreshed = self._refresh(dataset, cached if cached and cached.dataset_id == dataset.id else None)
-            self._indexes[dataset.name] = refreshed
+            previous = self._indexes.get(dataset.name)
+            refreshed = self._refresh(dataset, previous if previous and previous.dataset_id == dataset.id else None)
+            with self._locks_guard:
+                self._indexes[dataset.name] = refreshed
+                self._indexes.move_to_end(dataset.name)
+                self._evict_beyond_budget(keep=dataset.name)
             return refreshed
+
+    def _cached(self, dataset: Dataset) -> DatasetIndex | None:
+        with self._locks_guard:
+            cached = self._indexes.get(dataset.name)
+            if cached is None or not cached.is_current(dataset):
+                return None
+            return cached
+
+    def _mark_searched(self, name: str) -> None:
+        """Moves `name` to the most recent end: only requests do, a background refresh finishing late must not."""
+        with self._locks_guard:
+            if name in self._indexes:
+                self._indexes.move_to_end(name)
+
+    def _evict_beyond_budget(self, keep: str) -> None:
+        """Drops the least recently searched snapshots until the rest fit the budget (never `keep`, the
+        one a request is about to search, even alone over it). Their mapped segments go with the last
+        request still holding them."""
+        total = sum(index.nbytes for index in self._indexes.values())
+        for name in list(self._indexes):
+            if total <= self._index_cache_bytes:
+                break
+            if name != keep:
+                total -= self._indexes.pop(name).nbytes
+                logger.info("dataset %s: snapshot dropped to stay under %d bytes", name, self._index_cache_bytes)
+
+    @property
+    def cached_datasets(self) -> list[str]:
+        """Datasets with a snapshot in memory, least recently searched first."""
+        with self._locks_guard:
+            return list(self._indexes)
 
     def _refresh(self, dataset: Dataset, previous: DatasetIndex | None) -> DatasetIndex:
         dataset, refs, deleted = self._read_index_state(dataset)
@@ -521,7 +532,7 @@ class SearchService:
             len(refs), len(missing), len(set(kept) - {ref.id for ref in refs}), len(deleted),
         )
         segments = [kept.get(ref.id) or loaded[ref.id] for ref in refs]
-        return DatasetIndex.build(dataset, segments, deleted)
+        return DatasetIndex.build(dataset, segments, deleted, self._vector_index)
 
     def _read_index_state(self, dataset: Dataset) -> tuple[Dataset, Sequence[SegmentRef], set[int]]:
         """The live segments and deleted ids as of one `index_version`, with the row of that version.
@@ -542,12 +553,17 @@ class SearchService:
 
     def _load_segments(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
         def load(ref: SegmentRef) -> LoadedSegment:
+            self._segment_dir.mkdir(parents=True, exist_ok=True)
+            path = self._segment_dir / f"{ref.id}.{threading.get_ident()}.segment"
             try:
-                data = self._store.get(ref.object_key).data
+                self._store.download_file(ref.object_key, path)
+                # The mapping keeps the unlinked file's pages: nothing is left in /tmp to clean up.
+                return LoadedSegment(ref, self._vector_index.open(path))
             except ObjectNotFound as error:
                 # Retired by a compaction between reading the catalog and fetching: the next try sees it.
                 raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
-            return LoadedSegment(ref, FaissSegment.load(data))
+            finally:
+                path.unlink(missing_ok=True)
 
         if len(refs) <= 1:
             return {ref.id: load(ref) for ref in refs}
@@ -557,19 +573,6 @@ class SearchService:
     def _refresh_lock(self, dataset: str) -> threading.Lock:
         with self._locks_guard:
             return self._refresh_locks.setdefault(dataset, threading.Lock())
-
-
-@contextmanager
-def _one_faiss_thread() -> Iterator[None]:
-    """One query scans faster on one OpenMP thread than on two (benchmarks/search.py), and leaves the
-    other core to a concurrent request. The setting is per calling thread (libgomp keeps it in the
-    thread's own task), so compaction running in the same process (the local stack) keeps every core."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:

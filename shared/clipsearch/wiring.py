@@ -59,6 +59,7 @@ def get_database() -> Database:
 
 @lru_cache(maxsize=1)
 def get_search_service():
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.encoders import OnnxImageEncoder, OnnxTextEncoder
     from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
@@ -82,6 +83,9 @@ def get_search_service():
             settings.max_image_pixels,
         ),
         max_image_bytes=settings.max_request_image_bytes,
+        vector_index=FaissVectorIndex(),
+        segment_dir=settings.segment_dir,
+        index_cache_bytes=settings.index_cache_bytes,
     )
 
 
@@ -98,6 +102,7 @@ def get_dataset_service():
 
 @lru_cache(maxsize=1)
 def get_ingest_service():
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.encoders import OnnxImageEncoder
     from clipsearch.ingest import IngestService
@@ -115,6 +120,7 @@ def get_ingest_service():
         PostgresCatalog(get_database()),
         encoder,
         settings.model_id,
+        FaissVectorIndex(),
         max_image_bytes=settings.max_ingest_image_bytes,
     )
 
@@ -129,6 +135,7 @@ def get_message_visibility():
 
 @lru_cache(maxsize=1)
 def get_compaction_service():
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.compaction import CompactionPolicy, CompactionService
 
@@ -137,8 +144,9 @@ def get_compaction_service():
         max_segments=settings.compact_max_segments,
         deleted_fraction=settings.compact_deleted_fraction,
         orphan_grace_seconds=settings.orphan_grace_seconds,
+        segment_budget_bytes=settings.segment_budget_bytes,
     )
-    return CompactionService(get_object_store(), PostgresCatalog(get_database()), policy)
+    return CompactionService(get_object_store(), PostgresCatalog(get_database()), policy, FaissVectorIndex())
 
 
 @lru_cache(maxsize=1)

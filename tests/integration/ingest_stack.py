@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
 from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.encoders import OnnxImageEncoder
 from clipsearch.ingest import IngestService
 from clipsearch.model_files import ModelFiles
-from clipsearch.segments import load_segment, segment_vectors
 from http_events import LambdaContext, load_function
 
 
@@ -34,7 +34,7 @@ class IngestStack:
     queue_arn: str
 
     def service(self, catalog: PostgresCatalog | None = None, **options) -> IngestService:
-        return IngestService(self.store, catalog or self.catalog, self.encoder, self.model_id, **options)
+        return IngestService(self.store, catalog or self.catalog, self.encoder, self.model_id, FaissVectorIndex(), **options)
 
     def upload(self, key: str, data: bytes, source_path: str | None = None) -> str:
         metadata = {"source-path": source_path} if source_path else {}
@@ -70,9 +70,9 @@ class IngestStack:
         dataset_id = self.catalog.get_dataset(dataset).id
         held: Counter = Counter()
         for segment in self.catalog.live_segments(dataset_id):
-            index = load_segment(self.store.get(segment.object_key).data)
-            assert index.ntotal == segment.vector_count
-            held.update(segment_vectors(index).ids.tolist())
+            index = FaissVectorIndex().load(self.store.get(segment.object_key).data)
+            assert len(index) == segment.vector_count
+            held.update(index.ids.tolist())
         return held
 
     def rows(self, dataset: str) -> list[dict]:

@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 from clipsearch import wiring
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.datasets import image_key, model_prefix
@@ -41,7 +42,7 @@ class SearchStack:
             metadata = {SOURCE_PATH_METADATA: str(self.photo_root / photo.name)} if with_source_paths else None
             etag = self.store.put(key, photo.read_bytes(), metadata=metadata, content_type="image/jpeg")
             events.append(ObjectEvent(f"upload-{key}", EventKind.CREATED, self.store.bucket, key, dataset, etag))
-        report = IngestService(self.store, self.catalog, self.encoder, MODEL_ID).ingest(events)
+        report = IngestService(self.store, self.catalog, self.encoder, MODEL_ID, FaissVectorIndex()).ingest(events)
         assert not report.retry, report.retry
         return report
 
@@ -80,6 +81,7 @@ def stack_fixture(
         "CLIPSEARCH_DATABASE_URL": database_url,
         "CLIPSEARCH_S3_ENDPOINT_URL": aws_endpoint_url,
         "CLIPSEARCH_MODEL_CACHE_DIR": str(tmp_path / "models"),
+        "CLIPSEARCH_SEGMENT_DIR": str(tmp_path / "segments"),
         "AWS_REGION": "us-east-1",
     }
     for name, value in environment.items():

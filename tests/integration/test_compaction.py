@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from clipsearch.compaction import CompactionPolicy, CompactionService
 from clipsearch.errors import MaintenanceFailed
-from clipsearch.segments import FLAT, HNSW, load_segment, segment_vectors
+from clipsearch.adapters.faiss_index import FaissVectorIndex
+from clipsearch.segments import FLAT, IVF_SQ8
 from http_events import load_function
 from ingest_stack import CONTEXT, ingest_stack, preprocess_function
 from test_ingest import CrashingCommit
@@ -64,20 +65,20 @@ def test_compaction_keeps_exactly_the_live_set(churned) -> None:
     assert len(live) == 7 and len(before) == 5
     old_vectors = {}
     for segment in before:
-        content = segment_vectors(load_segment(stack.store.get(segment.object_key).data))
+        content = FaissVectorIndex().read_vectors(stack.store.get(segment.object_key).data)
         old_vectors.update({int(i): v for i, v in zip(content.ids, content.vectors) if int(i) in live})
 
-    relaxed = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=8, deleted_fraction=0.5))
+    relaxed = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=8, deleted_fraction=0.5), FaissVectorIndex())
     assert relaxed.compact_dataset(DATASET).merged_segments == 0  # 5 segments, 2 of 9 vectors dead
 
-    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=4))
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=4), FaissVectorIndex())
     report = service.compact_dataset(DATASET)
 
     assert (report.merged_segments, report.vectors_kept, report.vectors_dropped) == (5, 7, 2)
     assert report.index_type == FLAT and report.index_version == dataset.index_version + 1
     (merged,) = stack.catalog.live_segments(dataset.id)
     assert stack.live_vectors(DATASET) == {image_id: 1 for image_id in live}
-    content = segment_vectors(load_segment(stack.store.get(merged.object_key).data))
+    content = FaissVectorIndex().read_vectors(stack.store.get(merged.object_key).data)
     for image_id, vector in zip(content.ids, content.vectors):
         np.testing.assert_array_equal(vector, old_vectors[int(image_id)])
     assert {row["segment_id"] for row in live_rows(stack).values()} == {merged.id}
@@ -90,8 +91,8 @@ def test_compaction_keeps_exactly_the_live_set(churned) -> None:
 @pytest.mark.integration
 def test_released_objects_are_removed_after_the_grace_period(churned) -> None:
     stack = churned
-    CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1)).compact_dataset(DATASET)
-    immediate = CompactionService(stack.store, stack.catalog, CompactionPolicy(orphan_grace_seconds=-5))
+    CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1), FaissVectorIndex()).compact_dataset(DATASET)
+    immediate = CompactionService(stack.store, stack.catalog, CompactionPolicy(orphan_grace_seconds=-5), FaissVectorIndex())
     report = immediate.compact_dataset(DATASET)
     assert report.merged_segments == 0 and report.objects_removed == 6  # 5 retired + 1 orphan
     dataset = stack.catalog.get_dataset(DATASET)
@@ -101,19 +102,21 @@ def test_released_objects_are_removed_after_the_grace_period(churned) -> None:
 
 
 @pytest.mark.integration
-def test_a_large_merge_becomes_hnsw(churned) -> None:
+def test_a_large_merge_becomes_ivf_sq8(churned) -> None:
     stack = churned
-    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(flat_limit=3))
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(flat_limit=3), FaissVectorIndex())
     result = load_function("compact").handle({"dataset": DATASET, "force": True}, service)
     (report,) = result["datasets"]
-    assert report["index_type"] == HNSW and report["vectors_kept"] == 7
+    assert report["index_type"] == IVF_SQ8 and report["vectors_kept"] == 7
     dataset = stack.catalog.get_dataset(DATASET)
     (merged,) = stack.catalog.live_segments(dataset.id)
-    index = load_segment(stack.store.get(merged.object_key).data)
-    assert isinstance(faiss.downcast_index(index.index), faiss.IndexHNSWFlat)
-    probe = segment_vectors(index)
-    _, found = index.search(probe.vectors, 1)
-    assert found[:, 0].tolist() == probe.ids.tolist()
+    data = stack.store.get(merged.object_key).data
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexIVFScalarQuantizer)
+    probe = FaissVectorIndex().read_vectors(data)
+    segment = FaissVectorIndex().load(data)
+    found = [segment.search(vector[None], 1)[1][0] for vector in probe.vectors]
+    assert found == probe.ids.tolist()
     assert sorted(probe.ids.tolist()) == sorted(live_rows(stack))
 
 
@@ -127,7 +130,7 @@ def test_one_failing_dataset_does_not_stop_the_others(churned, seed_eval_photos)
     broken = stack.catalog.get_dataset("a_broken")
     stack.store.delete_many([segment.object_key for segment in stack.catalog.live_segments(broken.id)])
 
-    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1))
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=1), FaissVectorIndex())
     with pytest.raises(MaintenanceFailed, match="a_broken"):
         load_function("compact").handle({}, service)
     assert len(stack.catalog.live_segments(stack.catalog.get_dataset(DATASET).id)) == 1  # compacted anyway

@@ -15,7 +15,7 @@ from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.errors import TransientError
 from clipsearch.events import parse_message
 from clipsearch.ingest import IngestService
-from clipsearch.segments import load_segment
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from ingest_stack import (
     CONTEXT,
     failed_ids,
@@ -62,10 +62,10 @@ def test_uploads_become_searchable_segments(ingest_stack, preprocess, seed_eval_
     (segment,) = stack.catalog.live_segments(dataset.id)
     assert segment.vector_count == 2 and segment.object_key.startswith(f"indexes/{DATASET}/segments/")
     # the segment finds each photo by the photo's own embedding, under the image's catalog id
-    index = load_segment(stack.store.get(segment.object_key).data)
+    index = FaissVectorIndex().load(stack.store.get(segment.object_key).data)
     query = stack.encoder.embed_image(photo(seed_eval_photos, 0), "query").vector
     scores, ids = index.search(query[np.newaxis, :], 2)
-    assert ids[0, 0] == cat["id"] and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert ids[0] == cat["id"] and scores[0] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_repeated_and_multipart_events_leave_one_indexed_image(ingest_stack, preprocess, seed_eval_photos) -> None:
@@ -290,7 +290,7 @@ def test_an_object_over_the_byte_limit_fails_without_being_fetched(ingest_stack,
     stack.upload(f"datasets/{DATASET}/huge.jpg", photo(seed_eval_photos, 1) + b"\0" * len(small))
     event = stack.drain()
     store = RecordingStore(stack.s3, stack.bucket)
-    service = IngestService(store, stack.catalog, stack.encoder, stack.model_id, max_image_bytes=len(small))
+    service = IngestService(store, stack.catalog, stack.encoder, stack.model_id, FaissVectorIndex(), max_image_bytes=len(small))
 
     for _ in range(2):  # a failure is final: the redelivery claims nothing
         assert preprocess.handle(event, CONTEXT, service) == {"batchItemFailures": []}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from clipsearch.datasets import image_key
 from clipsearch.events import EventKind, ObjectEvent
 from clipsearch.ingest import IngestService
@@ -28,7 +29,7 @@ def index_files(stack: SearchStack, files: dict[str, bytes]) -> None:
         key = image_key(DATASET, relative)
         etag = stack.store.put(key, data, content_type="image/jpeg")
         events.append(ObjectEvent(f"upload-{key}", EventKind.CREATED, stack.store.bucket, key, DATASET, etag))
-    report = IngestService(stack.store, stack.catalog, stack.encoder, MODEL_ID).ingest(events)
+    report = IngestService(stack.store, stack.catalog, stack.encoder, MODEL_ID, FaissVectorIndex()).ingest(events)
     assert not report.retry and not report.failed, report
 
 

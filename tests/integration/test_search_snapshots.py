@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from clipsearch import wiring
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from clipsearch.adapters.postgres_catalog import PostgresCatalog
 from clipsearch.adapters.postgres_connection import Database
 from clipsearch.compaction import CompactionPolicy, CompactionService
@@ -38,7 +39,7 @@ def search_service(stack: SearchStack, catalog: PostgresCatalog) -> SearchServic
     return SearchService(
         catalog=catalog, store=stack.store, model_id=MODEL_ID,
         text_encoder=lambda: pytest.fail("no text query here"), image_encoder=lambda: stack.encoder,
-        max_image_bytes=6 * 1024 * 1024,
+        max_image_bytes=6 * 1024 * 1024, vector_index=FaissVectorIndex(), segment_dir=stack.model_cache_dir.parent / "segments",
     )
 
 
@@ -52,7 +53,7 @@ def test_a_compaction_between_the_reads_never_brings_deleted_images_back(
     assert stack.catalog.remove_images("photos", f"datasets/photos/{removed.name}", None) == 1
     # The merge drops the deleted vector and retires both segments: their deleted ids leave
     # `deleted_image_ids`, while the old segments stay in the bucket for the grace period.
-    compaction = CompactionService(stack.store, stack.catalog, CompactionPolicy())
+    compaction = CompactionService(stack.store, stack.catalog, CompactionPolicy(), FaissVectorIndex())
     catalog = CommitAfterSegmentsRead(
         wiring.get_database(), lambda: compaction.compact_dataset("photos", force=True)
     )

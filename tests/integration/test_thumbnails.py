@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clipsearch.adapters.faiss_index import FaissVectorIndex
 from clipsearch.datasets import image_key
 from clipsearch.events import EventKind, ObjectEvent
 from clipsearch.ingest import IngestService
@@ -60,7 +61,7 @@ def test_ingest_writes_upright_thumbnails_search_links_them_and_removal_deletes_
 
     removed_key = image_key(DATASET, photo.name)
     stack.store.delete_many([removed_key])
-    report = IngestService(stack.store, stack.catalog, stack.encoder, MODEL_ID).ingest(
+    report = IngestService(stack.store, stack.catalog, stack.encoder, MODEL_ID, FaissVectorIndex()).ingest(
         [ObjectEvent("removal", EventKind.REMOVED, stack.store.bucket, removed_key, DATASET, None)]
     )
     assert report.removed == 1

@@ -9,14 +9,16 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 from clipsearch.ports import Dataset, SegmentRef
-from clipsearch.search import DatasetIndex, FaissSegment, Lazy, LoadedSegment
-from clipsearch.segments import FLAT, HNSW, SegmentVectors, build_segment
+from clipsearch.adapters.faiss_index import FaissVectorIndex
+from clipsearch.search import DatasetIndex, Lazy, LoadedSegment
+from clipsearch.segments import FLAT, HNSW, IVF_SQ8, IndexSpec, SegmentVectors, ivf_spec
 
 pytestmark = pytest.mark.unit
 
 DIM = 32
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 DATASET = Dataset(id=1, name="photos", model_id="m", index_version=3, created_at=NOW, updated_at=NOW)
+INDEX = FaissVectorIndex()
 
 
 def clustered(count: int, seed: int) -> np.ndarray:
@@ -27,9 +29,10 @@ def clustered(count: int, seed: int) -> np.ndarray:
 
 
 def segment(name: str, ids: np.ndarray, vectors: np.ndarray, index_type: str = FLAT) -> LoadedSegment:
-    data = build_segment(SegmentVectors(ids.astype(np.int64), vectors), index_type)
+    spec = ivf_spec(len(ids)) if index_type == IVF_SQ8 else IndexSpec(index_type)
+    data = INDEX.build(SegmentVectors(ids.astype(np.int64), vectors), spec)
     return LoadedSegment(SegmentRef(name, f"indexes/photos/segments/{name}.faiss", len(ids), index_type),
-                          FaissSegment.load(data))
+                          INDEX.load(data))
 
 
 def exact_top(ids: np.ndarray, vectors: np.ndarray, query: np.ndarray, k: int) -> list[int]:
@@ -45,7 +48,7 @@ def test_deleted_ids_are_filtered_and_k_live_results_remain() -> None:
     nearest = exact_top(ids, vectors, query, 20)
     deleted = set(nearest[:8])  # the 8 best matches, the query's own image among them
 
-    index = DatasetIndex.build(DATASET, [first, second], deleted)
+    index = DatasetIndex.build(DATASET, [first, second], deleted, INDEX)
     hits = index.search(query, 10)
 
     live = [image_id for image_id in nearest if image_id not in deleted]
@@ -60,7 +63,7 @@ def test_an_id_in_two_segments_is_returned_once() -> None:
     first = segment("a", ids[:50], vectors[:50])
     second = segment("b", np.concatenate([[5], ids[50:]]), np.concatenate([vectors[4:5], vectors[50:]]))
 
-    hits = DatasetIndex.build(DATASET, [first, second], set()).search(vectors[4:5], 10)
+    hits = DatasetIndex.build(DATASET, [first, second], set(), INDEX).search(vectors[4:5], 10)
 
     returned = [image_id for image_id, _ in hits]
     assert returned[0] == 5 and hits[0][1] == pytest.approx(1.0, abs=1e-5)
@@ -70,7 +73,7 @@ def test_an_id_in_two_segments_is_returned_once() -> None:
 def test_k_above_the_dataset_size_returns_every_live_vector() -> None:
     vectors = clustered(12, seed=3)
     ids = np.arange(1, 13)
-    hits = DatasetIndex.build(DATASET, [segment("a", ids, vectors)], {3, 4}).search(vectors[:1], 1000)
+    hits = DatasetIndex.build(DATASET, [segment("a", ids, vectors)], {3, 4}, INDEX).search(vectors[:1], 1000)
     assert sorted(image_id for image_id, _ in hits) == [i for i in range(1, 13) if i not in (3, 4)]
     scores = [score for _, score in hits]
     assert scores == sorted(scores, reverse=True)
@@ -80,7 +83,7 @@ def test_hnsw_and_flat_segments_merge_like_exact_search() -> None:
     vectors = clustered(2000, seed=4)
     ids = np.arange(1, 2001)
     hnsw, flat = segment("big", ids[:1800], vectors[:1800], HNSW), segment("tail", ids[1800:], vectors[1800:])
-    index = DatasetIndex.build(DATASET, [hnsw, flat], set())
+    index = DatasetIndex.build(DATASET, [hnsw, flat], set(), INDEX)
     queries = clustered(20, seed=5)
     recall = np.mean([
         len({image_id for image_id, _ in index.search(query[None], 10)} & set(exact_top(ids, vectors, query[None], 10))) / 10
@@ -89,14 +92,15 @@ def test_hnsw_and_flat_segments_merge_like_exact_search() -> None:
     assert recall >= 0.95
 
 
-def test_deleted_ids_are_excluded_inside_an_hnsw_segment_at_its_search_depth() -> None:
+@pytest.mark.parametrize("index_type", [HNSW, IVF_SQ8])
+def test_deleted_ids_are_excluded_inside_an_approximate_segment_at_its_search_depth(index_type: str) -> None:
     vectors = clustered(2000, seed=7)
     ids = np.arange(1, 2001)
     queries = clustered(20, seed=8)
     # Deleted: the 30 best matches of every query, far more than k.
     deleted = {image_id for query in queries for image_id in exact_top(ids, vectors, query[None], 30)}
     live = np.array([image_id not in deleted for image_id in ids])
-    index = DatasetIndex.build(DATASET, [segment("big", ids, vectors, HNSW)], deleted)
+    index = DatasetIndex.build(DATASET, [segment("big", ids, vectors, index_type)], deleted, INDEX)
 
     results = [[image_id for image_id, _ in index.search(query[None], 10)] for query in queries]
 
@@ -105,15 +109,17 @@ def test_deleted_ids_are_excluded_inside_an_hnsw_segment_at_its_search_depth() -
         len(set(found) & set(exact_top(ids[live], vectors[live], query[None], 10))) / 10
         for found, query in zip(results, queries)
     ])
-    assert recall >= 0.95
+    # IVF probes a fixed set of lists: with each query's 30 best excluded, some of the next-best live in
+    # lists it does not probe (a dataset that far behind on compaction is the exception).
+    assert recall >= (0.95 if index_type == HNSW else 0.85)
 
 
 def test_an_empty_dataset_finds_nothing() -> None:
-    assert DatasetIndex.build(DATASET, [], set()).search(clustered(1, seed=6), 5) == []
+    assert DatasetIndex.build(DATASET, [], set(), INDEX).search(clustered(1, seed=6), 5) == []
 
 
 def test_is_current_follows_the_dataset_id_and_newer_versions() -> None:
-    index = DatasetIndex.build(DATASET, [], set())
+    index = DatasetIndex.build(DATASET, [], set(), INDEX)
     assert index.is_current(DATASET)
     assert index.is_current(Dataset(1, "photos", "m", 2, NOW, NOW))  # a request that read an older row
     assert not index.is_current(Dataset(1, "photos", "m", 4, NOW, NOW))

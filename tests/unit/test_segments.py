@@ -1,80 +1,60 @@
-"""FAISS segments: ids survive serialization, merging reads vectors back, and HNSW recall on clusters."""
+"""The pure choice of index kind by vector count and memory budget, and segment ids: no vectors needed."""
 
 from __future__ import annotations
 
 import time
 
-import faiss
-import numpy as np
 import pytest
 from clipsearch.segments import (
     FLAT,
     FLAT_LIMIT,
-    HNSW,
-    HNSW_EF_SEARCH,
-    SegmentVectors,
-    build_index,
-    build_segment,
-    choose_index_type,
-    load_segment,
+    IVF_SQ8,
+    bytes_per_vector,
+    choose_index,
+    ivf_spec,
     new_segment_id,
-    segment_vectors,
 )
 
 pytestmark = pytest.mark.unit
 
-
-def normalized(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+GiB = 2**30
 
 
-def clustered(rng: np.random.Generator, n: int, clusters: int, dim: int, spread: float) -> np.ndarray:
-    centers = normalized(rng, clusters, dim)
-    members = centers[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
-    return members / np.linalg.norm(members, axis=1, keepdims=True)
+def test_small_segments_stay_exact() -> None:
+    assert choose_index(0).kind == FLAT
+    assert choose_index(FLAT_LIMIT).kind == FLAT
+    assert choose_index(FLAT_LIMIT + 1).kind == IVF_SQ8
+    assert choose_index(500, flat_limit=100).kind == IVF_SQ8
 
 
-def test_choose_index_type_by_size() -> None:
-    assert choose_index_type(0) == FLAT
-    assert choose_index_type(FLAT_LIMIT) == FLAT
-    assert choose_index_type(FLAT_LIMIT + 1) == HNSW
-    assert choose_index_type(500, flat_limit=100) == HNSW
+def test_a_flat_segment_over_the_budget_is_compressed_even_below_the_flat_limit() -> None:
+    budget = bytes_per_vector(FLAT) * 10_000 - 1
+    assert choose_index(10_000, budget).kind == IVF_SQ8
+    assert choose_index(10_000, budget + 1).kind == FLAT
 
 
-def test_flat_segment_round_trip_keeps_image_ids_and_vectors() -> None:
-    rng = np.random.default_rng(0)
-    content = SegmentVectors(np.array([7, 42, 1_000_003], np.int64), normalized(rng, 3, 16))
-    index = load_segment(build_segment(content))
-    scores, ids = index.search(content.vectors[1:2], 3)
-    assert ids[0, 0] == 42 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
-    restored = segment_vectors(index)
-    assert restored.ids.tolist() == [7, 42, 1_000_003]
-    np.testing.assert_allclose(restored.vectors, content.vectors, atol=1e-7)
+def test_a_million_vectors_fit_a_search_function_and_ten_million_must_be_sharded() -> None:
+    search_budget = 1.9 * GiB  # a 3008 MB function less its runtime reserve
+    spec = choose_index(1_000_000, search_budget)
+    assert spec.kind == IVF_SQ8 and bytes_per_vector(IVF_SQ8) * 1_000_000 < 0.6 * GiB
+    with pytest.raises(ValueError, match="shard the dataset"):
+        choose_index(10_000_000, search_budget)
 
 
-def test_hnsw_segment_round_trip_keeps_search_depth() -> None:
-    rng = np.random.default_rng(1)
-    content = SegmentVectors(np.arange(100, 300, dtype=np.int64), normalized(rng, 200, 8))
-    index = load_segment(build_segment(content, HNSW))
-    assert faiss.downcast_index(index.index).hnsw.efSearch == HNSW_EF_SEARCH
-    assert sorted(segment_vectors(index).ids.tolist()) == list(range(100, 300))
+def test_ivf_lists_grow_with_the_square_root_and_probes_with_the_lists() -> None:
+    assert ivf_spec(1_000_000).lists == 4000 and ivf_spec(1_000_000).probes == 63
+    assert ivf_spec(100_000).lists == 1264
+    assert ivf_spec(100_000_000).lists == 8192  # capped
+    assert ivf_spec(7).lists == 1 and ivf_spec(7).probes == 1  # tiny merges (tests) still train
+    for count in (60_000, 1_000_000, 5_000_000):
+        spec = ivf_spec(count)
+        assert count / spec.lists >= 39 and 1 <= spec.probes <= spec.lists
 
 
-def test_hnsw_recall_at_10_on_clustered_vectors() -> None:
-    rng = np.random.default_rng(2)
-    data = clustered(rng, 20_000, 200, 512, spread=0.04)
-    queries = clustered(rng, 200, 200, 512, spread=0.04)
-    content = SegmentVectors(np.arange(20_000, dtype=np.int64), data)
-    exact = build_index(content, FLAT)
-    started = time.perf_counter()
-    approximate = load_segment(build_segment(content, HNSW))
-    build_seconds = time.perf_counter() - started
-    _, truth = exact.search(queries, 10)
-    _, found = approximate.search(queries, 10)
-    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
-    print(f"HNSW recall@10 {recall:.4f} over 20k clustered vectors, build+serialize {build_seconds:.1f} s")
-    assert recall >= 0.95
+def test_bytes_per_vector_counts_codes_ids_and_links() -> None:
+    assert bytes_per_vector(FLAT) == 512 * 4 + 8
+    assert bytes_per_vector(IVF_SQ8) == 512 + 16
+    assert bytes_per_vector(FLAT, dim=32) == 32 * 4 + 8
 
 
 def test_segment_ids_sort_by_creation_and_never_repeat() -> None:

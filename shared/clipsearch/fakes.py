@@ -1,0 +1,253 @@
+"""In-memory fakes of the ports, typed against them, for a fast unit tier of the search and compaction logic.
+
+They keep the contracts the real adapters keep (missing keys raise ObjectNotFound, segments round-trip
+their ids, searches come back best first) and nothing else: exact search, no persistence.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from clipsearch.errors import DatasetNotFound, ObjectNotFound
+from clipsearch.ports import (
+    Dataset,
+    DatasetRemoval,
+    DatasetSummary,
+    IdSelection,
+    ImageLocation,
+    ObjectInfo,
+    SegmentRef,
+    StoredObject,
+)
+from clipsearch.segments import IndexSpec, SegmentVectors
+
+
+@dataclass(frozen=True)
+class SelectedIds:
+    ids: np.ndarray  # int64, sorted
+    exclude: bool  # every id but `ids` when True, only `ids` when False
+
+    def admits(self, ids: np.ndarray) -> np.ndarray:
+        return np.isin(ids, self.ids) != self.exclude
+
+
+class InMemorySegment:
+    """A segment searched exactly with NumPy."""
+
+    def __init__(self, content: SegmentVectors, nbytes: int) -> None:
+        self.ids = content.ids
+        self._vectors = content.vectors
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(
+        self, query: np.ndarray, k: int, selection: IdSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        scores = self._vectors @ np.asarray(query, np.float32).reshape(-1)
+        candidates = np.flatnonzero(self._admitted(selection))
+        order = candidates[np.argsort(-scores[candidates], kind="stable")][:k]
+        return scores[order].astype(np.float32), self.ids[order]
+
+    def range_search(
+        self, queries: np.ndarray, min_score: float, selection: IdSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        admitted = self._admitted(selection)
+        limits, scores, ids = [0], [], []
+        for row in np.asarray(queries, np.float32).reshape(len(queries), -1):
+            row_scores = self._vectors @ row
+            found = np.flatnonzero(admitted & (row_scores >= min_score))
+            scores.append(row_scores[found])
+            ids.append(self.ids[found])
+            limits.append(limits[-1] + len(found))
+        return (np.asarray(limits, np.int64), np.concatenate(scores or [np.empty(0)]).astype(np.float32),
+                np.concatenate(ids or [np.empty(0, np.int64)]).astype(np.int64))
+
+    def vectors(self) -> np.ndarray:
+        return self._vectors
+
+    def _admitted(self, selection: IdSelection | None) -> np.ndarray:
+        if isinstance(selection, SelectedIds):
+            return selection.admits(self.ids)
+        return np.ones(len(self.ids), bool)
+
+
+class InMemoryVectorIndex:
+    """Segments as .npz bytes of their exact vectors, whatever the spec; counts what it builds and loads."""
+
+    def __init__(self) -> None:
+        self.built: list[IndexSpec] = []
+        self.loads = 0
+
+    def build(self, content: SegmentVectors, spec: IndexSpec) -> bytes:
+        self.built.append(spec)
+        buffer = io.BytesIO()
+        np.savez(buffer, ids=content.ids, vectors=content.vectors)
+        return buffer.getvalue()
+
+    def write(self, content: SegmentVectors, spec: IndexSpec, destination: Path) -> int:
+        destination.write_bytes(self.build(content, spec))
+        return destination.stat().st_size
+
+    def load(self, data: bytes) -> InMemorySegment:
+        self.loads += 1
+        return InMemorySegment(self._content(data), len(data))
+
+    def open(self, path: Path) -> InMemorySegment:
+        return self.load(path.read_bytes())
+
+    def read_vectors(self, data: bytes | Path) -> SegmentVectors:
+        return self._content(data.read_bytes() if isinstance(data, Path) else data)
+
+    def exclusion(self, excluded_ids: np.ndarray) -> SelectedIds:
+        return SelectedIds(np.sort(np.asarray(excluded_ids, np.int64)), exclude=True)
+
+    def selection(self, allowed_ids: np.ndarray) -> SelectedIds:
+        return SelectedIds(np.sort(np.asarray(allowed_ids, np.int64)), exclude=False)
+
+    @staticmethod
+    def _content(data: bytes) -> SegmentVectors:
+        with np.load(io.BytesIO(data)) as arrays:
+            return SegmentVectors(arrays["ids"], arrays["vectors"])
+
+
+class InMemoryObjectStore:
+    """One bucket in a dict; etags are content lengths and a counter, enough to tell versions apart."""
+
+    def __init__(self, bucket: str = "fake-bucket") -> None:
+        self.bucket = bucket
+        self.objects: dict[str, StoredObject] = {}
+        self.gets = 0
+        self._lock = threading.Lock()
+        self._version = 0
+
+    def get(self, key: str) -> StoredObject:
+        with self._lock:
+            self.gets += 1
+            if key not in self.objects:
+                raise ObjectNotFound(key)
+            return self.objects[key]
+
+    def head(self, key: str) -> ObjectInfo | None:
+        stored = self.objects.get(key)
+        return None if stored is None else ObjectInfo(key, stored.etag, len(stored.data))
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        with self._lock:
+            self._version += 1
+            etag = f"{len(data)}-{self._version}"
+            self.objects[key] = StoredObject(key, etag, bytes(data), dict(metadata or {}), content_type)
+            return etag
+
+    def download_file(self, key: str, destination: Path) -> None:
+        destination.write_bytes(self.get(key).data)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self.objects.pop(key, None)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in sorted(self.objects):
+            if key.startswith(prefix):
+                yield ObjectInfo(key, self.objects[key].etag, len(self.objects[key].data))
+
+    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str:
+        return f"https://{self.bucket}.example/{key}?expires={expires_seconds}"
+
+
+
+class InMemorySearchCatalog:
+    """The SearchCatalog over dicts: datasets, their live segments, deleted ids and image locations.
+
+    `publish` registers a segment and bumps the dataset's index_version, as a commit does.
+    """
+
+    def __init__(self, bucket: str = "fake-bucket") -> None:
+        self.bucket = bucket
+        self.datasets: dict[str, Dataset] = {}
+        self.segments: dict[int, list[SegmentRef]] = {}
+        self.deleted: dict[int, set[int]] = {}
+        self.locations: dict[int, ImageLocation] = {}
+
+    def add_dataset(self, name: str, model_id: str) -> Dataset:
+        now = datetime.now(UTC)
+        row = Dataset(len(self.datasets) + 1, name, model_id, 0, now, now)
+        self.datasets[name] = row
+        self.segments[row.id], self.deleted[row.id] = [], set()
+        return row
+
+    def publish(self, name: str, segment: SegmentRef, image_ids: Sequence[int]) -> Dataset:
+        row = self.get_dataset(name)
+        self.segments[row.id].append(segment)
+        for image_id in image_ids:
+            key = f"datasets/{name}/{image_id}.jpg"
+            self.locations[int(image_id)] = ImageLocation(int(image_id), self.bucket, key, None)
+        return self._bump(row)
+
+    def delete_images(self, name: str, image_ids: Sequence[int]) -> Dataset:
+        row = self.get_dataset(name)
+        self.deleted[row.id].update(int(image_id) for image_id in image_ids)
+        for image_id in image_ids:
+            self.locations.pop(int(image_id), None)
+        return self._bump(row)
+
+    def _bump(self, row: Dataset) -> Dataset:
+        bumped = replace(row, index_version=row.index_version + 1, updated_at=datetime.now(UTC))
+        self.datasets[row.name] = bumped
+        return bumped
+
+    def get_dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            raise DatasetNotFound(name)
+        return self.datasets[name]
+
+    def list_datasets(self) -> Sequence[DatasetSummary]:
+        return [self.summarize_dataset(name) for name in sorted(self.datasets)]
+
+    def summarize_dataset(self, name: str, failure_limit: int = 20) -> DatasetSummary:
+        row = self.get_dataset(name)
+        indexed = sum(segment.vector_count for segment in self.segments[row.id]) - len(self.deleted[row.id])
+        return DatasetSummary(row, {"pending": 0, "indexed": indexed, "failed": 0, "deleted": len(self.deleted[row.id])})
+
+    def live_segments(self, dataset_id: int) -> Sequence[SegmentRef]:
+        return list(self.segments.get(dataset_id, []))
+
+    def deleted_image_ids(self, dataset_id: int) -> set[int]:
+        return set(self.deleted.get(dataset_id, set()))
+
+    def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
+        return {image_id: self.locations[image_id] for image_id in ids if image_id in self.locations}
+
+    def filtered_image_ids(
+        self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
+    ) -> Sequence[int]:
+        """By key prefix only: the fake keeps no ingest times, so a time filter is refused."""
+        if since is not None or until is not None:
+            raise NotImplementedError("InMemorySearchCatalog keeps no ingest times")
+        name = next(row.name for row in self.datasets.values() if row.id == dataset_id)
+        return sorted(image_id for image_id, location in self.locations.items()  # live images have a location
+                      if location.key.startswith(f"datasets/{name}/") and location.key.startswith(key_prefix or ""))
+
+    def remove_dataset(self, name: str) -> DatasetRemoval:
+        row = self.datasets.pop(name, None)
+        if row is None:
+            raise DatasetNotFound(name)
+        segments = self.segments.pop(row.id)
+        self.deleted.pop(row.id)
+        return DatasetRemoval(name, [], [segment.object_key for segment in segments])
