@@ -28,7 +28,7 @@ from clipsearch_tools.local.gateway import LocalGateway
 from clipsearch_tools.local.models import publish_model, read_model
 from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir, free_port
 from clipsearch_tools.local.queue_runner import QueueRunner
-from clipsearch_tools.local.seaweed import FilerEventFeed, SeaweedServer
+from clipsearch_tools.local.seaweed import FilerEventFeed, SeaweedServer, sqs_batch_sender
 from clipsearch_tools.local.state import StackState
 from clipsearch_tools.local.template import Function, Template, load_template
 
@@ -231,6 +231,7 @@ class LocalStack:
             self._seaweed, self.state.bucket, self.template.notifications,
             lambda body: sqs.send_message(QueueUrl=self.state.queue_url, MessageBody=body),
             self.home / "logs" / "seaweedfs.log",
+            send_batch=sqs_batch_sender(sqs, self.state.queue_url),
         )
         feed.start()
         self._stops.append(feed.stop)
