@@ -69,7 +69,7 @@ def cli(tmp_path_factory, exported, shapes):
     started = run("local", "up", "--model-dir", str(exported[SMALL_CLIP_QUANTIZATION]), timeout=400)
     assert started["model_id"].startswith("small_clip") and started["model_random_weights"] is False
     try:
-        report = run("ingest", str(shapes[0]), "--dataset", DATASET, "--timeout", "300")
+        report = run("ingest", str(shapes[0]), "--dataset", DATASET, "--timeout", "600")
         assert report["indexed"] == DEMO_IMAGES, report
         yield run
     finally:
