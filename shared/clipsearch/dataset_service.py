@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clipsearch.datasets import INDEXES_PREFIX, dataset_prefix
+from clipsearch.datasets import INDEXES_PREFIX, dataset_prefix, thumbnail_key, thumbnails_prefix
 from clipsearch.errors import DatasetNotFound
 from clipsearch.ports import DatasetSummary, ObjectStore, SearchCatalog
 
@@ -34,7 +34,7 @@ class DatasetService:
         return self._catalog.summarize_dataset(name, failure_limit)
 
     def delete(self, name: str) -> DatasetDeletion:
-        """The images and segments in the bucket first, then the catalog rows.
+        """The images, their thumbnails and the segments in the bucket first, then the catalog rows.
 
         A failure part-way leaves the catalog row, so a retry finds the dataset and finishes (and no
         reconciliation re-creates it from images left behind). The ObjectRemoved events of the deleted
@@ -45,7 +45,7 @@ class DatasetService:
         cataloged = self._is_cataloged(name)
         keys = {
             info.key
-            for prefix in (dataset_prefix(name), f"{INDEXES_PREFIX}{name}/")
+            for prefix in (dataset_prefix(name), f"{INDEXES_PREFIX}{name}/", thumbnails_prefix(name))
             for info in self._store.list(prefix)
         }
         if not cataloged and not keys:
@@ -55,7 +55,8 @@ class DatasetService:
         if cataloged:
             removal = self._catalog.remove_dataset(name)
             # A batch committed between the listing and the removal wrote objects no row will name any more.
-            self._store.delete_many(sorted((set(removal.image_keys) | set(removal.segment_keys)) - keys))
+            written = {*removal.image_keys, *map(thumbnail_key, removal.image_keys), *removal.segment_keys}
+            self._store.delete_many(sorted(written - keys))
             images, segments = len(removal.image_keys), len(removal.segment_keys)
         logger.info("deleted dataset %s: %d images, %d segments, %d objects", name, images, segments, len(keys))
         return DatasetDeletion(name, images, segments, len(keys))

@@ -14,6 +14,7 @@ _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 DATASETS_PREFIX = "datasets/"
 INDEXES_PREFIX = "indexes/"
+THUMBNAILS_PREFIX = "thumbnails/"
 MODELS_PREFIX = "models/"
 MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 MAX_KEY_SEGMENT_BYTES = 255  # the local store (SeaweedFS) refuses a longer part between '/'; S3 has no such limit
@@ -38,6 +39,16 @@ def is_valid_dataset_name(name: str) -> bool:
 
 def dataset_prefix(dataset: str) -> str:
     return f"{DATASETS_PREFIX}{validate_dataset_name(dataset)}/"
+
+
+def thumbnails_prefix(dataset: str) -> str:
+    return f"{THUMBNAILS_PREFIX}{validate_dataset_name(dataset)}/"
+
+
+def thumbnail_key(image_key: str) -> str:
+    """datasets/<dataset>/<path> -> thumbnails/<dataset>/<path>.webp: one thumbnail per image key, so the
+    removal of a key removes its thumbnail without reading the catalog."""
+    return THUMBNAILS_PREFIX + image_key.removeprefix(DATASETS_PREFIX) + ".webp"
 
 
 def image_key(dataset: str, relative_path: str) -> str:

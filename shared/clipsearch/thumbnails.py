@@ -6,21 +6,16 @@ import io
 
 from PIL import Image, ImageOps
 
-from clipsearch.datasets import DATASETS_PREFIX
+from clipsearch.datasets import THUMBNAILS_PREFIX, thumbnail_key
 
-THUMBNAILS_PREFIX = "thumbnails/"
+__all__ = ["THUMBNAILS_PREFIX", "THUMBNAIL_CONTENT_TYPE", "make_thumbnail", "thumbnail_key"]
+
 THUMBNAIL_CONTENT_TYPE = "image/webp"
 LONGEST_SIDE = 320
 # WebP quality 75 (Pillow's default) at method 2: a 320 px preview of a photo is ~10-20 KB; higher
 # methods compress a little better at several times the encoding cost per image.
 WEBP_QUALITY = 75
 WEBP_METHOD = 2
-
-
-def thumbnail_key(image_key: str) -> str:
-    """datasets/<dataset>/<path> -> thumbnails/<dataset>/<path>.webp: one thumbnail per image key, so the
-    removal of a key removes its thumbnail without reading the catalog."""
-    return THUMBNAILS_PREFIX + image_key.removeprefix(DATASETS_PREFIX) + ".webp"
 
 
 def make_thumbnail(data: bytes, longest_side: int = LONGEST_SIDE) -> bytes:

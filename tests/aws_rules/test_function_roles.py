@@ -179,9 +179,12 @@ def test_datasets_list_show_delete(world: AwsWorld) -> None:
     assert "pets" in json.dumps(listed) and "birds" in json.dumps(listed)
     assert "broken.jpg" in json.dumps(shown)
     assert world.keys_under("datasets/pets/") == [] and world.keys_under("indexes/pets/") == []
+    assert world.keys_under("thumbnails/pets/") == []
     assert world.keys_under("datasets/birds/") == ["datasets/birds/b.jpg"]
+    assert world.keys_under("thumbnails/birds/") == ["thumbnails/birds/b.jpg.webp"]
     assert_all_allowed(log, ("ListObjectsV2", "datasets/pets/"), ("ListObjectsV2", "indexes/pets/"),
-                       ("DeleteObjects", "datasets/pets/"))
+                       ("ListObjectsV2", "thumbnails/pets/"), ("DeleteObjects", "datasets/pets/"),
+                       ("DeleteObjects", "thumbnails/pets/"))
 
 
 def test_compaction_merges_and_removes_orphans(world: AwsWorld) -> None:

@@ -47,9 +47,12 @@ def test_delete_removes_catalog_rows_segments_and_images(stack: SearchStack, see
     status, deleted = stack.call(stack.datasets, "delete_dataset", dataset="alpha")
 
     assert status == 200
-    assert deleted == {"dataset": "alpha", "images": 5, "segments": 2, "objects_deleted": 8}
+    # 6 images (one never ingested), 5 thumbnails, 2 segments
+    assert deleted == {"dataset": "alpha", "images": 5, "segments": 2, "objects_deleted": 13}
     assert bucket_keys(stack, "datasets/alpha/") == set() and bucket_keys(stack, "indexes/alpha/") == set()
+    assert bucket_keys(stack, "thumbnails/alpha/") == set()
     assert len(bucket_keys(stack, "datasets/beta/")) == 2 and len(bucket_keys(stack, "indexes/beta/")) == 1
+    assert len(bucket_keys(stack, "thumbnails/beta/")) == 2
     assert stack.call(stack.datasets, "get_dataset", dataset="alpha")[0] == 404
     search_status, body = stack.call(stack.search, "search_text", dataset="alpha", body={"query": "x"})
     assert (search_status, body["error"]["code"]) == (404, "dataset_not_found")
@@ -61,7 +64,9 @@ def test_a_delete_interrupted_after_the_objects_finishes_on_retry(
 ) -> None:
     stack.index("alpha", seed_eval_photos[:3])
     # What a delete that timed out after removing the objects leaves: the catalog rows alone.
-    stack.store.delete_many(sorted(bucket_keys(stack, "datasets/alpha/") | bucket_keys(stack, "indexes/alpha/")))
+    stack.store.delete_many(sorted(
+        bucket_keys(stack, "datasets/alpha/") | bucket_keys(stack, "indexes/alpha/") | bucket_keys(stack, "thumbnails/alpha/")
+    ))
 
     status, deleted = stack.call(stack.datasets, "delete_dataset", dataset="alpha")
 
@@ -78,8 +83,10 @@ def test_delete_removes_the_objects_of_a_dataset_without_catalog_rows(
 
     status, deleted = stack.call(stack.datasets, "delete_dataset", dataset="alpha")
 
-    assert status == 200 and deleted == {"dataset": "alpha", "images": 0, "segments": 0, "objects_deleted": 3}
+    # 2 images, their 2 thumbnails, 1 segment
+    assert status == 200 and deleted == {"dataset": "alpha", "images": 0, "segments": 0, "objects_deleted": 5}
     assert bucket_keys(stack, "datasets/alpha/") == set() and bucket_keys(stack, "indexes/alpha/") == set()
+    assert bucket_keys(stack, "thumbnails/alpha/") == set()
 
 
 def test_the_datasets_function_imports_neither_faiss_nor_onnxruntime() -> None:
