@@ -17,17 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_images import CLIP_PREPROCESS
 
 pytestmark = pytest.mark.unit
 
-CLIP_PREPROCESS = {
-    "size": 224,
-    "crop_size": 224,
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": "bicubic",
-    "rescale_factor": 0.00392156862745098,
-}
 MiB = 1 << 20
 
 # The child: prepares every file named on stdin and prints, per file, its outcome and its peak growth.
