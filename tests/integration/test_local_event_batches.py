@@ -6,42 +6,16 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import boto3
 import pytest
 from clipsearch.events import parse_message
-from clipsearch_tools.local.seaweed import (
-    SQS_BATCH_LIMIT,
-    FilerEventFeed,
-    ObjectStorageUnavailable,
-    SeaweedServer,
-    find_weed,
-    sqs_batch_sender,
-)
+from clipsearch_tools.local.seaweed import SQS_BATCH_LIMIT, FilerEventFeed, sqs_batch_sender
 from clipsearch_tools.local.template import NotificationRule
+from test_local_stack import _s3, seaweed  # noqa: F401  (the `seaweed` fixture)
 
 pytestmark = pytest.mark.integration
 
-KEYS = ("clipsearch-test", "clipsearch-test-secret")
 RULES = (NotificationRule("s3:ObjectCreated:*", "datasets/", ""),)
-
-
-def _s3(url: str):
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                        aws_access_key_id=KEYS[0], aws_secret_access_key=KEYS[1])
-
-
-@pytest.fixture
-def seaweed(tmp_path: Path):
-    try:
-        find_weed()
-    except ObjectStorageUnavailable as error:
-        pytest.skip(str(error))
-    server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS)
-    server.start(_s3)
-    yield server
-    server.stop()
 
 
 def _drain_keys(sqs_client, queue_url: str, expected: int, timeout: float = 30) -> list[str]:
