@@ -33,6 +33,11 @@ class Settings:
     model_cache_dir: Path = Path("/tmp/clipsearch/models")
     onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
     max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
+    # Query images (the search function, per request) get a lower cap: phones store 12 MP (binned 48-200 MP
+    # sensors) or 24 MP by default, and a 6 MiB request body holds a JPEG of ~12-25 MP at usual quality; a
+    # full-resolution 48-50 MP photo is 12-25 MB, over the body cap anyway. A 79 MP 16-bit PNG cost the search
+    # function +1.3 GB and 7.5 s of CPU (issue 13); decoding work grows with the pixel count, so 24 MP is under a third.
+    max_query_image_pixels: int = 24_000_000
     max_request_image_bytes: int = 6 * 1024 * 1024
     max_ingest_image_bytes: int = 50 * 1024 * 1024
     compact_max_segments: int = 8
@@ -90,6 +95,9 @@ class Settings:
             model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),
             onnx_threads=number("CLIPSEARCH_ONNX_THREADS", defaults.onnx_threads),
             max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+            max_query_image_pixels=number(
+                "CLIPSEARCH_MAX_QUERY_IMAGE_PIXELS", defaults.max_query_image_pixels
+            ),
             max_request_image_bytes=number(
                 "CLIPSEARCH_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes
             ),

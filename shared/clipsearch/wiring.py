@@ -80,7 +80,7 @@ def get_search_service():
         image_encoder=lambda: OnnxImageEncoder.from_model_files(
             models.model_files(settings.model_id, VISION_TOWER_FILES),
             settings.onnx_threads or None,
-            settings.max_image_pixels,
+            settings.max_query_image_pixels,
         ),
         max_image_bytes=settings.max_request_image_bytes,
         vector_index=FaissVectorIndex(),

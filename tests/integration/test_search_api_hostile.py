@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
 from pathlib import Path
 
 import pytest
+from clipsearch import wiring
 from clipsearch.adapters.s3_store import S3ObjectStore
+from clipsearch.events import EventKind, ObjectEvent
+from PIL import Image
 from search_stack import MODEL_ID, SearchStack, clear_wiring, stack_fixture  # noqa: F401  (the `stack` fixture)
 
 pytestmark = pytest.mark.integration
@@ -194,3 +198,43 @@ def test_openapi_documents_503_and_the_key_rules(stack: SearchStack) -> None:
     assert "key_outside_dataset" in image_route["description"] and "invalid_key" in image_route["description"]
     k_schema = json.dumps(document["components"]["schemas"]["TextSearchRequest"]["properties"]["k"])
     assert '"integer"' in k_schema
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A one-bit PNG: a few kilobytes however many pixels it declares."""
+    encoded = io.BytesIO()
+    Image.new("1", (width, height)).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def test_a_query_image_over_the_query_pixel_cap_is_413_naming_the_cap(indexed: SearchStack) -> None:
+    over_query_cap = blank_png(6000, 4001)  # 24,006,000 pixels: over the search cap, under ingest's 80 MP
+    assert len(over_query_cap) < 1024 * 1024
+
+    status, answer = indexed.call(indexed.search, "search_image_raw", dataset=DATASET, body=over_query_cap)
+
+    assert (status, answer["error"]["code"]) == (413, "image_too_large")
+    assert "6000x4001" in answer["error"]["message"] and "24000000 pixels" in answer["error"]["message"]
+
+
+def test_the_query_pixel_cap_is_a_setting_and_ingest_keeps_its_own(
+    indexed: SearchStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLIPSEARCH_MAX_QUERY_IMAGE_PIXELS", "1000000")
+    clear_wiring()  # the functions wire their services from the environment on their next request
+    key = f"datasets/{DATASET}/wide.png"
+    etag = indexed.store.put(key, blank_png(1001, 1000), content_type="image/png")
+
+    at_cap = indexed.call(indexed.search, "search_image_raw", dataset=DATASET, body=blank_png(1000, 1000))
+    uploaded = indexed.call(indexed.search, "search_image_raw", dataset=DATASET, body=blank_png(1001, 1000))
+    stored = by_key(indexed, key)
+    ingested = wiring.get_ingest_service().ingest(
+        [ObjectEvent("upload-wide", EventKind.CREATED, indexed.store.bucket, key, DATASET, etag)]
+    )
+
+    assert at_cap[0] == 200
+    assert (uploaded[0], uploaded[1]["error"]["code"]) == (413, "image_too_large")
+    assert "1000000 pixels" in uploaded[1]["error"]["message"]
+    assert (stored[0], stored[1]["error"]["code"]) == (413, "image_too_large")
+    assert (ingested.indexed, ingested.failed, ingested.retry) == (1, 0, {})  # ingest's cap is still 80 MP
+    assert indexed.catalog.live_images(DATASET)[key].status == "indexed"
