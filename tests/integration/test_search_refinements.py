@@ -149,6 +149,8 @@ BAD_TEXT_BODIES = [
     ("invalid_prefix", {"query": "x", "prefix": "../other/"}),
     ("invalid_since", {"query": "x", "since": "yesterday"}),
     ("invalid_until", {"query": "x", "until": "2026-01-01T00:00:00"}),  # no time zone
+    ("invalid_until", {"query": "x", "until": 5}),  # pydantic alone reads numbers as seconds since 1970
+    ("invalid_since", {"query": "x", "since": "1700000000"}),
     ("invalid_until", {"query": "x", "since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}),
     ("invalid_terms", {"terms": [{"text": "x", "weight": 0}]}),
     ("invalid_terms", {"terms": []}),
@@ -164,6 +166,7 @@ BAD_IMAGE_QUERIES = [
     ("invalid_min_score", {"min_score": "nan"}),
     ("invalid_autocut", {"autocut": "maybe"}),
     ("invalid_since", {"since": "2026-13-01T00:00:00Z"}),
+    ("invalid_until", {"until": "5"}),
 ]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from clipsearch.search_results import (
     DEFAULT_K,
@@ -34,6 +36,20 @@ PREFIX_DESCRIPTION = (
 )
 SINCE_DESCRIPTION = "Only images ingested at or after this time (ISO 8601 with a time zone)."
 UNTIL_DESCRIPTION = "Only images ingested before this time (ISO 8601 with a time zone)."
+
+_ISO_8601_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_8601_text(value: object) -> object:
+    """pydantic alone reads 5, 1.5 and "5" as seconds since 1970: only ISO 8601 date-time text passes on."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _ISO_8601_DATE_TIME.match(value):
+        raise ValueError("must be an ISO 8601 date and time with a time zone, e.g. 2024-05-01T12:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_8601_text)]
 
 
 class QueryTermIn(BaseModel):
@@ -76,8 +92,8 @@ class TextSearchRequest(BaseModel):
     min_score: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description=MIN_SCORE_DESCRIPTION)
     autocut: bool = Field(False, strict=True, description=AUTOCUT_DESCRIPTION)
     prefix: str | None = Field(None, max_length=MAX_PREFIX_CHARS, description=PREFIX_DESCRIPTION)
-    since: AwareDatetime | None = Field(None, description=SINCE_DESCRIPTION)
-    until: AwareDatetime | None = Field(None, description=UNTIL_DESCRIPTION)
+    since: IsoDateTime | None = Field(None, description=SINCE_DESCRIPTION)
+    until: IsoDateTime | None = Field(None, description=UNTIL_DESCRIPTION)
 
     @model_validator(mode="after")
     def query_or_terms(self) -> TextSearchRequest:

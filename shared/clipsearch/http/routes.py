@@ -17,7 +17,7 @@ from aws_lambda_powertools.event_handler import (
     content_types,
 )
 from aws_lambda_powertools.event_handler.openapi.params import Query
-from pydantic import AwareDatetime, ValidationError
+from pydantic import ValidationError
 
 from clipsearch.dataset_service import DatasetService
 from clipsearch.errors import InvalidRequest, UnsupportedMediaType
@@ -39,6 +39,7 @@ from clipsearch.http.models import (
     ErrorResponse,
     FailureOut,
     ImageSearchRequest,
+    IsoDateTime,
     QueryTermIn,
     SearchHitOut,
     SearchResponse,
@@ -76,8 +77,8 @@ OffsetParam = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=OFFSET_DESCR
 MinScoreParam = Annotated[float | None, Query(ge=-1, le=1, description=MIN_SCORE_DESCRIPTION)]
 AutocutParam = Annotated[bool, Query(description=AUTOCUT_DESCRIPTION)]
 PrefixParam = Annotated[str | None, Query(max_length=MAX_PREFIX_CHARS, description=PREFIX_DESCRIPTION)]
-SinceParam = Annotated[AwareDatetime | None, Query(description=SINCE_DESCRIPTION)]
-UntilParam = Annotated[AwareDatetime | None, Query(description=UNTIL_DESCRIPTION)]
+SinceParam = Annotated[IsoDateTime | None, Query(description=SINCE_DESCRIPTION)]
+UntilParam = Annotated[IsoDateTime | None, Query(description=UNTIL_DESCRIPTION)]
 DuplicateScoreParam = Annotated[
     float,
     Query(ge=MIN_DUPLICATE_SCORE, le=1, description="The cosine at or above which two images are duplicates."),
