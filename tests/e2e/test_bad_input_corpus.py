@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -383,3 +385,41 @@ def test_every_bad_input_is_answered_with_its_4xx_and_the_stack_still_finds_ever
         results = search_by_key(api_url, key, k=GOOD_PHOTOS)
         assert results[0]["key"] == key and results[0]["score"] > 0.999, (key, results[:2])
         assert sorted(hit["key"] for hit in results) == sorted(f"datasets/{DATASET}/{p.name}" for p in photos)
+
+
+LOAD_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+
+
+def test_50_clients_mixing_text_and_image_queries_during_an_ingest_see_no_error(
+    stack: Stack, tmp_path: Path, seed_eval_photos: list[Path]  # noqa: F811
+):
+    """The issue's load target, kept short here (benchmarks/load.py runs the long one): only 200s, or 429/503
+    that carry Retry-After, and no connection error, while another dataset is ingested."""
+    photos = seed_eval_photos[:GOOD_PHOTOS]
+    folder = tmp_path / "queried"
+    folder.mkdir()
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    ingested = stack.cli("ingest", str(folder), "--dataset", "loaded", "--json", "--timeout", "240")
+    assert ingested.returncode == 0, ingested.stderr
+    during = tmp_path / "during"
+    during.mkdir()
+    for photo in seed_eval_photos[GOOD_PHOTOS:GOOD_PHOTOS + 12]:
+        shutil.copy(photo, during / photo.name)
+
+    run = subprocess.run(
+        [sys.executable, str(LOAD_BENCHMARK), "--dataset", "loaded", "--clients", "50", "--seconds", "10",
+         "--warmup", "3", "--image-share", "0.3", "--image", str(photos[0]), "--ingest", str(during),
+         "--home", str(stack.home), "--json"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False,
+        env={**os.environ, "CLIPSEARCH_HOME": str(stack.home)},
+    )
+    assert run.stdout.strip(), run.stderr
+    summary = json.loads(run.stdout)
+    print(f"\nload: {summary['requests']} requests, {summary['requests_per_second']}/s, latency {summary['latency_ms']}, "
+          f"statuses {summary['statuses']}, connection errors {summary['connection_errors']}")
+    assert summary["connection_errors"] == {}, summary
+    throttled = sum(count for status, count in summary["statuses"].items() if status in ("429", "503"))
+    assert set(summary["statuses"]) <= {"200", "429", "503"}, summary["statuses"]
+    assert summary["throttled_with_retry_after"] == throttled and summary["statuses"].get("200", 0) > 0
+    assert summary["ingest"]["indexed"] == 12, summary["ingest"]
