@@ -32,6 +32,8 @@ fail() { say "FAILED: $*"; [ -s "$log" ] && tail -n 25 "$log" >&2; exit 1; }
 quiet() { "$@" >> "$log" 2>&1 || fail "$* (log: $log)"; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (apt-get, dockerd, debootstrap)"
+# dockerd and debootstrap install into sbin, which a minimal PATH (env -i, cron, some CI runners) lacks.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # 1. Packages from Debian.
 missing=()
