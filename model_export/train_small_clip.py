@@ -36,7 +36,7 @@ log = logging.getLogger("model_export.train_small_clip")
 @dataclass(frozen=True)
 class TrainingPlan:
     seed: int = 0
-    steps: int = 1000
+    steps: int = 3000
     batch_size: int = 96
     learning_rate: float = 1e-3
     warmup_steps: int = 50
