@@ -39,7 +39,13 @@ from hashlib import sha256
 
 import numpy as np
 
-from clipsearch.datasets import SOURCE_PATH_METADATA, decode_source_path, segment_key, storable_everywhere
+from clipsearch.datasets import (
+    SOURCE_PATH_METADATA,
+    decode_source_path,
+    segment_key,
+    storable_everywhere,
+    thumbnail_key,
+)
 from clipsearch.errors import (
     ClipsearchError,
     DatasetNotFound,
@@ -65,7 +71,7 @@ from clipsearch.ports import (
     VectorIndex,
 )
 from clipsearch.segments import FLAT, IndexSpec, SegmentVectors, new_segment_id
-from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_key
+from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from clipsearch.datasets import check_caller_image_key
+from clipsearch.datasets import check_caller_image_key, dataset_prefix, thumbnail_key
 from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
@@ -37,10 +37,10 @@ from clipsearch.errors import (
     ObjectNotFound,
     TransientError,
 )
-from clipsearch.datasets import dataset_prefix
 from clipsearch.ports import (
     Dataset,
     IdSelection,
+    ImageLocation,
     ObjectStore,
     SearchCatalog,
     SegmentRef,
@@ -62,7 +62,6 @@ from clipsearch.search_results import (
     SearchResult,
     check_terms,
 )
-from clipsearch.thumbnails import thumbnail_key
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +435,7 @@ class SearchService:
             hits.append(self._hit(options.offset + position + 1, score, location, presign, options.thumbnails))
         return SearchResult(dataset.name, dataset.model_id, k, hits, truncated, options.offset, autocut_at)
 
-    def _hit(self, rank: int, score: float, location, presign: bool, thumbnail: bool = False) -> SearchHit:
+    def _hit(self, rank: int, score: float, location: ImageLocation, presign: bool, thumbnail: bool = False) -> SearchHit:
         return SearchHit(
             rank=rank,
             score=score,

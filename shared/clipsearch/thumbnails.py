@@ -6,9 +6,9 @@ import io
 
 from PIL import Image, ImageOps
 
-from clipsearch.datasets import THUMBNAILS_PREFIX, thumbnail_key
+from clipsearch.datasets import thumbnail_key
 
-__all__ = ["THUMBNAILS_PREFIX", "THUMBNAIL_CONTENT_TYPE", "make_thumbnail", "thumbnail_key"]
+__all__ = ["THUMBNAIL_CONTENT_TYPE", "make_thumbnail", "thumbnail_key"]
 
 THUMBNAIL_CONTENT_TYPE = "image/webp"
 LONGEST_SIDE = 320

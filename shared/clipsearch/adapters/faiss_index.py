@@ -80,6 +80,8 @@ class FaissSegment:
         return limits, scores, ids
 
     def vectors(self) -> np.ndarray:
+        if not self._index.ntotal:
+            return np.empty((0, self._index.d), np.float32)
         inner = faiss.downcast_index(self._index.index)
         if isinstance(inner, faiss.IndexIVF):
             inner.make_direct_map()
@@ -115,18 +117,8 @@ class FaissVectorIndex:
 
     def read_vectors(self, data: bytes | Path) -> SegmentVectors:
         """The ids and vectors a segment holds, for merging (decoded: approximate for compressed kinds)."""
-        if isinstance(data, Path):
-            index = faiss.read_index(str(data), faiss.IO_FLAG_MMAP_IFC)
-        else:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        if not index.ntotal:
-            return SegmentVectors(ids, np.empty((0, index.d), np.float32))
-        inner = faiss.downcast_index(index.index)
-        if isinstance(inner, faiss.IndexIVF):
-            inner.make_direct_map()
-        vectors = inner.reconstruct_n(0, index.ntotal)
-        return SegmentVectors(ids, np.asarray(vectors, dtype=np.float32))
+        segment = self.open(data) if isinstance(data, Path) else self.load(data)
+        return SegmentVectors(segment.ids, segment.vectors())
 
     def exclusion(self, excluded_ids: np.ndarray) -> FaissIdSelection:
         return FaissIdSelection(excluded_ids, exclude=True)

@@ -322,8 +322,8 @@ def _query_term(position: int, term: QueryTermIn) -> QueryTerm:
     image = None
     if term.image_base64 is not None:
         try:
-            image = base64.b64decode(term.image_base64, validate=True)
-        except (binascii.Error, ValueError):
+            image = _base64(term.image_base64)
+        except InvalidRequest:
             raise InvalidParameter("terms", f"term {position}: the image is not valid base64") from None
     return QueryTerm(weight=term.weight, text=term.text, image=image, key=term.key)
 
