@@ -107,8 +107,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def start_ingest(folder: Path, dataset: str, home: Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "ingest", str(folder), "--dataset", dataset, "--home", str(home), "--json"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CLIPSEARCH_HOME": str(home)})
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def main() -> int:

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
-
-from bench_common import MODELS, SEED_EVAL, cpu_description  # noqa: E402
-from clipsearch.encoders import OnnxImageEncoder  # noqa: E402
-from clipsearch.model_files import ModelFiles  # noqa: E402
-from clipsearch.ports import ImageInput  # noqa: E402
-from clipsearch.thumbnails import make_thumbnail  # noqa: E402
+from bench_common import MODELS, SEED_EVAL, cpu_description
+from clipsearch.encoders import OnnxImageEncoder
+from clipsearch.model_files import ModelFiles
+from clipsearch.ports import ImageInput
+from clipsearch.thumbnails import make_thumbnail
 
 
 def main(argv: list[str] | None = None) -> None:

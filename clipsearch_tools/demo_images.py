@@ -43,7 +43,6 @@ _RADIUS = {"small": 0.13, "large": 0.25}
 # Never drawn for training: the semantic tests ask for these pairs by text.
 HELD_OUT = frozenset({("red", "star"), ("blue", "triangle"), ("green", "square"),
                       ("yellow", "heart"), ("purple", "circle"), ("orange", "cross")})
-ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 
 
 @dataclass(frozen=True)
@@ -154,12 +153,6 @@ def write_dataset(folder: Path, count: int, seed: int, queries: Path | None = No
             scene = ShapeScene(colour, shape, query_rng.choice(SIZES), query_rng.choice(POSITIONS), "plain")
             render(scene, query_rng).save(queries / f"{scene.label}.jpg", quality=90)
     return written
-
-
-def scene_of(name: str) -> tuple[str, str]:
-    """`red-star-0007.jpg` -> ("red", "star")."""
-    colour, shape = Path(name).stem.split("-")[:2]
-    return colour, shape
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, background: str, ink: tuple[int, int, int], size: int,

@@ -318,8 +318,7 @@ class _HttpConnection:
             return None
         head_bytes = len(event.method) + len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
         if head_bytes > MAX_HEADER_BYTES:
-            raise GatewayRefusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large",
-                                 f"the request line and headers exceed {MAX_HEADER_BYTES} bytes")
+            raise _headers_too_large()
         names = [name for name, _ in event.headers]
         if b"transfer-encoding" in names and b"content-length" in names:
             raise GatewayRefusal(HTTPStatus.BAD_REQUEST, "ambiguous_framing",
@@ -382,15 +381,17 @@ class _HttpConnection:
         self._socket.sendall(out)
 
 
+def _headers_too_large() -> GatewayRefusal:
+    return GatewayRefusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large",
+                          f"the request line and headers exceed {MAX_HEADER_BYTES} bytes")
+
+
 def _framing_refusal(error: h11.RemoteProtocolError) -> GatewayRefusal:
     status = HTTPStatus(error.error_status_hint)
-    codes = {HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "headers_too_large",
-             HTTPStatus.NOT_IMPLEMENTED: "not_implemented"}
     if status is HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
-        message = f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"
-    else:
-        message = f"malformed request: {error}"
-    return GatewayRefusal(status, codes.get(status, "malformed_request"), message)
+        return _headers_too_large()
+    code = "not_implemented" if status is HTTPStatus.NOT_IMPLEMENTED else "malformed_request"
+    return GatewayRefusal(status, code, f"malformed request: {error}")
 
 
 def _send_refusal(connection: socket.socket, refusal: GatewayRefusal) -> None:
