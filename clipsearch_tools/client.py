@@ -184,7 +184,8 @@ class ClipsearchClient:
 
 
 def _present(refinements: Mapping[str, object] | None) -> dict:
-    return {name: value for name, value in (refinements or {}).items() if value not in (None, False)}
+    # `is`, not `in`: 0 == False, and --min-score 0 is a value to send.
+    return {name: value for name, value in (refinements or {}).items() if value is not None and value is not False}
 
 
 def _excluded(texts: Sequence[str]) -> list[dict]:

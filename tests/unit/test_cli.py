@@ -63,3 +63,10 @@ def test_migrate_without_any_database_is_one_clear_line(capsys, tmp_path, monkey
 )
 def test_labels_come_from_the_file_name_prefix(name, label):
     assert label_of(name) == label
+
+
+def test_a_zero_refinement_is_sent_and_unset_ones_are_not() -> None:
+    from clipsearch_tools.client import _present
+
+    # --min-score 0 once vanished (0.0 == False): it is a value the user gave.
+    assert _present({"min_score": 0.0, "offset": 0, "autocut": False, "prefix": None}) == {"min_score": 0.0, "offset": 0}
