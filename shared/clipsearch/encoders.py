@@ -49,11 +49,12 @@ class TextEmbedding:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """The embedding and the image's original size as displayed (the catalog records it)."""
+    """The embedding, the image's original size as displayed (the catalog records it), its thumbnail if asked."""
 
     vector: np.ndarray
     width: int
     height: int
+    thumbnail: bytes | None = None
 
 
 def create_session(graph: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -210,7 +211,7 @@ class OnnxImageEncoder:
 
     def _prepare(self, item: ImageInput) -> PreparedImage | InvalidImage:
         try:
-            return self.preprocessor.prepare(item.data, item.name)
+            return self.preprocessor.prepare(item.data, item.name, item.thumbnail_side)
         except InvalidImage as error:
             log.info("skipping %s", error)
             return error
@@ -241,7 +242,7 @@ class OnnxImageEncoder:
         pixels = np.stack([prepared.pixel_values for prepared in batch])
         vectors = normalized(self._session.get().run([IMAGE_OUTPUT], {IMAGE_INPUT: pixels})[0])
         return [
-            ImageEmbedding(vector, prepared.width, prepared.height)
+            ImageEmbedding(vector, prepared.width, prepared.height, prepared.thumbnail)
             for vector, prepared in zip(vectors, batch, strict=True)
         ]
 

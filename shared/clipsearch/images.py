@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from clipsearch.errors import ImageTooLarge, InvalidImage
+from clipsearch.thumbnails import thumbnail_webp
+
+log = logging.getLogger(__name__)
 
 RESAMPLE_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -69,11 +73,13 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """Pixel values float32 [3, crop, crop] and the original size as displayed (after EXIF orientation)."""
+    """Pixel values float32 [3, crop, crop], the original size as displayed (after EXIF orientation), and
+    a WebP thumbnail when one was asked for (None if asked for and it could not be made)."""
 
     pixel_values: np.ndarray
     width: int
     height: int
+    thumbnail: bytes | None = None
 
 
 class ImagePreprocessor:
@@ -99,8 +105,13 @@ class ImagePreprocessor:
         self._scale = (config.rescale_factor / std).astype(np.float32)
         self._offset = (-np.asarray(config.mean, dtype=np.float64) / std).astype(np.float32)
 
-    def prepare(self, source: bytes | Path, name: str) -> PreparedImage:
-        """Raise InvalidImage (ImageTooLarge for size limits) naming `name` and the reason."""
+    def prepare(self, source: bytes | Path, name: str, thumbnail_side: int | None = None) -> PreparedImage:
+        """Raise InvalidImage (ImageTooLarge for size limits) naming `name` and the reason.
+
+        `thumbnail_side`: also make a WebP thumbnail of that longest side from the image decoded here
+        (drafted JPEGs keep at least twice the model's input size), so ingestion decodes each image once.
+        """
+        thumbnail = None
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 self._check_size(image, name)
@@ -111,7 +122,10 @@ class ImagePreprocessor:
                     image = ImageOps.exif_transpose(image)
                     if orientation in SWAPPING_ORIENTATIONS:
                         width, height = height, width
-                cropped = self._resize_and_crop(_to_l_or_rgb(image)).convert("RGB")
+                converted = _to_l_or_rgb(image)
+                if thumbnail_side:
+                    thumbnail = _thumbnail(image, converted, thumbnail_side, name)
+                cropped = self._resize_and_crop(converted).convert("RGB")
         except InvalidImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -122,7 +136,7 @@ class ImagePreprocessor:
             raise InvalidImage(name, f"file not found ({error})") from error
         except Exception as error:  # Pillow's decoders raise many types (OSError, ValueError, SyntaxError, ...)
             raise InvalidImage(name, f"corrupt or truncated image ({type(error).__name__}: {error})") from error
-        return PreparedImage(self._normalize(cropped), width, height)
+        return PreparedImage(self._normalize(cropped), width, height, thumbnail)
 
     def _check_size(self, image: Image.Image, name: str) -> None:
         width, height = image.size
@@ -159,6 +173,19 @@ class ImagePreprocessor:
     def _normalize(self, image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image, dtype=np.float32) * self._scale + self._offset
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _thumbnail(upright: Image.Image, converted: Image.Image, longest_side: int, name: str) -> bytes | None:
+    """From the 8-bit L/RGB image the encoder uses, or the original when it has transparency to keep.
+
+    A preview that cannot be made is logged and left out: it is not worth failing the image's embedding.
+    """
+    has_alpha = "A" in upright.getbands() or (upright.mode == "P" and "transparency" in upright.info)
+    try:
+        return thumbnail_webp(upright.convert("RGBA") if has_alpha else converted, longest_side)
+    except Exception as error:  # Pillow's encoders raise many types
+        log.warning("no thumbnail for %r: %s: %s", name, type(error).__name__, error)
+        return None
 
 
 def _to_l_or_rgb(image: Image.Image) -> Image.Image:

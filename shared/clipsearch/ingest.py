@@ -23,9 +23,9 @@ pending keys, so it is never left waiting).
 
 A dataset deleted while its batch is in flight settles its images: they are logged and skipped.
 
-Each embedded image also gets a WebP thumbnail (thumbnails.py), written while the chunk's neighbours are
-fetched and, like the segment, before the commit that makes the image searchable; a removal deletes
-its key's thumbnail after the catalog forgets the image.
+Each embedded image also gets a WebP thumbnail, made from the image the encoder decoded (thumbnails.py)
+and written while the chunk's neighbours are fetched and, like the segment, before the commit that makes
+the image searchable; a removal deletes its key's thumbnail after the catalog forgets the image.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ from clipsearch.ports import (
     VectorIndex,
 )
 from clipsearch.segments import FLAT, IndexSpec, SegmentVectors, new_segment_id
-from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail
+from clipsearch.thumbnails import LONGEST_SIDE as THUMBNAIL_SIDE
+from clipsearch.thumbnails import THUMBNAIL_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +208,9 @@ class IngestService:
                 fetched_at = time.perf_counter()
                 claimed = self._claim(fetched, batches, report)
                 claimed_at = time.perf_counter()
+                thumbnail_side = THUMBNAIL_SIDE if self._write_thumbnails else None
                 results = self._encoder.embed_images(
-                    [ImageInput(item.image.key, item.data) for _, _, item in claimed]
+                    [ImageInput(item.image.key, item.data, thumbnail_side) for _, _, item in claimed]
                 )
                 report.fetch_wait_seconds += fetched_at - started
                 report.claim_seconds += claimed_at - fetched_at
@@ -222,21 +224,18 @@ class IngestService:
                         batch.vectors.append(result.vector)
                         batch.indexed.append(IndexedImage(claim.id, result.width, result.height))
                         if self._write_thumbnails:
-                            batch.thumbnails.append(pool.submit(self._put_thumbnail, item.image.key, item.data))
+                            batch.thumbnails.append(pool.submit(self._put_thumbnail, item.image.key, result.thumbnail))
         return batches
 
-    def _put_thumbnail(self, key: str, data: bytes) -> None:
-        """An image Pillow cannot shrink (rare: the encoder decoded it) just has no thumbnail; a storage
+    def _put_thumbnail(self, key: str, thumbnail: bytes | None) -> None:
+        """An image the encoder could not shrink (rare, logged by it) just has no thumbnail; a storage
         fault fails the batch's commit, to be retried. An image key within 7 bytes of the key limits has no
         thumbnail either: its thumbnail's key would be refused every time, and the batch with it retried."""
         destination = thumbnail_key(key)
+        if thumbnail is None:
+            return
         if not storable_everywhere(destination):
             logger.warning("no thumbnail for %r: its key would be too long for the object store", key)
-            return
-        try:
-            thumbnail = make_thumbnail(data)
-        except Exception as error:  # Pillow raises many types for odd files; a preview is not worth a failure
-            logger.warning("no thumbnail for %r: %s", key, error)
             return
         self._store.put(destination, thumbnail, content_type=THUMBNAIL_CONTENT_TYPE)
 

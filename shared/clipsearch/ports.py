@@ -146,10 +146,12 @@ class SearchCatalog(Protocol):
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image to embed, as bytes or a file path, named for error messages."""
+    """One image to embed, as bytes or a file path, named for error messages; `thumbnail_side` asks for a
+    WebP thumbnail of that longest side made from the same decoded image."""
 
     name: str
     data: bytes | Path
+    thumbnail_side: int | None = None
 
 
 class EmbeddedImage(Protocol):
@@ -232,6 +234,7 @@ class IndexedImage:
     id: int
     width: int
     height: int
+    thumbnail: bytes | None  # WebP, when the input asked for one and it could be made
 
 
 @dataclass(frozen=True)

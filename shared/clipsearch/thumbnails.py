@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from clipsearch.datasets import thumbnail_key
 
-__all__ = ["THUMBNAIL_CONTENT_TYPE", "make_thumbnail", "thumbnail_key"]
+__all__ = ["LONGEST_SIDE", "THUMBNAIL_CONTENT_TYPE", "thumbnail_key", "thumbnail_webp"]
 
 THUMBNAIL_CONTENT_TYPE = "image/webp"
 LONGEST_SIDE = 320
@@ -18,18 +18,21 @@ WEBP_QUALITY = 75
 WEBP_METHOD = 2
 
 
-def make_thumbnail(data: bytes, longest_side: int = LONGEST_SIDE) -> bytes:
-    """The image turned upright by its EXIF orientation and shrunk to `longest_side` (never enlarged), as WebP.
+def thumbnail_webp(upright: Image.Image, longest_side: int = LONGEST_SIDE) -> bytes:
+    """`upright` (L, RGB or RGBA, turned by its EXIF orientation) shrunk to `longest_side`, never enlarged.
 
-    Raises whatever Pillow raises for an undecodable image: ingestion has already decoded it for the
-    encoder, so that is rare, and the caller treats it as "no thumbnail".
+    The image preprocessor calls this with the image it has just decoded for the encoder (a JPEG drafted
+    to at least twice the model's input, which is more than `longest_side`), so no image is decoded twice.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (longest_side * 2, longest_side * 2))  # JPEG DCT scaling: decode less
-        upright = ImageOps.exif_transpose(image)
-        upright.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
-        if upright.mode not in ("RGB", "RGBA"):
-            upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
-        out = io.BytesIO()
-        upright.save(out, "WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
+    width, height = upright.size
+    scale = longest_side / max(width, height)
+    preview = upright
+    if scale < 1:
+        # reducing_gap: an integer box reduction first, as Image.thumbnail does, without copying the original
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        preview = upright.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if preview.mode not in ("RGB", "RGBA"):
+        preview = preview.convert("RGB")
+    out = io.BytesIO()
+    preview.save(out, "WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
     return out.getvalue()

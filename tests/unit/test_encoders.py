@@ -134,9 +134,9 @@ class PriorityRecordingPreprocessor(ImagePreprocessor):
         super().__init__(*args, **kwargs)
         self.nice_values: set[int] = set()
 
-    def prepare(self, source, name):
+    def prepare(self, source, name, thumbnail_side=None):
         self.nice_values.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return super().prepare(source, name)
+        return super().prepare(source, name, thumbnail_side)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
