@@ -6,6 +6,7 @@ self-describing, so loading never needs the kind. Inner products on L2-normalize
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,15 @@ from clipsearch.segments import (
 _BLAS_THRESHOLD = 1_000_000
 # Training k-means on more than ~256 points per list gains no recall and costs build time.
 _TRAIN_POINTS_PER_LIST = 256
+# A filtered IVF search probes the nearest lists that hold selected ids (never lists without any), at
+# least the index's own nprobe of them and enough to reach max(_FILTERED_MIN_CANDIDATES,
+# _FILTERED_CANDIDATE_FACTOR x the selected ids an unfiltered probe would meet). At 100k clustered
+# vectors (1264 lists, nprobe 20), recall@10 against exact filtered search was 0.97-0.995 for folders of
+# 10% (correlated with the clusters or not), 1% and 50 images, every query filling k; FAISS's own
+# selector on the plain probe returned 0.6 results per query for the 50 images and 7.6 of 10 for the
+# correlated 10% folder (benchmarks/filtered_search.py).
+_FILTERED_MIN_CANDIDATES = 256
+_FILTERED_CANDIDATE_FACTOR = 2.0
 
 
 class FaissIdSelection:
@@ -34,7 +44,9 @@ class FaissIdSelection:
     or snapshot."""
 
     def __init__(self, ids: np.ndarray, exclude: bool) -> None:
-        self._batch = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.exclude = exclude
+        self._batch = faiss.IDSelectorBatch(self.ids)
         # IDSelectorNot holds a raw pointer to _batch: keep both.
         self.selector = faiss.IDSelectorNot(self._batch) if exclude else self._batch
 
@@ -47,6 +59,7 @@ class FaissSegment:
         self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         self.nbytes = nbytes
         inner = faiss.downcast_index(index.index)
+        self._lists = _FilteredLists(inner, self.ids) if isinstance(inner, faiss.IndexIVF) else None
         # Search parameters replace the index's own, so a filtered search must repeat its depth.
         if isinstance(inner, faiss.IndexHNSW):
             self._params = lambda sel: faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
@@ -64,6 +77,11 @@ class FaissSegment:
         k = min(k, self._index.ntotal)
         if k == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
+        if self._lists is not None and selection is not None and not selection.exclude:
+            # FAISS's selector only filters the lists the query probes: a selection whose ids sit in
+            # other lists (a folder of other subjects, a few images) would come back short of k.
+            with _one_faiss_thread():
+                return self._lists.search(np.ascontiguousarray(query, dtype=np.float32), k, selection.ids)
         with _one_faiss_thread():
             scores, ids = self._index.search(
                 np.ascontiguousarray(query, dtype=np.float32), k, params=self._parameters(selection)
@@ -90,6 +108,73 @@ class FaissSegment:
     def _parameters(self, selection: FaissIdSelection | None) -> faiss.SearchParameters | None:
         # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
         return None if selection is None else self._params(selection.selector)
+
+
+class _FilteredLists:
+    """A filtered search of one IVF segment that probes only lists holding selected ids, nearest first.
+
+    The list of each stored vector is read once, on the first filtered search (4 bytes per vector, plus
+    16 for the id lookup), not at load: most searches are not filtered.
+    """
+
+    def __init__(self, inner: faiss.IndexIVF, ids: np.ndarray) -> None:
+        self._inner = inner
+        self._ids = ids
+        self._lock = threading.Lock()
+        self._layout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def search(self, query: np.ndarray, k: int, allowed_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        inner = self._inner
+        positions = self._positions(allowed_ids)
+        if not len(positions):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        list_of_position = self._layout_arrays()[2]
+        selected_per_list = np.bincount(list_of_position[positions], minlength=inner.nlist)
+        centroid_scores, nearest_lists = inner.quantizer.search(query, inner.nlist)
+        holding = selected_per_list[nearest_lists[0]] > 0
+        lists, scores = nearest_lists[0][holding], centroid_scores[0][holding]
+        wanted = max(
+            k, _FILTERED_MIN_CANDIDATES, _FILTERED_CANDIDATE_FACTOR * len(positions) * inner.nprobe / inner.nlist
+        )
+        enough = int(np.searchsorted(np.cumsum(selected_per_list[lists]), wanted)) + 1
+        probes = min(len(lists), max(enough, inner.nprobe))
+        admitted = np.zeros(len(self._ids), dtype=bool)
+        admitted[positions] = True
+        bitmap = np.packbits(admitted, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(admitted), faiss.swig_ptr(bitmap))
+        assigned = np.ascontiguousarray(lists[None, :probes], dtype=np.int64)
+        assigned_scores = np.ascontiguousarray(scores[None, :probes], dtype=np.float32)
+        found_scores = np.empty((1, k), dtype=np.float32)
+        found = np.empty((1, k), dtype=np.int64)
+        # The Python wrapper of search_preassigned refuses search parameters (the selector): call the C++ one.
+        inner.search_preassigned_c(
+            1, faiss.swig_ptr(query), k, faiss.swig_ptr(assigned), faiss.swig_ptr(assigned_scores),
+            faiss.swig_ptr(found_scores), faiss.swig_ptr(found), False,
+            faiss.SearchParametersIVF(sel=selector, nprobe=probes),
+        )
+        hit = found[0] >= 0
+        return found_scores[0][hit], self._ids[found[0][hit]]
+
+    def _positions(self, allowed_ids: np.ndarray) -> np.ndarray:
+        """Where the allowed ids this segment holds sit in it (the inner index numbers vectors by position)."""
+        sorted_ids, order, _ = self._layout_arrays()
+        at = np.minimum(np.searchsorted(sorted_ids, allowed_ids), len(sorted_ids) - 1)
+        return order[at[sorted_ids[at] == allowed_ids]]
+
+    def _layout_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._layout is None:
+                order = np.argsort(self._ids, kind="stable")
+                list_of_position = np.empty(len(self._ids), dtype=np.int32)
+                invlists = self._inner.invlists
+                for list_number in range(self._inner.nlist):
+                    size = invlists.list_size(list_number)
+                    if size:
+                        stored = invlists.get_ids(list_number)
+                        list_of_position[faiss.rev_swig_ptr(stored, size)] = list_number
+                        invlists.release_ids(list_number, stored)
+                self._layout = (self._ids[order], order, list_of_position)
+            return self._layout
 
 
 class FaissVectorIndex:
