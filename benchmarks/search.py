@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import io
 import json
 import logging
@@ -40,6 +41,9 @@ from bench_common import REPO, SEED_EVAL, TEXT_QUERIES, cpu_description, peak_rs
 DEFAULT_MODEL = REPO / ".cache" / "models" / "random-vit-b-32-seed0-int8"
 DIM = 512
 K = 10
+LAYOUTS = ("compacted", "hnsw")
+CACHE_DIR = Path(os.environ.get("BENCH_CACHE_DIR", "/tmp/bench-cache/search-benchmark"))  # segment files
+_CLAIM_CHUNK = 100_000
 
 
 def main() -> int:
@@ -48,6 +52,12 @@ def main() -> int:
         return _child(args)
     sizes = [int(size) for size in args.sizes.split(",")]
     print(f"CPU: {cpu_description()}", flush=True)
+    if args.prepare:
+        for size in sizes:
+            for layout in args.layouts.split(","):
+                if layout == "compacted" or size <= args.hnsw_max:
+                    _log(f"segment {_cached_segment(_clustered(size, seed=size), layout)[1]} ready")
+        return 0
     if args.formats:
         for size in sizes:
             _print_formats(size, _compare_formats(_clustered(size, seed=size), args.formats_skip.split(",")))
@@ -66,23 +76,36 @@ def main() -> int:
         catalog = PostgresCatalog(database)
         for size in sizes:
             vectors = _clustered(size, seed=size)
-            scans = _compare_scans(vectors, args.hnsw_max)
-            baseline = None
+            scans = _compare_scans(vectors, args.hnsw_max) if size <= args.scans_max else {}
+            prepared = []
             for layout in args.layouts.split(","):
+                if layout == "hnsw" and size > args.hnsw_max:
+                    continue
                 dataset = f"bench{size}{layout}"
                 started = time.perf_counter()
-                index_type, ids = _index_dataset(catalog, store, dataset, _model_id(model_dir), vectors, layout)
+                index_type, ids, segment_file = _index_dataset(
+                    database, catalog, store, dataset, _model_id(model_dir), vectors, layout
+                )
                 _log(f"{dataset}: {size} vectors indexed as one {index_type} segment in "
                      f"{time.perf_counter() - started:.1f} s")
-                ours = _run_child("service", environment, dataset, args, Path(scratch))
-                if baseline is None:
+                recall = _segment_recall(vectors, ids, segment_file)
+                _log(f"{dataset}: recall@10 {recall:.4f}")
+                baseline_file = None
+                if not prepared and size <= args.baseline_max:
                     baseline_file = Path(scratch) / f"{dataset}.faiss"
                     _write_baseline_index(ids, vectors, baseline_file)
+                prepared.append((dataset, index_type, recall, baseline_file))
+            del vectors, ids  # the figures below are the search process's, not the harness's
+            gc.collect()
+            baseline = None
+            for dataset, index_type, recall, baseline_file in prepared:
+                ours = _run_child("service", environment, dataset, args, Path(scratch))
+                if baseline_file is not None:
                     baseline = _run_child("baseline", environment, dataset, args, Path(scratch), baseline_file)
+                    baseline_file.unlink()
                 rows.append({"size": size, "index_type": index_type, "ours": ours, "baseline": baseline,
-                             "scans": scans})
+                             "scans": scans, "recall": recall})
                 _print_size(rows[-1])
-            del vectors
         database.close()
     _print_summary(rows)
     return 0
@@ -105,34 +128,81 @@ def _clustered(count: int, seed: int, clusters: int = 1000) -> np.ndarray:
 
 
 def _index_dataset(
-    catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
-) -> tuple[str, np.ndarray]:
+    database, catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
+) -> tuple[str, np.ndarray, Path]:
     """One catalog row per vector, and the vectors as one segment: the kind compaction would choose for a
-    3008 MB search function ("compacted"), or HNSW whatever the size ("hnsw")."""
-    from clipsearch.adapters.faiss_index import FaissVectorIndex
-    from clipsearch.config import Settings
+    3008 MB search function ("compacted"), or HNSW whatever the size ("hnsw").
+
+    The catalog's ids start at a fixed base per (size, layout), so the segment file, whose build takes
+    minutes at 1M, is cached under CACHE_DIR and reused by later runs."""
     from clipsearch.datasets import image_key, segment_key
     from clipsearch.ports import IndexedImage, NewImage, NewSegment
-    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors, choose_index
 
     row = catalog.ensure_dataset(dataset, model_id)
-    claims = catalog.claim_images(
-        row.id,
-        [
+    base = _id_base(len(vectors), layout)
+    with database.transaction() as connection:
+        connection.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (base - 1,))
+    ids = []
+    for start in range(0, len(vectors), _CLAIM_CHUNK):
+        claims = catalog.claim_images(row.id, [
             NewImage(store.bucket, image_key(dataset, f"img{i:07d}.jpg"), f"etag{i}", f"/data/photos/img{i:07d}.jpg",
                      "0" * 64, 1000)
-            for i in range(len(vectors))
-        ],
-    )
-    ids = np.array([claim.id for claim in claims], dtype=np.int64)
-    budget = Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
-    spec = choose_index(len(vectors), budget) if layout == "compacted" else IndexSpec(HNSW)
-    index_type = spec.kind
+            for i in range(start, min(len(vectors), start + _CLAIM_CHUNK))
+        ])
+        ids.extend(claim.id for claim in claims)
+    ids = np.array(ids, dtype=np.int64)
+    if not np.array_equal(ids, base + np.arange(len(vectors))):
+        raise RuntimeError(f"{dataset}: the catalog gave ids {ids[:3]}..., not {base}, {base + 1}, ...")
+    index_type, path = _cached_segment(vectors, layout)
     segment_id = uuid.uuid4().hex
     segment = NewSegment(segment_id, segment_key(dataset, segment_id), len(vectors), index_type)
-    store.put(segment.object_key, FaissVectorIndex().build(SegmentVectors(ids, vectors), spec))
-    catalog.commit_batch(row.id, segment, [IndexedImage(int(i), 640, 480) for i in ids], [])
-    return index_type, ids
+    with path.open("rb") as body:  # streamed: the harness never holds the segment's bytes
+        store._client.put_object(Bucket=store.bucket, Key=segment.object_key, Body=body)
+    for start in range(0, len(ids), _CLAIM_CHUNK):
+        catalog.commit_batch(row.id, segment if start == 0 else None,
+                             [IndexedImage(int(i), 640, 480) for i in ids[start:start + _CLAIM_CHUNK]], [])
+    return index_type, ids, path
+
+
+def _id_base(size: int, layout: str) -> int:
+    """Disjoint id ranges per (size, layout) in one catalog: [10 n, 12 n)."""
+    return 10 * size + LAYOUTS.index(layout) * size
+
+
+def _cached_segment(vectors: np.ndarray, layout: str) -> tuple[str, Path]:
+    """The segment file of `vectors` with ids from `_id_base`, built once (under the heavy-job lock at 1M)."""
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.config import Settings
+    from clipsearch.segments import HNSW, IndexSpec, SegmentVectors, choose_index
+
+    budget = Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
+    spec = choose_index(len(vectors), budget) if layout == "compacted" else IndexSpec(HNSW)
+    base = _id_base(len(vectors), layout)
+    path = CACHE_DIR / f"segment-{len(vectors)}-{spec.kind}-{spec.lists}-{base}.faiss"
+    if not path.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        partial = path.with_suffix(".partial")
+        ids = base + np.arange(len(vectors), dtype=np.int64)
+        FaissVectorIndex().write(SegmentVectors(ids, vectors), spec, partial)
+        partial.rename(path)
+        _log(f"built {path.name} in {time.perf_counter() - started:.0f} s")
+    return spec.kind, path
+
+
+def _segment_recall(vectors: np.ndarray, ids: np.ndarray, segment_file: Path, count: int = 200) -> float:
+    """recall@10 of the segment as the search function opens and searches it (memory-mapped, one thread,
+    its own probe depth) against exact search on the same vectors, for queries near the data."""
+    import faiss
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+
+    rng = np.random.default_rng(7)
+    queries = vectors[rng.integers(0, len(vectors), count)] + 0.05 * rng.standard_normal((count, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, nearest = faiss.knn(queries, vectors, K)  # exact; L2 ranks unit vectors as inner product does
+    segment = FaissVectorIndex().open(segment_file)
+    found = [set(segment.search(query[None], K)[1].tolist()) for query in queries]
+    return float(np.mean([len(hits & set(ids[row].tolist())) / K for hits, row in zip(found, nearest)]))
 
 
 def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
@@ -320,7 +390,7 @@ def _run_child(kind: str, environment: dict, dataset: str, args, scratch: Path, 
         "--queries", str(args.queries if kind == "service" else args.baseline_queries),
         "--image-queries", str(args.image_queries if kind == "service" else args.baseline_image_queries),
         "--model", str(args.model),
-    ] + (["--verbose"] if args.verbose else [])
+    ] + (["--verbose"] if args.verbose else []) + (["--profile"] if args.profile else [])
     if index_file:
         command += ["--index-file", str(index_file)]
     child_environment = {
@@ -361,6 +431,7 @@ def _child(args) -> int:
     image_ms = _latencies(image, [query_images[i % len(query_images)] for i in range(args.image_queries)])
     peak_rss_mb = peak_rss_mib()
     parts = _warm_text_parts(args.dataset, args.queries) if args.child == "service" else {}
+    profile = _profile_warm_text(text, args.queries) if args.profile and args.child == "service" else {}
     print(json.dumps({
         "cold_start_s": cold_start_s,
         "first_image_query_s": first_image_s,
@@ -371,6 +442,7 @@ def _child(args) -> int:
         "image_p99_ms": float(np.percentile(image_ms, 99)),
         "peak_rss_mb": peak_rss_mb,
         "parts": parts,
+        "profile": profile,
     }))
     return 0
 
@@ -464,6 +536,53 @@ def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
         "text tower p50 ms": float(np.percentile(_latencies(encoder.embed_text, queries), 50)),
         "dataset row p50 ms": float(np.percentile(_latencies(catalog.get_dataset, [dataset] * count), 50)),
         "paths of 10 ids p50 ms": float(np.percentile(_latencies(lambda _: catalog.image_locations(ids), queries), 50)),
+    }
+
+
+# Where a profiled function's own time goes: the first pattern found in its file or name names its area.
+_PROFILE_AREAS = (
+    ("onnxruntime", "text tower (onnxruntime)"),
+    ("tokenizers", "tokenizer"), ("clipsearch/tokenizer", "tokenizer"), ("ftfy", "tokenizer"),
+    ("faiss", "FAISS"),
+    ("psycopg", "catalog (psycopg)"), ("postgres_catalog", "catalog (psycopg)"),
+    ("select.", "catalog (psycopg)"), ("socket", "catalog (psycopg)"),
+    ("event_handler/openapi", "powertools validation"), ("pydantic", "pydantic"),
+    ("event_handler", "powertools resolver"),
+    ("powertools/logging", "logging"), ("logging/", "logging"), ("powertools/metrics", "metrics"),
+    ("powertools/tracing", "tracing"), ("aws_xray_sdk", "tracing"),
+    ("aws_lambda_powertools", "powertools (other)"),
+    ("json", "json"), ("clipsearch/", "clipsearch"), ("numpy", "numpy"),
+)
+
+
+def _profile_warm_text(text, count: int) -> dict:
+    """cProfile over `count` warm text queries through the handler: each area's own time per query (ms)
+    and the functions with the most own time. Profiling slows Python code more than C calls, so the
+    shares are for finding costs; the timed figures are the ones to report."""
+    import cProfile
+    import pstats
+
+    queries = [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(count)]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for query in queries:
+        text(query)
+    profiler.disable()
+    if os.environ.get("BENCH_PROFILE_OUT"):  # for pstats / snakeviz
+        profiler.dump_stats(os.environ["BENCH_PROFILE_OUT"])
+    stats = pstats.Stats(profiler).stats
+    areas: dict[str, float] = {}
+    for (file, _, name), (_, _, own, _, _) in stats.items():
+        where = f"{file} {name}"
+        area = next((label for pattern, label in _PROFILE_AREAS if pattern in where), "other")
+        areas[area] = areas.get(area, 0.0) + own * 1000 / count
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:25]
+    return {
+        "areas_ms_per_query": dict(sorted(areas.items(), key=lambda item: -item[1])),
+        "top_own_ms_per_query": [
+            (f"{Path(file).name}:{line} {name}", round(own * 1000 / count, 4), calls // count)
+            for (file, line, name), (_, calls, own, _, _) in top
+        ],
     }
 
 
@@ -574,11 +693,22 @@ def _print_size(row: dict) -> None:
         ("cold start (text)", "cold_start_s", "s"), ("first image query", "first_image_query_s", "s"),
         ("peak RSS", "peak_rss_mb", "MB"),
     ):
+        if baseline is None:
+            print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{'-':>12}{'-':>10}")
+            continue
         ratio = baseline[key] / ours[key] if ours[key] else float("nan")
         print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{baseline[key]:12.2f}{ratio:9.1f}x")
+    print(f"recall@10 vs exact search (the segment as the function opens it): {row['recall']:.4f}")
     print("parts of a warm text query, timed alone (ms):")
     for name, value in ours["parts"].items():
         print(f"  {name:28}{value:10.3f}")
+    if ours.get("profile"):
+        print("profile of a warm text query through the handler (own time per query, ms, under cProfile):")
+        for name, value in ours["profile"]["areas_ms_per_query"].items():
+            print(f"  {name:28}{value:10.3f}")
+        print("  functions with the most own time (ms per query, calls per query):")
+        for name, value, calls in ours["profile"]["top_own_ms_per_query"]:
+            print(f"    {value:8.4f} {calls:6d}  {name}")
     print("scan alternatives (p50 ms per query, k=10):")
     for name, value in row["scans"].items():
         print(f"  {name:28}{value:10.3f}")
@@ -590,8 +720,9 @@ def _print_summary(rows: list[dict]) -> None:
           "text speed-up over baseline (>= 20x)")
     for row in rows:
         ours, baseline = row["ours"], row["baseline"]
+        speedup = f"{baseline['text_p50_ms'] / ours['text_p50_ms']:6.1f}x" if baseline else "     -"
         print(f"  {row['size']:>9,} {row['index_type']:>5}  {ours['text_p50_ms']:7.2f} ms  {ours['cold_start_s']:5.2f} s  "
-              f"{baseline['text_p50_ms'] / ours['text_p50_ms']:6.1f}x")
+              f"{speedup}")
 
 
 def _log(message: str) -> None:
@@ -609,8 +740,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-queries", type=int, default=15)
     parser.add_argument("--baseline-image-queries", type=int, default=8)
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build an HNSW for comparison")
+    parser.add_argument("--scans-max", type=int, default=100_000, help="largest size to compare in-memory scans at")
+    parser.add_argument("--baseline-max", type=int, default=100_000,
+                        help="largest size to run the baseline at (it reads the whole flat file per query)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only build the cached segment files (BENCH_CACHE_DIR) for --sizes, then exit")
     parser.add_argument("--formats", action="store_true", help="compare segment formats only (no services)")
     parser.add_argument("--formats-skip", default="", help="comma-separated formats to leave out (e.g. hnsw32_sq8)")
+    parser.add_argument("--profile", action="store_true", help="add a cProfile of warm text queries (ours)")
     parser.add_argument("--verbose", action="store_true", help="show the timed log of each child process")
     parser.add_argument("--child", choices=["service", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)

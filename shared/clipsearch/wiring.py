@@ -63,6 +63,7 @@ def get_search_service():
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.encoders import OnnxImageEncoder, OnnxTextEncoder
     from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
+    from clipsearch.query_cache import CachedTextEncoder
     from clipsearch.search import SearchService
 
     settings = get_settings()
@@ -74,8 +75,8 @@ def get_search_service():
         catalog=PostgresCatalog(get_database()),
         store=get_object_store(),
         model_id=settings.model_id,
-        text_encoder=lambda: OnnxTextEncoder.from_model_files(
-            models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads
+        text_encoder=lambda: CachedTextEncoder(
+            OnnxTextEncoder.from_model_files(models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads)
         ),
         image_encoder=lambda: OnnxImageEncoder.from_model_files(
             models.model_files(settings.model_id, VISION_TOWER_FILES),
