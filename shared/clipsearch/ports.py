@@ -158,6 +158,7 @@ class EmbeddedImage(Protocol):
     vector: np.ndarray  # float32 [embedding_dim], L2-normalized
     width: int
     height: int
+    thumbnail: bytes | None  # WebP, when the input asked for one and it could be made
 
 
 class ImageEncoder(Protocol):
@@ -234,7 +235,6 @@ class IndexedImage:
     id: int
     width: int
     height: int
-    thumbnail: bytes | None  # WebP, when the input asked for one and it could be made
 
 
 @dataclass(frozen=True)
