@@ -15,6 +15,9 @@ directory (TMPDIR), imported once and reused for one event at a time. The host e
   write itself with ENOSPC; a directory has no size limit to make a write fail here).
 Up to `concurrency[function]` instances of a function run at once (default 1), as Lambda's
 reserved concurrency would bound them. Discarded instances lose their /tmp directory and cgroup.
+An invocation may name a `slot`: each slot of a function has its own instances (and its own limit),
+so a caller that wants an event to find what the previous one of its kind loaded (a shard searcher's
+shard) gets the same warm instance back.
 """
 
 from __future__ import annotations
@@ -389,24 +392,34 @@ class FunctionHost:
         self._runtime_dir = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="clipsearch-functions-"))
         self._concurrency = dict(concurrency or {})
         self._cgroups = MemoryCgroups.create() if memory_cgroups else None
-        self._pools: dict[str, _Pool] = {}
+        self._pools: dict[tuple[str, str], _Pool] = {}  # by (function's logical id, slot)
         self._guard = threading.Lock()
         self._numbers = count(1)
         self._stopped = False
         atexit.register(self.stop)  # a tool that never calls stop() leaves no process, cgroup or directory
 
-    def invoke(self, function: Function, event: dict) -> object:
-        instance = self._acquire(function)
+    def invoke(self, function: Function, event: dict, slot: str = "") -> object:
+        instance = self._acquire(function, slot)
         try:
             return instance.invoke(event)
         finally:
-            self._release(function, instance)
+            self._release(function, instance, slot)
 
-    def instances(self, function: Function) -> int:
-        """How many instances of `function` exist now (busy or idle)."""
-        pool = self._pool(function)
+    def instances(self, function: Function, slot: str = "") -> int:
+        """How many instances of `function` (in `slot`) exist now (busy or idle)."""
+        pool = self._pool(function, slot)
         with pool.condition:
             return pool.running
+
+    def instance_pids(self, function: Function) -> list[int]:
+        """The process ids of `function`'s idle instances, in every slot (for measuring them)."""
+        with self._guard:
+            pools = [pool for (logical_id, _), pool in self._pools.items() if logical_id == function.logical_id]
+        pids = []
+        for pool in pools:
+            with pool.condition:
+                pids += [instance.pid for instance in pool.idle if instance.pid is not None]
+        return pids
 
     def stop(self) -> None:
         """Discards every idle instance; busy ones are discarded as their event ends."""
@@ -426,14 +439,15 @@ class FunctionHost:
         if self._owns_runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
-    def _pool(self, function: Function) -> _Pool:
+    def _pool(self, function: Function, slot: str = "") -> _Pool:
         with self._guard:
-            if function.logical_id not in self._pools:
-                self._pools[function.logical_id] = _Pool(max(1, self._concurrency.get(function.logical_id, 1)))
-            return self._pools[function.logical_id]
+            if (function.logical_id, slot) not in self._pools:
+                limit = max(1, self._concurrency.get(function.logical_id, 1))
+                self._pools[(function.logical_id, slot)] = _Pool(limit)
+            return self._pools[(function.logical_id, slot)]
 
-    def _acquire(self, function: Function) -> FunctionInstance:
-        pool = self._pool(function)
+    def _acquire(self, function: Function, slot: str = "") -> FunctionInstance:
+        pool = self._pool(function, slot)
         with pool.condition:
             while True:
                 if self._stopped:
@@ -444,7 +458,7 @@ class FunctionHost:
                     pool.running += 1
                     break
                 pool.condition.wait()
-        name = f"{function.logical_id}-{next(self._numbers)}"
+        name = f"{function.logical_id}-{slot + '-' if slot else ''}{next(self._numbers)}"
         instance = FunctionInstance(function, name, self._runtime_dir / name, self._environment, self._cgroups)
         try:
             instance.start()
@@ -456,8 +470,8 @@ class FunctionHost:
             raise
         return instance
 
-    def _release(self, function: Function, instance: FunctionInstance) -> None:
-        pool = self._pool(function)
+    def _release(self, function: Function, instance: FunctionInstance, slot: str = "") -> None:
+        pool = self._pool(function, slot)
         keep = instance.healthy and not self._stopped
         if not keep:
             instance.discard()

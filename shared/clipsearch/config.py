@@ -18,6 +18,9 @@ class ConfigurationError(ClipsearchError):
 # and image towers' sessions and a query in flight (peak RSS of benchmarks/search.py at 10k vectors,
 # rounded up with margin; docs/SEGMENT_FORMATS.md).
 SEARCH_RUNTIME_RESERVE_MB = 1024
+# What a shard searcher holds besides its segments: Python, faiss, psycopg and one query, no model (peak RSS
+# of a ShardSearchFunction instance with no segment loaded, benchmarks/fanout.py, rounded up with margin).
+SHARD_RUNTIME_RESERVE_MB = 512
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Settings:
     index_cache_mb: int = 0  # the search function's snapshot budget; 0: derived from function_memory_mb
     search_memory_mb: int = 0  # the search function's MemorySize, as compaction sizes segments for it; 0: unknown
 
+    shard_function: str | None = None  # the shard search function the search function fans out to; None: never
+    shard_memory_mb: int = 0  # that function's MemorySize, as the search function plans shards for it; 0: unknown
     @property
     def index_cache_bytes(self) -> float:
         """What a search execution environment's dataset snapshots may occupy together: the explicit
@@ -64,6 +69,19 @@ class Settings:
         return _snapshot_budget_mb(self.search_memory_mb) * 2**20 if self.search_memory_mb else float("inf")
 
     @classmethod
+    @property
+    def shard_budget_bytes(self) -> float:
+        """The most one shard may occupy: what a shard searcher with `shard_memory_mb` can hold."""
+        return _shard_budget_mb(self.shard_memory_mb) * 2**20 if self.shard_memory_mb else float("inf")
+
+    @property
+    def shard_cache_bytes(self) -> float:
+        """What a shard searcher's own loaded segments may occupy: the explicit setting, else its memory
+        less its runtime's reserve (the budget the search function plans shards with), else unbounded."""
+        if self.index_cache_mb:
+            return self.index_cache_mb * 2**20
+        return _shard_budget_mb(self.function_memory_mb) * 2**20 if self.function_memory_mb else float("inf")
+
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
@@ -115,6 +133,8 @@ class Settings:
             search_memory_mb=number("CLIPSEARCH_SEARCH_MEMORY_MB", defaults.search_memory_mb),
         )
         return settings._with_catalog()
+            shard_function=env.get("CLIPSEARCH_SHARD_FUNCTION") or None,
+            shard_memory_mb=number("CLIPSEARCH_SHARD_MEMORY_MB", defaults.shard_memory_mb),
 
     @classmethod
     def catalog_from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -145,4 +165,8 @@ def _snapshot_budget_mb(memory_mb: int) -> int:
 
 def _region(env: Mapping[str, str], default: str) -> str:
     """The region as Lambda (AWS_REGION) or a user's shell (AWS_DEFAULT_REGION) gives it."""
+def _shard_budget_mb(memory_mb: int) -> int:
+    return max(SHARD_RUNTIME_RESERVE_MB, memory_mb - SHARD_RUNTIME_RESERVE_MB)
+
+
     return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or default

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from clipsearch.errors import InvalidImage
+from clipsearch.search_results import ImageFilter
 from clipsearch.segments import IndexSpec, SegmentVectors
 
 IMAGE_STATUSES = ("pending", "indexed", "failed", "deleted")
@@ -368,4 +369,30 @@ class VectorIndex(Protocol):
 
     def selection(self, allowed_ids: np.ndarray) -> IdSelection:
         """Only `allowed_ids`."""
+        ...
+
+
+# --- fan-out ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardQuery:
+    """What a shard searcher is asked: the top `k` live images of `segments` (one shard of the dataset as of
+    `index_version`) for `vector`, among those `image_filter` admits."""
+
+    dataset: str
+    dataset_id: int
+    index_version: int
+    shard: int  # its number in the plan: a searcher may keep each shard on its own warm instances
+    segments: tuple[SegmentRef, ...]
+    vector: np.ndarray  # float32 [embedding_dim], L2-normalized
+    k: int
+    image_filter: ImageFilter = field(default_factory=ImageFilter)
+
+
+class ShardSearcher(Protocol):
+    """Searches one shard somewhere else (another function). Raises TransientError when it cannot answer."""
+
+    def search_shard(self, query: ShardQuery) -> list[tuple[int, float]]:
+        """(image id, score) pairs, best first, ties by id: the shard's top k with deleted ids excluded."""
         ...

@@ -13,6 +13,12 @@ cut from one ranking ordered by (score, id), the same for every page while the d
 Segments are fetched into a scratch directory and opened memory-mapped, so a loaded segment costs about
 its file size once; the snapshots together stay under a byte budget, the least recently searched
 dataset dropped first.
+
+Fan-out: given a ShardSearcher, a dataset whose segment objects together exceed that budget is never
+loaded here. Its snapshot is a shard plan (clipsearch.shards); a query is embedded once, every shard's
+top (offset + k) is asked in parallel, with the same deleted-id exclusion and filters, and the merged
+ranking is cut into pages and resolved to paths as a local one is. `ShardSearchService` is the shard
+searcher's side: the shard's segments kept loaded, the dataset's deleted ids read per index_version.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from clipsearch.ports import (
     SearchCatalog,
     SegmentRef,
     SegmentSearcher,
+    ShardQuery,
+    ShardSearcher,
     VectorIndex,
 )
 from clipsearch.search_results import (
@@ -62,6 +70,7 @@ from clipsearch.search_results import (
     SearchResult,
     check_terms,
 )
+from clipsearch.shards import ShardedIndex, SizedSegment, plan_shards
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,8 @@ _CONSISTENT_READ_ATTEMPTS = 5
 # Finding duplicates compares every vector with every other: 20k x 20k x 512 is ~2e11 multiply-adds,
 # a few seconds on two cores. Beyond that it needs an approximate pass (not built).
 MAX_DUPLICATE_SCAN = 20_000
+# Shards asked at once by one query: beyond this many shards, a query waits for a free thread.
+FAN_OUT_THREADS = 16
 # A page shows its thumbnails at once; a short expiry limits what a copied URL gives away.
 THUMBNAIL_URL_SECONDS = 900
 
@@ -143,10 +154,17 @@ class DatasetIndex:
     def build(
         cls, dataset: Dataset, segments: Sequence[LoadedSegment], deleted_ids: set[int], vector_index: VectorIndex
     ) -> DatasetIndex:
+        return cls.of(dataset.id, dataset.index_version, segments, deleted_ids, vector_index)
+
+    @classmethod
+    def of(
+        cls, dataset_id: int, index_version: int, segments: Sequence[LoadedSegment], deleted_ids: set[int],
+        vector_index: VectorIndex,
+    ) -> DatasetIndex:
         deleted = np.array(sorted(deleted_ids), dtype=np.int64)
         return cls(
-            dataset_id=dataset.id,
-            index_version=dataset.index_version,
+            dataset_id=dataset_id,
+            index_version=index_version,
             segments=tuple(segments),
             deleted_per_segment=tuple(
                 int(np.isin(loaded.segment.ids, deleted, assume_unique=True).sum()) for loaded in segments
@@ -202,6 +220,50 @@ class DatasetIndex:
         return hits
 
 
+class SegmentLoader:
+    """Fetches segments into a scratch directory (in parallel) and opens them memory-mapped; knows their sizes."""
+
+    def __init__(self, store: ObjectStore, vector_index: VectorIndex, segment_dir: Path, threads: int = 8) -> None:
+        self._store = store
+        self._vector_index = vector_index
+        self._segment_dir = segment_dir
+        self._threads = threads
+        self._sizes: dict[str, int] = {}  # segment id -> object size: segments never change
+
+    def load(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
+        if len(refs) <= 1:
+            return {ref.id: self._load(ref) for ref in refs}
+        with ThreadPoolExecutor(max_workers=min(self._threads, len(refs))) as pool:
+            return {loaded.ref.id: loaded for loaded in pool.map(self._load, refs)}
+
+    def sized(self, refs: Sequence[SegmentRef]) -> list[SizedSegment]:
+        """Each segment with its object's size (asked of the store once per segment, in parallel)."""
+        missing = [ref for ref in refs if ref.id not in self._sizes]
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(self._threads, len(missing))) as pool:
+                for ref, info in zip(missing, pool.map(lambda ref: self._store.head(ref.object_key), missing)):
+                    if info is None:
+                        raise TransientError(f"segment {ref.object_key} disappeared while sizing the dataset")
+                    self._sizes[ref.id] = info.size
+        return [SizedSegment(ref, self._sizes[ref.id]) for ref in refs]
+
+    def _load(self, ref: SegmentRef) -> LoadedSegment:
+        self._segment_dir.mkdir(parents=True, exist_ok=True)
+        path = self._segment_dir / f"{ref.id}.{threading.get_ident()}.segment"
+        try:
+            self._store.download_file(ref.object_key, path)
+            # The mapping keeps the unlinked file's pages: nothing is left in /tmp to clean up.
+            return LoadedSegment(ref, self._vector_index.open(path))
+        except ObjectNotFound as error:
+            # Retired by a compaction between reading the catalog and fetching: the next try sees it.
+            raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
+        finally:
+            path.unlink(missing_ok=True)
+
+
+Snapshot = DatasetIndex | ShardedIndex
+
+
 class SearchService:
     """Text and image search over one model's datasets, with caches kept warm between requests."""
 
@@ -217,19 +279,25 @@ class SearchService:
         segment_dir: Path,
         index_cache_bytes: float = float("inf"),
         segment_load_threads: int = 8,
+        shard_searcher: ShardSearcher | None = None,
+        shard_budget_bytes: float = float("inf"),
     ) -> None:
+        """With a `shard_searcher`, a dataset over `index_cache_bytes` is searched by shards of at most
+        `shard_budget_bytes` each (what one shard searcher may hold); without one it is loaded here."""
         self._catalog = catalog
         self._store = store
         self._vector_index = vector_index
-        self._segment_dir = segment_dir
+        self._segments = SegmentLoader(store, vector_index, segment_dir, segment_load_threads)
         self._index_cache_bytes = index_cache_bytes
+        self._shard_searcher = shard_searcher
+        self._shard_budget_bytes = shard_budget_bytes
+        self._fan_out = Lazy(lambda: ThreadPoolExecutor(max_workers=FAN_OUT_THREADS, thread_name_prefix="fan-out"))
         self.model_id = model_id
         self._text_encoder = Lazy(text_encoder)
         self._image_encoder = Lazy(image_encoder)
         self._max_image_bytes = max_image_bytes
-        self._segment_load_threads = segment_load_threads
         self._background = Lazy(lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm-up"))
-        self._indexes: OrderedDict[str, DatasetIndex] = OrderedDict()  # least recently searched first
+        self._indexes: OrderedDict[str, Snapshot] = OrderedDict()  # least recently searched first
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._cache_listener: CacheListener = _ignore_cache_lookup
@@ -325,8 +393,11 @@ class SearchService:
             raise InvalidParameter("min_score", f"must be between {MIN_DUPLICATE_SCORE} and 1, got {min_score}")
         row = self._dataset(dataset)
         index = self._index(row)
-        stored = sum(len(loaded.segment.ids) for loaded in index.segments)
-        if stored > MAX_DUPLICATE_SCAN:  # refused before any vector is copied out of the index
+        if isinstance(index, ShardedIndex):
+            stored = index.vector_count
+        else:
+            stored = sum(len(loaded.segment.ids) for loaded in index.segments)
+        if isinstance(index, ShardedIndex) or stored > MAX_DUPLICATE_SCAN:  # refused before any vector is copied out of the index
             raise InvalidRequest(
                 f"dataset {dataset!r} has {stored} vectors; finding duplicates scans at most {MAX_DUPLICATE_SCAN}"
             )
@@ -415,10 +486,14 @@ class SearchService:
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         index = self._index(dataset)
         self._mark_searched(dataset.name)
-        allowed = self._filter_selection(dataset, options.image_filter)
         ranked: list[tuple[int, float]] = []
-        if allowed is not False:
-            ranked = index.search(query, options.offset + k, allowed)
+        if isinstance(index, ShardedIndex):
+            ranked = index.search(self._shard_searcher, self._fan_out.get(), query, options.offset + k,
+                                  options.image_filter)
+        else:
+            allowed = self._filter_selection(dataset, options.image_filter)
+            if allowed is not False:
+                ranked = index.search(query, options.offset + k, allowed)
         if options.min_score is not None:
             ranked = [(image_id, score) for image_id, score in ranked if score >= options.min_score]
         autocut_at = None
@@ -473,7 +548,7 @@ class SearchService:
         if not current:
             self._background.get().submit(self._index, dataset)
 
-    def _index(self, dataset: Dataset) -> DatasetIndex:
+    def _index(self, dataset: Dataset) -> Snapshot:
         cached = self._cached(dataset)
         if cached is not None:
             return cached
@@ -489,7 +564,7 @@ class SearchService:
                 self._evict_beyond_budget(keep=dataset.name)
             return refreshed
 
-    def _cached(self, dataset: Dataset) -> DatasetIndex | None:
+    def _cached(self, dataset: Dataset) -> Snapshot | None:
         with self._locks_guard:
             cached = self._indexes.get(dataset.name)
             if cached is None or not cached.is_current(dataset):
@@ -520,11 +595,19 @@ class SearchService:
         with self._locks_guard:
             return list(self._indexes)
 
-    def _refresh(self, dataset: Dataset, previous: DatasetIndex | None) -> DatasetIndex:
+    def _refresh(self, dataset: Dataset, previous: Snapshot | None) -> Snapshot:
         dataset, refs, deleted = self._read_index_state(dataset)
-        kept = {loaded.ref.id: loaded for loaded in previous.segments} if previous else {}
+        if self._shard_searcher is not None:
+            sized = self._segments.sized(refs)
+            total = sum(segment.nbytes for segment in sized)
+            if total > self._index_cache_bytes:
+                shards = plan_shards(sized, self._shard_budget_bytes)
+                logger.info("dataset %s: index_version %s, %d segments (%d bytes) over %.0f: %d shards",
+                            dataset.name, dataset.index_version, len(refs), total, self._index_cache_bytes, len(shards))
+                return ShardedIndex(dataset.id, dataset.name, dataset.index_version, shards)
+        kept = {loaded.ref.id: loaded for loaded in previous.segments} if isinstance(previous, DatasetIndex) else {}
         missing = [ref for ref in refs if ref.id not in kept]
-        loaded = self._load_segments(missing)
+        loaded = self._segments.load(missing)
         logger.info(
             "dataset %s: index_version %s -> %s, %d segments (%d loaded, %d retired), %d deleted ids",
             dataset.name, previous.index_version if previous else None, dataset.index_version,
@@ -550,28 +633,89 @@ class SearchService:
             dataset = after
         raise TransientError(f"dataset {dataset.name!r} kept changing while its index was read")
 
-    def _load_segments(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
-        def load(ref: SegmentRef) -> LoadedSegment:
-            self._segment_dir.mkdir(parents=True, exist_ok=True)
-            path = self._segment_dir / f"{ref.id}.{threading.get_ident()}.segment"
-            try:
-                self._store.download_file(ref.object_key, path)
-                # The mapping keeps the unlinked file's pages: nothing is left in /tmp to clean up.
-                return LoadedSegment(ref, self._vector_index.open(path))
-            except ObjectNotFound as error:
-                # Retired by a compaction between reading the catalog and fetching: the next try sees it.
-                raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
-            finally:
-                path.unlink(missing_ok=True)
-
-        if len(refs) <= 1:
-            return {ref.id: load(ref) for ref in refs}
-        with ThreadPoolExecutor(max_workers=min(self._segment_load_threads, len(refs))) as pool:
-            return {loaded.ref.id: loaded for loaded in pool.map(load, refs)}
-
     def _refresh_lock(self, dataset: str) -> threading.Lock:
         with self._locks_guard:
             return self._refresh_locks.setdefault(dataset, threading.Lock())
+
+
+class ShardSearchService:
+    """A shard searcher: answers ShardQuery's with the shard's segments kept loaded between queries.
+
+    Segments are kept least recently used first within `cache_bytes` (a plan's shard fits it, so the
+    shard this execution environment serves stays loaded). The dataset's deleted ids are read from the
+    catalog once per index_version the queries carry: read after the search function read that version,
+    they hold every id deleted by then. Filters are the catalog's matching ids, as in SearchService.
+    """
+
+    def __init__(
+        self,
+        catalog: SearchCatalog,
+        store: ObjectStore,
+        vector_index: VectorIndex,
+        segment_dir: Path,
+        cache_bytes: float = float("inf"),
+        segment_load_threads: int = 8,
+    ) -> None:
+        self._catalog = catalog
+        self._vector_index = vector_index
+        self._segments = SegmentLoader(store, vector_index, segment_dir, segment_load_threads)
+        self._cache_bytes = cache_bytes
+        self._loaded: OrderedDict[str, LoadedSegment] = OrderedDict()  # least recently searched first
+        self._deleted: dict[int, tuple[int, set[int]]] = {}  # dataset id -> (index_version, deleted ids)
+        self._views: dict[int, DatasetIndex] = {}  # dataset id -> the last shard searched, ready
+        self._lock = threading.Lock()
+
+    @property
+    def loaded_segments(self) -> list[str]:
+        """Ids of the segments held, least recently searched first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def search(self, query: ShardQuery) -> list[tuple[int, float]]:
+        with self._lock:
+            view = self._view(query)
+        allowed = None
+        image_filter = query.image_filter
+        if image_filter.active:
+            key_prefix = dataset_prefix(query.dataset) + (image_filter.key_prefix or "")
+            ids = self._catalog.filtered_image_ids(query.dataset_id, key_prefix, image_filter.since, image_filter.until)
+            if not ids:
+                return []
+            allowed = self._vector_index.selection(np.asarray(ids, dtype=np.int64))
+        vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(1, -1)
+        return view.search(vector, query.k, allowed)
+
+    def _view(self, query: ShardQuery) -> DatasetIndex:
+        version, deleted = self._deleted.get(query.dataset_id, (-1, set()))
+        if version < query.index_version:
+            version, deleted = query.index_version, self._catalog.deleted_image_ids(query.dataset_id)
+            self._deleted[query.dataset_id] = (version, deleted)
+        wanted = [ref.id for ref in query.segments]
+        view = self._views.get(query.dataset_id)
+        if view is not None and view.index_version == version and [s.ref.id for s in view.segments] == wanted:
+            for segment_id in wanted:
+                self._loaded.move_to_end(segment_id)
+            return view
+        missing = [ref for ref in query.segments if ref.id not in self._loaded]
+        self._loaded.update(self._segments.load(missing))
+        for segment_id in wanted:
+            self._loaded.move_to_end(segment_id)
+        self._evict_beyond_budget(keep=set(wanted))
+        view = DatasetIndex.of(query.dataset_id, version, [self._loaded[segment_id] for segment_id in wanted],
+                               deleted, self._vector_index)
+        self._views[query.dataset_id] = view
+        return view
+
+    def _evict_beyond_budget(self, keep: set[str]) -> None:
+        total = sum(loaded.segment.nbytes for loaded in self._loaded.values())
+        for segment_id in list(self._loaded):
+            if total <= self._cache_bytes:
+                break
+            if segment_id not in keep:
+                total -= self._loaded.pop(segment_id).segment.nbytes
+                self._views = {dataset_id: view for dataset_id, view in self._views.items()
+                               if all(loaded.ref.id != segment_id for loaded in view.segments)}
+                logger.info("segment %s dropped to stay under %d bytes", segment_id, self._cache_bytes)
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:

@@ -87,6 +87,33 @@ def get_search_service():
         vector_index=FaissVectorIndex(),
         segment_dir=settings.segment_dir,
         index_cache_bytes=settings.index_cache_bytes,
+        shard_searcher=build_shard_searcher(settings),
+        shard_budget_bytes=settings.shard_budget_bytes,
+    )
+
+
+def build_shard_searcher(settings: Settings):
+    """The shard search function over Lambda, or None when no shard function is configured (no fan-out)."""
+    if not settings.shard_function:
+        return None
+    from clipsearch.adapters.lambda_shards import LambdaShardSearcher
+
+    return LambdaShardSearcher(service_client("lambda", settings), settings.shard_function)
+
+
+@lru_cache(maxsize=1)
+def get_shard_search_service():
+    from clipsearch.adapters.faiss_index import FaissVectorIndex
+    from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.search import ShardSearchService
+
+    settings = get_settings()
+    return ShardSearchService(
+        catalog=PostgresCatalog(get_database()),
+        store=get_object_store(),
+        vector_index=FaissVectorIndex(),
+        segment_dir=settings.segment_dir,
+        cache_bytes=settings.shard_cache_bytes,
     )
 
 

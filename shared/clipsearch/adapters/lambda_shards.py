@@ -1,0 +1,46 @@
+"""The ShardSearcher port over Lambda: a synchronous invoke of the shard search function per shard."""
+
+from __future__ import annotations
+
+import json
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clipsearch.errors import TransientError
+from clipsearch.ports import ShardQuery
+from clipsearch.shards import Ranking, query_payload, ranking_from_payload
+
+
+class LambdaShardSearcher:
+    """Invokes `function_name` (RequestResponse) with the query as JSON, the vector as base64 float32.
+
+    Every failure (the call refused or throttled after retries, the function's own error, a timeout, an
+    answer that is not a ranking) is a TransientError: the search answers 503 and the caller may retry.
+    """
+
+    def __init__(self, client, function_name: str) -> None:
+        self._client = client
+        self.function_name = function_name
+
+    def search_shard(self, query: ShardQuery) -> Ranking:
+        try:
+            response = self._client.invoke(
+                FunctionName=self.function_name,
+                InvocationType="RequestResponse",
+                Payload=json.dumps(query_payload(query)).encode("utf-8"),
+            )
+            body = response["Payload"].read()
+        except (ClientError, BotoCoreError) as error:
+            raise TransientError(f"shard {query.shard} of {query.dataset!r}: invoking {self.function_name} failed: "
+                                 f"{error}") from error
+        try:
+            answer = json.loads(body)
+            if response.get("FunctionError"):
+                raise TransientError(
+                    f"shard {query.shard} of {query.dataset!r}: {self.function_name} failed "
+                    f"({response['FunctionError']}): {answer.get('errorType')}: {answer.get('errorMessage')}"
+                )
+            return ranking_from_payload(answer)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise TransientError(f"shard {query.shard} of {query.dataset!r}: {self.function_name} answered "
+                                 f"{body[:200]!r}") from error
