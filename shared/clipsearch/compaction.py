@@ -175,6 +175,14 @@ class CompactionService:
         self._policy = policy
         self._vector_index = vector_index
 
+    @property
+    def policy(self) -> CompactionPolicy:
+        return self._policy
+
+    def with_policy(self, policy: CompactionPolicy) -> CompactionService:
+        """The same adapters under another policy."""
+        return CompactionService(self._store, self._catalog, policy, self._vector_index)
+
     def compact_all(self, force: bool = False) -> list[CompactionReport]:
         """Every dataset, each on its own: one failing dataset does not hold back the others.
 
