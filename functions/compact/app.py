@@ -1,4 +1,8 @@
-"""The compaction function: on a schedule (all datasets) or for {"dataset": name, "force": bool}."""
+"""The compaction function: on a schedule (all datasets) or for {"dataset": name, "force": bool}.
+
+Each invocation writes at most the policy's segments_per_run segments; what is left (GroupsPending) is
+merged by the next scheduled invocations.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def handle(event: dict, service: CompactionService) -> dict:
     reports = [service.compact_dataset(dataset, force)] if dataset else service.compact_all(force)
     for report in reports:
         metrics.add_metric("SegmentsMerged", MetricUnit.Count, report.merged_segments)
+        metrics.add_metric("SegmentsWritten", MetricUnit.Count, report.segments_written)
+        metrics.add_metric("GroupsPending", MetricUnit.Count, report.groups_pending)
         metrics.add_metric("VectorsDropped", MetricUnit.Count, report.vectors_dropped)
         metrics.add_metric("SegmentObjectsRemoved", MetricUnit.Count, report.objects_removed)
     return {"datasets": [asdict(report) for report in reports]}

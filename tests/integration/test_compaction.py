@@ -1,4 +1,5 @@
-"""Compaction keeps exactly the live set, picks the index type by size, and removes released objects."""
+"""Compaction keeps exactly the live set, caps its segments, picks the index type by size, and removes released
+objects (real PostgreSQL, S3 endpoint and FAISS)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from clipsearch.compaction import CompactionPolicy, CompactionService
 from clipsearch.errors import MaintenanceFailed
 from clipsearch.adapters.faiss_index import FaissVectorIndex
+from clipsearch.search import DatasetIndex, LoadedSegment
 from clipsearch.segments import FLAT, IVF_SQ8
 from http_events import load_function
 from ingest_stack import CONTEXT, ingest_stack, preprocess_function
@@ -74,8 +76,8 @@ def test_compaction_keeps_exactly_the_live_set(churned) -> None:
     service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segments=4), FaissVectorIndex())
     report = service.compact_dataset(DATASET)
 
-    assert (report.merged_segments, report.vectors_kept, report.vectors_dropped) == (5, 7, 2)
-    assert report.index_type == FLAT and report.index_version == dataset.index_version + 1
+    assert (report.merged_segments, report.segments_written, report.vectors_kept, report.vectors_dropped) == (5, 1, 7, 2)
+    assert report.index_types == (FLAT,) and report.index_version == dataset.index_version + 1
     (merged,) = stack.catalog.live_segments(dataset.id)
     assert stack.live_vectors(DATASET) == {image_id: 1 for image_id in live}
     content = FaissVectorIndex().read_vectors(stack.store.get(merged.object_key).data)
@@ -86,6 +88,43 @@ def test_compaction_keeps_exactly_the_live_set(churned) -> None:
     # the grace period keeps the retired and orphan objects for searches still reading them
     assert report.objects_removed == 0
     assert len(list(stack.store.list(f"indexes/{DATASET}/segments/"))) == 7
+
+
+def search_all(stack, queries: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
+    """The search function's own merge over the dataset's live segments (deleted ids excluded)."""
+    dataset = stack.catalog.get_dataset(DATASET)
+    segments = [LoadedSegment(ref, FaissVectorIndex().load(stack.store.get(ref.object_key).data))
+                for ref in stack.catalog.live_segments(dataset.id)]
+    index = DatasetIndex.build(dataset, segments, stack.catalog.deleted_image_ids(dataset.id), FaissVectorIndex())
+    return [index.search(query[None], k) for query in queries]
+
+
+@pytest.mark.integration
+def test_capped_compaction_rewrites_only_dirty_segments_and_search_is_unchanged(churned) -> None:
+    stack = churned
+    dataset = stack.catalog.get_dataset(DATASET)
+    before = list(stack.catalog.live_segments(dataset.id))
+    live = live_rows(stack)
+    queries = np.concatenate([FaissVectorIndex().read_vectors(stack.store.get(s.object_key).data).vectors
+                              for s in before])
+    found_before = search_all(stack, queries)
+
+    # a cap of 2 vectors: every 2-vector segment is full; the two that lost a vector are dirty
+    service = CompactionService(stack.store, stack.catalog, CompactionPolicy(max_segment_vectors=2), FaissVectorIndex())
+    report = service.compact_dataset(DATASET)
+
+    after = list(stack.catalog.live_segments(dataset.id))
+    dirty = [s.id for s in before if sum(1 for row in live.values() if row["segment_id"] == s.id) < s.vector_count]
+    assert len(dirty) == 2 and (report.merged_segments, report.segments_written) == (2, 1)
+    assert {s.id for s in before} - {s.id for s in after} == set(dirty)
+    assert max(s.vector_count for s in after) <= 2 and sum(s.vector_count for s in after) == len(live)
+    assert stack.live_vectors(DATASET) == {image_id: 1 for image_id in live}
+    assert {row["segment_id"] for row in live_rows(stack).values()} == {s.id for s in after}
+    found_after = search_all(stack, queries)
+    assert [[image_id for image_id, _ in hits] for hits in found_after] == [
+        [image_id for image_id, _ in hits] for hits in found_before]
+    np.testing.assert_allclose([[score for _, score in hits] for hits in found_after],
+                               [[score for _, score in hits] for hits in found_before], rtol=0, atol=1e-6)
 
 
 @pytest.mark.integration
@@ -107,7 +146,7 @@ def test_a_large_merge_becomes_ivf_sq8(churned) -> None:
     service = CompactionService(stack.store, stack.catalog, CompactionPolicy(flat_limit=3), FaissVectorIndex())
     result = load_function("compact").handle({"dataset": DATASET, "force": True}, service)
     (report,) = result["datasets"]
-    assert report["index_type"] == IVF_SQ8 and report["vectors_kept"] == 7
+    assert tuple(report["index_types"]) == (IVF_SQ8,) and report["vectors_kept"] == 7
     dataset = stack.catalog.get_dataset(DATASET)
     (merged,) = stack.catalog.live_segments(dataset.id)
     data = stack.store.get(merged.object_key).data
