@@ -37,18 +37,18 @@ class FunctionEnvironment:
             "CLIPSEARCH_MODEL_ID": state.model_id,
             "CLIPSEARCH_QUEUE_URL": state.queue_url,
         }
-        stand_ins = {"CLIPSEARCH_DATABASE_URL": state.database_url}
         # No local Lambda endpoint yet: the local search function loads every dataset whole (no fan-out),
         # and its Lambda client is never built, so nothing reaches AWS.
         local_only = {"CLIPSEARCH_SHARD_FUNCTION": ""}
+        stand_ins = {"CLIPSEARCH_DATABASE_URL": state.database_url}
         variables: dict[str, str] = {}
         for variable in function.environment:
             if variable.name in SECRET_STAND_INS:
                 local_name = SECRET_STAND_INS[variable.name]
                 variables[local_name] = stand_ins[local_name] or ""
-            elif known.get(variable.name):
             elif variable.name in local_only:
                 variables[variable.name] = local_only[variable.name]
+            elif known.get(variable.name):
                 variables[variable.name] = known[variable.name]
             elif variable.value is not None:
                 variables[variable.name] = variable.value

@@ -50,9 +50,9 @@ class Settings:
     function_memory_mb: int = 0  # the function's MemorySize (Lambda's AWS_LAMBDA_FUNCTION_MEMORY_SIZE); 0: unknown
     index_cache_mb: int = 0  # the search function's snapshot budget; 0: derived from function_memory_mb
     search_memory_mb: int = 0  # the search function's MemorySize, as compaction sizes segments for it; 0: unknown
-
     shard_function: str | None = None  # the shard search function the search function fans out to; None: never
     shard_memory_mb: int = 0  # that function's MemorySize, as the search function plans shards for it; 0: unknown
+
     @property
     def index_cache_bytes(self) -> float:
         """What a search execution environment's dataset snapshots may occupy together: the explicit
@@ -68,7 +68,6 @@ class Settings:
         """The most one segment may occupy: what a search function with `search_memory_mb` can hold."""
         return _snapshot_budget_mb(self.search_memory_mb) * 2**20 if self.search_memory_mb else float("inf")
 
-    @classmethod
     @property
     def shard_budget_bytes(self) -> float:
         """The most one shard may occupy: what a shard searcher with `shard_memory_mb` can hold."""
@@ -82,6 +81,7 @@ class Settings:
             return self.index_cache_mb * 2**20
         return _shard_budget_mb(self.function_memory_mb) * 2**20 if self.function_memory_mb else float("inf")
 
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
@@ -131,10 +131,10 @@ class Settings:
             function_memory_mb=number("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", defaults.function_memory_mb),
             index_cache_mb=number("CLIPSEARCH_INDEX_CACHE_MB", defaults.index_cache_mb),
             search_memory_mb=number("CLIPSEARCH_SEARCH_MEMORY_MB", defaults.search_memory_mb),
-        )
-        return settings._with_catalog()
             shard_function=env.get("CLIPSEARCH_SHARD_FUNCTION") or None,
             shard_memory_mb=number("CLIPSEARCH_SHARD_MEMORY_MB", defaults.shard_memory_mb),
+        )
+        return settings._with_catalog()
 
     @classmethod
     def catalog_from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -163,10 +163,10 @@ def _snapshot_budget_mb(memory_mb: int) -> int:
     return max(SEARCH_RUNTIME_RESERVE_MB, memory_mb - SEARCH_RUNTIME_RESERVE_MB)
 
 
-def _region(env: Mapping[str, str], default: str) -> str:
-    """The region as Lambda (AWS_REGION) or a user's shell (AWS_DEFAULT_REGION) gives it."""
 def _shard_budget_mb(memory_mb: int) -> int:
     return max(SHARD_RUNTIME_RESERVE_MB, memory_mb - SHARD_RUNTIME_RESERVE_MB)
 
 
+def _region(env: Mapping[str, str], default: str) -> str:
+    """The region as Lambda (AWS_REGION) or a user's shell (AWS_DEFAULT_REGION) gives it."""
     return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or default
