@@ -170,6 +170,8 @@ def _build_parser() -> argparse.ArgumentParser:
     delete = dataset_commands.add_parser("delete", parents=[remote], help="delete a dataset and its images")
     delete.add_argument("name")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.add_argument("--no-wait", action="store_true", help="return once the deletion is accepted")
+    delete.add_argument("--timeout", type=float, default=3600, help="seconds to wait for it to finish (default 3600)")
     delete.set_defaults(run=_with_client(search_commands.delete_dataset))
 
     sync = commands.add_parser("sync", parents=[remote], help="index what the bucket holds but the catalog lacks")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import mimetypes
 import sys
+import time
 from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
 from clipsearch_tools.cli.output import emit_json, note, random_weights_note, table
-from clipsearch_tools.client import ClipsearchClient, read_image
+from clipsearch_tools.client import ApiError, ClipsearchClient, read_image
+
+DELETION_POLL_SECONDS = 1.0
 
 
 def search(args: argparse.Namespace, client: ClipsearchClient) -> int:
@@ -79,6 +82,10 @@ def show_dataset(args: argparse.Namespace, client: ClipsearchClient) -> int:
     counts = ", ".join(f"{count} {status}" for status, count in dataset["counts"].items())
     print(f"dataset {dataset['name']}: {counts}")
     print(f"model {dataset['model']}, index version {dataset['index_version']}, updated {dataset['updated_at']}")
+    if dataset.get("deletion"):
+        deletion = dataset["deletion"]
+        print(f"being deleted since {deletion['requested_at']}: {deletion['objects_deleted']} objects and "
+              f"{deletion['rows_deleted']} catalog rows removed so far")
     for failure in dataset.get("recent_failures", []):
         print(f"  failed: {failure['key']}: {failure['reason']}")
     return 0
@@ -92,10 +99,40 @@ def delete_dataset(args: argparse.Namespace, client: ClipsearchClient) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
-    deleted = client.delete_dataset(args.name)
+    accepted = client.delete_dataset(args.name)
+    if args.no_wait:
+        if args.json:
+            emit_json(accepted)
+        else:
+            print(f"dataset {args.name} is being deleted; follow it with: clipsearch dataset show {args.name}")
+        return 0
+    deletion = _wait_until_gone(client, args.name, accepted["deletion"], args.timeout)
     if args.json:
-        emit_json(deleted)
+        emit_json({"dataset": args.name, "status": "deleted", "deletion": deletion})
     else:
-        print(f"deleted dataset {deleted['dataset']}: {deleted['images']} images, {deleted['segments']} segments, "
-              f"{deleted['objects_deleted']} objects removed from the bucket")
+        print(f"deleted dataset {args.name}: {deletion['objects_deleted']} objects removed from the bucket, "
+              f"{deletion['rows_deleted']} catalog rows")
     return 0
+
+
+def _wait_until_gone(client: ClipsearchClient, name: str, deletion: dict, timeout: float) -> dict:
+    """Polls the dataset until it answers 404, noting progress on stderr; returns the last progress seen."""
+    deadline, shown = time.monotonic() + timeout, None
+    while True:
+        progress = (deletion["objects_deleted"], deletion["rows_deleted"])
+        if progress != shown:
+            note(f"deleting {name}: {progress[0]} objects and {progress[1]} catalog rows removed so far")
+            shown = progress
+        if time.monotonic() > deadline:
+            raise ClipsearchError(f"dataset {name!r} is still being deleted after {timeout:g} s; it goes on in the "
+                                  f"background (clipsearch dataset show {name})")
+        time.sleep(DELETION_POLL_SECONDS)
+        try:
+            current = client.get_dataset(name)
+        except ApiError as error:
+            if error.status == 404:
+                return deletion
+            raise
+        if current.get("status") != "deleting":  # gone, and an upload that waited began a new one
+            return deletion
+        deletion = current["deletion"]

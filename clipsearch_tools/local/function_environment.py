@@ -17,7 +17,8 @@ class FunctionEnvironment:
 
     - A variable the template gives with a value the stack knows better (the bucket, the model, the
       queue URL: CloudFormation resolves them on deploy) takes the stack's value.
-    - The database secret's ARN is replaced by the local database's URL.
+    - The database secret's ARN is replaced by the local database's URL; a `Ref` to another queue of the
+      template (the deletion queue) by that queue's local URL.
     - Literals and parameter defaults are kept; a reference with no local value is an error.
     - Every function gets the local S3/SQS endpoints and the stack's keys (in AWS: the default
       endpoints and the role's credentials), and its model cache in its own /tmp.
@@ -50,6 +51,8 @@ class FunctionEnvironment:
                 variables[variable.name] = local_only[variable.name]
             elif known.get(variable.name):
                 variables[variable.name] = known[variable.name]
+            elif (variable.reference or "").removeprefix("Ref ") in state.task_queues:
+                variables[variable.name] = state.task_queues[variable.reference.removeprefix("Ref ")]
             elif variable.value is not None:
                 variables[variable.name] = variable.value
             else:

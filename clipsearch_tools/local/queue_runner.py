@@ -113,7 +113,7 @@ class QueueRunner:
         try:
             response = self._invoke(event) or {}
         except Exception as error:
-            logger.error("preprocessing function failed on %d messages; they will be retried: %s",
+            logger.error("the function failed on %d messages; they will be retried: %s",
                          len(messages), error)
             return
         finally:

@@ -9,6 +9,7 @@ state file in the home says where each part listens. The functions run under the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -126,10 +127,12 @@ class LocalStack:
         preprocess = source.function.logical_id
         self.api_concurrency = {route.function.logical_id: api_concurrency(route.function, api_instances)
                                 for route in self.template.routes}
+        self.task_concurrency = {task.function.logical_id: task.maximum_concurrency or 1
+                                 for task in self.template.task_queue_sources}
         self.functions = FunctionHost(
             FunctionEnvironment(self.state, {preprocess: {ONNX_THREADS_VARIABLE: str(self.onnx_threads)}}),
             runtime_dir=home / "functions",
-            concurrency={**self.api_concurrency, preprocess: self.preprocess_concurrency},
+            concurrency={**self.api_concurrency, **self.task_concurrency, preprocess: self.preprocess_concurrency},
         )
 
     def start(self) -> None:
@@ -223,7 +226,21 @@ class LocalStack:
             )
             self.state.dead_letter_queue_url = dead_letters
         self.state.queue_url = sqs.create_queue(QueueName=QUEUE_NAME, Attributes=attributes)["QueueUrl"]
+        for task in self.template.task_queue_sources:
+            self.state.task_queues[task.queue_id] = self._create_queue(sqs, f"clipsearch-{task.queue_id}", task)
         self.state.write()
+
+    @staticmethod
+    def _create_queue(sqs, name: str, source) -> str:
+        """A queue with the template's visibility timeout and, when it has one, its dead-letter queue."""
+        attributes = {"VisibilityTimeout": str(source.visibility_timeout)}
+        if source.max_receive_count is not None:
+            dead_letters = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=dead_letters, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            attributes["RedrivePolicy"] = json.dumps(
+                {"deadLetterTargetArn": arn, "maxReceiveCount": str(source.max_receive_count)}
+            )
+        return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
 
     def _start_event_feed(self) -> None:
         sqs = self._client("sqs", self.state.sqs_endpoint_url)
@@ -246,6 +263,15 @@ class LocalStack:
         )
         runner.start()
         self._stops.append(runner.stop)
+        for task in self.template.task_queue_sources:
+            url = self.state.task_queues[task.queue_id]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            runner = QueueRunner(
+                sqs, url, arn, lambda event, function=task.function: self.functions.invoke(function, event),
+                task.batch_size, task.batching_window_seconds, self.task_concurrency[task.function.logical_id],
+            )
+            runner.start()
+            self._stops.append(runner.stop)
 
     def _start_gateway(self) -> None:
         gateway = LocalGateway(self.template.routes, self.functions.invoke, concurrency=self.api_concurrency)

@@ -39,6 +39,7 @@ class StackState:
     sqs_endpoint_url: str | None = None
     queue_url: str | None = None
     dead_letter_queue_url: str | None = None
+    task_queues: dict[str, str] = field(default_factory=dict)  # queue logical id -> URL (dataset deletion)
     database_url: str | None = None
     postgres_data_dir: str | None = None  # None when the database was given by CLIPSEARCH_DATABASE_URL
     model_id: str | None = None

@@ -3,7 +3,7 @@
 The template stays the one source of truth: the local gateway serves exactly the HttpApi routes it
 declares, each function runs with its MemorySize, Timeout, EphemeralStorage and Environment (Globals
 merged with its own), the queue runner uses its batch size, window and maximum concurrency, and the
-queue its visibility timeout and redrive policy. Short-form intrinsics (!Ref, !Sub, !GetAtt, ...) load as their long form; a `Ref` to
+queue its visibility timeout and redrive policy; another queue's function (dataset deletion) gets a runner too. Short-form intrinsics (!Ref, !Sub, !GetAtt, ...) load as their long form; a `Ref` to
 a parameter resolves to the parameter's default.
 """
 
@@ -95,6 +95,7 @@ class QueueSource:
     visibility_timeout: int
     max_receive_count: int | None  # None: no dead-letter queue
     maximum_concurrency: int | None = None  # ScalingConfig.MaximumConcurrency; None: unbounded
+    queue_id: str = ""  # the queue's logical id
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,11 @@ class NotificationRule:
 @dataclass(frozen=True)
 class Template:
     routes: tuple[Route, ...]
-    queue_source: QueueSource
+    queue_source: QueueSource  # the queue the bucket notifies (ingestion)
     schedules: tuple[Schedule, ...]
     notifications: tuple[NotificationRule, ...]
     functions: dict[str, Function]
+    task_queue_sources: tuple[QueueSource, ...] = ()  # the other queues' functions (dataset deletion)
 
     def function_for(self, code_dir_name: str) -> Function:
         """The function whose CodeUri is functions/<code_dir_name>/."""
@@ -180,17 +182,32 @@ def load_template(path: Path) -> Template:
                 every = _rate_seconds(str(expression))
                 if every is not None:
                     schedules.append(Schedule(function, every))
-    if len(queue_sources) != 1:
-        raise TemplateError(f"{path}: expected one function with an SQS event, found {len(queue_sources)}")
+    notified = _notified_queues(resources)
+    ingest_sources = [source for source in queue_sources if source.queue_id in notified] or queue_sources
+    if len(ingest_sources) != 1:
+        raise TemplateError(
+            f"{path}: expected one function with an SQS event from the bucket's queue, found {len(ingest_sources)}"
+        )
     if not routes:
         raise TemplateError(f"{path}: no function has an HttpApi event")
     return Template(
         routes=tuple(_most_specific_first(routes)),
-        queue_source=queue_sources[0],
+        queue_source=ingest_sources[0],
         schedules=tuple(schedules),
         notifications=tuple(_notification_rules(resources)),
         functions=functions,
+        task_queue_sources=tuple(source for source in queue_sources if source is not ingest_sources[0]),
     )
+
+
+def _notified_queues(resources: dict) -> set[str]:
+    """Logical ids of the queues a bucket sends its notifications to."""
+    return {
+        _referenced_resource(queue.get("Queue"))
+        for resource in resources.values() if resource.get("Type") == "AWS::S3::Bucket"
+        for queue in (((resource.get("Properties") or {}).get("NotificationConfiguration") or {})
+                      .get("QueueConfigurations") or [])
+    }
 
 
 def _reserved_concurrency(value, resolve) -> int | None:
@@ -217,6 +234,7 @@ def _queue_source(function: Function, properties: dict, resources: dict, resolve
         visibility_timeout=int(resolve(queue.get("VisibilityTimeout", 30))),
         max_receive_count=int(resolve(redrive["maxReceiveCount"])) if redrive else None,
         maximum_concurrency=int(resolve(concurrency)) if concurrency is not None else None,
+        queue_id=queue_id or "",
     )
 
 

@@ -33,6 +33,7 @@ class Settings:
     s3_endpoint_url: str | None = None  # local S3-compatible endpoint; None means AWS
     sqs_endpoint_url: str | None = None
     queue_url: str | None = None
+    deletion_queue_url: str | None = None  # the dataset deletion worker's queue
     model_cache_dir: Path = Path("/tmp/clipsearch/models")
     onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
     max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
@@ -110,6 +111,7 @@ class Settings:
             s3_endpoint_url=env.get("CLIPSEARCH_S3_ENDPOINT_URL") or None,
             sqs_endpoint_url=env.get("CLIPSEARCH_SQS_ENDPOINT_URL") or None,
             queue_url=env.get("CLIPSEARCH_QUEUE_URL") or None,
+            deletion_queue_url=env.get("CLIPSEARCH_DELETION_QUEUE_URL") or None,
             model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),
             onnx_threads=number("CLIPSEARCH_ONNX_THREADS", defaults.onnx_threads),
             max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),

@@ -51,6 +51,14 @@ class DatasetNotFound(NotFound):
         self.dataset = dataset
 
 
+class DatasetDeleting(DatasetNotFound):
+    """A dataset whose deletion was requested: gone to search and ingestion, still shown while it goes (HTTP 409)."""
+
+    def __init__(self, dataset: str) -> None:
+        ClipsearchError.__init__(self, f"dataset {dataset!r} is being deleted")
+        self.dataset = dataset
+
+
 class ObjectNotFound(NotFound):
     def __init__(self, key: str) -> None:
         super().__init__(f"object {key!r} does not exist")

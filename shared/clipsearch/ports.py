@@ -79,10 +79,29 @@ class ImageFailure:
 
 
 @dataclass(frozen=True)
+class DeletionProgress:
+    """A dataset being deleted: when it was asked, and what its worker has removed so far."""
+
+    requested_at: datetime
+    objects_deleted: int  # bucket objects (images, thumbnails, segments) removed so far
+    rows_deleted: int  # catalog image rows removed so far
+    progress_at: datetime | None  # the last page a worker finished; None before the first
+
+
+@dataclass(frozen=True)
+class DeletionTask:
+    """One dataset's deletion, by id: a stale task never touches a new dataset of the same name."""
+
+    dataset: str
+    dataset_id: int
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     dataset: Dataset
     counts: Mapping[str, int]  # by image status, every status present
     recent_failures: Sequence[ImageFailure] = ()
+    deletion: DeletionProgress | None = None  # set while the dataset is being deleted
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,35 @@ class SearchCatalog(Protocol):
         ...
 
     def remove_dataset(self, name: str) -> DatasetRemoval: ...  # raises DatasetNotFound
+
+    # --- asynchronous deletion: get_dataset raises DatasetDeleting from the request on ---
+
+    def request_deletion(self, name: str, create_missing: bool = False) -> tuple[DeletionTask, DeletionProgress]:
+        """Marks the dataset deleting (again: unchanged); with `create_missing`, a dataset the catalog never
+        recorded gets a row only to track the deletion of its objects. Raises DatasetNotFound otherwise."""
+        ...
+
+    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> bool:
+        """Takes the deletion's lease; False when the dataset is gone, not deleting, or another worker's
+        lease has not run out."""
+        ...
+
+    def record_deletion_progress(self, dataset_id: int, objects: int, rows: int, lease_seconds: int) -> None:
+        """Adds a finished page to the counts and renews the lease."""
+        ...
+
+    def release_deletion(self, dataset_id: int) -> None:
+        """Gives the lease up, so the task's next message resumes at once."""
+        ...
+
+    def delete_image_rows(self, dataset_id: int, limit: int) -> int:
+        """Removes up to `limit` image rows of a deleting dataset; returns how many."""
+        ...
+
+    def stalled_deletions(self, requested_before: datetime) -> Sequence[DeletionTask]:
+        """Deleting datasets asked before `requested_before` whose lease is free: their worker died or
+        their message was lost."""
+        ...
 
     def filtered_image_ids(
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None

@@ -119,10 +119,17 @@ def get_shard_search_service():
 
 @lru_cache(maxsize=1)
 def get_dataset_service():
+    """The datasets function's and the deletion worker's: both queue deletion tasks."""
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
+    from clipsearch.adapters.sqs_queue import SqsQueue
+    from clipsearch.config import ConfigurationError
     from clipsearch.dataset_service import DatasetService
 
-    return DatasetService(PostgresCatalog(get_database()), get_object_store())
+    settings = get_settings()
+    if not settings.deletion_queue_url:
+        raise ConfigurationError("deleting datasets needs CLIPSEARCH_DELETION_QUEUE_URL (the deletion queue)")
+    queue = SqsQueue(service_client("sqs", settings), settings.deletion_queue_url)
+    return DatasetService(PostgresCatalog(get_database()), get_object_store(), queue)
 
 
 # --- ingestion and maintenance functions ----------------------------------------------------------

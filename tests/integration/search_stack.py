@@ -31,6 +31,7 @@ class SearchStack:
     datasets: ModuleType
     model_cache_dir: Path
     photo_root: Path
+    deletion_queue_url: str = ""  # the datasets function queues its deletion tasks here
 
     def index(self, dataset: str, photos: list[Path], with_source_paths: bool = True) -> IngestReport:
         """Uploads `photos` to datasets/<dataset>/ and ingests them as one batch (one segment, one commit),
@@ -68,6 +69,7 @@ def stack_fixture(
     database_url: str,
     aws_endpoint_url: str,
     s3_client,
+    sqs_client,
     bucket: str,
     tiny_model_dir: Path,
     seed_eval_dir: Path,
@@ -75,7 +77,10 @@ def stack_fixture(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[SearchStack]:
     upload_model(s3_client, bucket, tiny_model_dir)
+    deletion_queue_url = sqs_client.create_queue(QueueName=f"deletions-{bucket}")["QueueUrl"]
     environment = {
+        "CLIPSEARCH_SQS_ENDPOINT_URL": aws_endpoint_url,
+        "CLIPSEARCH_DELETION_QUEUE_URL": deletion_queue_url,
         "CLIPSEARCH_BUCKET": bucket,
         "CLIPSEARCH_MODEL_ID": MODEL_ID,
         "CLIPSEARCH_DATABASE_URL": database_url,
@@ -96,6 +101,7 @@ def stack_fixture(
         datasets=load_function("datasets"),
         model_cache_dir=tmp_path / "models",
         photo_root=Path("/home/user/photos"),
+        deletion_queue_url=deletion_queue_url,
     )
     wiring.get_database().close()
     clear_wiring()

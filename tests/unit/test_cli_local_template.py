@@ -81,7 +81,12 @@ def test_the_repository_template_gives_the_api_routes_and_the_queue_source():
     assert source.function.code_uri == REPO / "functions" / "preprocess"
     assert source.batch_size >= 1 and source.visibility_timeout >= 6 * source.function.timeout
     assert source.max_receive_count == 5
-    assert {schedule.function.code_uri.name for schedule in template.schedules} == {"compact", "reconcile"}
+    assert {schedule.function.code_uri.name for schedule in template.schedules} == {
+        "compact", "reconcile", "dataset_deletion"}
+    (deletion,) = template.task_queue_sources  # the deletion queue is not the bucket's: a task queue
+    assert (deletion.function.code_uri.name, deletion.queue_id, deletion.batch_size) == (
+        "dataset_deletion", "DeletionQueue", 1)
+    assert deletion.visibility_timeout > deletion.function.timeout and deletion.max_receive_count == 5
     assert template.function_for("reconcile").handler == "app.handler"
     assert all(rule.prefix == "datasets/" for rule in template.notifications)
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUNTIME_PACKAGE = REPO / "shared" / "clipsearch"
 # The tools, and packages the layer does not carry: tool-only, test-only and export-only.
 NEVER_IN_A_FUNCTION = ("clipsearch_tools", "yaml", "tqdm", "moto", "torch", "transformers", "optimum")
-# The datasets function answers from the catalog alone: no model, no index.
+# The datasets function and the deletion worker work from the catalog and the bucket alone: no model, no index.
 NOT_IN_DATASETS = ("onnxruntime", "faiss")
 
 # Imports the handler's module as Lambda's runtime does (LAMBDA_TASK_ROOT, the working directory, first
@@ -46,7 +46,7 @@ def _imported_packages(function, tmp_path: Path) -> set[str]:
     state = StackState(status="ready", home=str(tmp_path), pid=0, log_file=str(tmp_path / "stack.log"),
                        bucket="images", model_id="tiny", database_url="postgresql://127.0.0.1:1/catalog",
                        s3_endpoint_url="http://127.0.0.1:1", sqs_endpoint_url="http://127.0.0.1:2",
-                       queue_url="http://127.0.0.1:2/queue")
+                       queue_url="http://127.0.0.1:2/queue", task_queues={"DeletionQueue": "http://127.0.0.1:2/deletions"})
     tmp_dir = tmp_path / "tmp"
     tmp_dir.mkdir()
     environment = {**FunctionEnvironment(state)(function, tmp_dir),
@@ -66,7 +66,7 @@ def test_a_function_imports_the_runtime_and_no_tool(function, tmp_path: Path):
     imported = _imported_packages(function, tmp_path)
     assert "clipsearch" in imported and "aws_lambda_powertools" in imported
     assert not imported & set(NEVER_IN_A_FUNCTION), sorted(imported & set(NEVER_IN_A_FUNCTION))
-    if function.code_uri.name == "datasets":
+    if function.code_uri.name in ("datasets", "dataset_deletion"):
         assert not imported & set(NOT_IN_DATASETS), sorted(imported & set(NOT_IN_DATASETS))
 
 

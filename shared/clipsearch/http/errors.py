@@ -16,6 +16,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 )
 
 from clipsearch.errors import (
+    DatasetDeleting,
     DatasetNotFound,
     ImageTooLarge,
     InvalidImage,
@@ -41,6 +42,7 @@ _STATUS: dict[type[Exception], tuple[HTTPStatus, str]] = {
     InvalidImage: (HTTPStatus.BAD_REQUEST, "invalid_image"),
     ImageTooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image_too_large"),
     DatasetNotFound: (HTTPStatus.NOT_FOUND, "dataset_not_found"),
+    DatasetDeleting: (HTTPStatus.CONFLICT, "dataset_deleting"),
     ObjectNotFound: (HTTPStatus.NOT_FOUND, "object_not_found"),
     ModelMismatch: (HTTPStatus.CONFLICT, "model_mismatch"),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -160,13 +160,24 @@ class DuplicatesResponse(BaseModel):
     took_ms: float
 
 
+class DeletionOut(BaseModel):
+    requested_at: datetime
+    objects_deleted: int = Field(description="Bucket objects (images, thumbnails, segments) removed so far.")
+    rows_deleted: int = Field(description="Catalog image rows removed so far (after the objects).")
+    progress_at: datetime | None = Field(description="When the deletion last made progress.")
+
+
 class DatasetOut(BaseModel):
     name: str
     model: str
     index_version: int
+    status: Literal["active", "deleting"] = Field(
+        description="'deleting' from the DELETE on: search answers 409 dataset_deleting, uploads wait."
+    )
     counts: dict[str, int] = Field(description="Images by status: pending, indexed, failed, deleted.")
     created_at: datetime
     updated_at: datetime
+    deletion: DeletionOut | None = Field(None, description="The deletion's progress while status is 'deleting'.")
 
 
 class DatasetList(BaseModel):
@@ -183,11 +194,11 @@ class DatasetDetail(DatasetOut):
     recent_failures: list[FailureOut]
 
 
-class DatasetDeleted(BaseModel):
+class DatasetDeletionAccepted(BaseModel):
     dataset: str
-    images: int
-    segments: int
-    objects_deleted: int
+    status: Literal["deleting"]
+    location: str = Field(description="Poll it (GET): status 'deleting' with progress, then 404 once gone.")
+    deletion: DeletionOut
 
 
 class ErrorBody(BaseModel):

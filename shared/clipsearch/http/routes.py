@@ -29,10 +29,11 @@ from clipsearch.http.models import (
     PREFIX_DESCRIPTION,
     SINCE_DESCRIPTION,
     UNTIL_DESCRIPTION,
-    DatasetDeleted,
+    DatasetDeletionAccepted,
     DatasetDetail,
     DatasetList,
     DatasetOut,
+    DeletionOut,
     DuplicateGroupOut,
     DuplicateOut,
     DuplicatesResponse,
@@ -45,7 +46,7 @@ from clipsearch.http.models import (
     SearchResponse,
     TextSearchRequest,
 )
-from clipsearch.ports import DatasetSummary
+from clipsearch.ports import DatasetSummary, DeletionProgress
 from clipsearch.search_results import (
     DEFAULT_DUPLICATE_SCORE,
     DEFAULT_K,
@@ -236,19 +237,31 @@ def datasets_api(dataset_service: Callable[[], DatasetService]) -> APIGatewayHtt
             ],
         )
 
+    accepted = _responses(DatasetDeletionAccepted, 400, 404, 500, 503)
+    accepted[202] = {**accepted.pop(200), "description": "Accepted: the deletion runs; poll the Location"}
+
     @app.delete(
         "/datasets/<dataset>",
-        summary="Delete a dataset: its catalog rows, segments and images",
-        responses=_responses(DatasetDeleted, 400, 404, 500, 503),
+        summary="Delete a dataset: its images, thumbnails, segments and catalog rows, in the background",
+        description=(
+            "Answers 202 at once (again while the deletion runs). From then on the dataset's searches answer "
+            "409 dataset_deleting and its new uploads wait; GET the Location to follow the progress until it "
+            "answers 404."
+        ),
+        responses=accepted,
         tags=["datasets"],
     )
-    def delete_dataset(dataset: str) -> DatasetDeleted:
-        deletion = dataset_service().delete(dataset)
-        return DatasetDeleted(
-            dataset=deletion.dataset,
-            images=deletion.images,
-            segments=deletion.segments,
-            objects_deleted=deletion.objects_deleted,
+    def delete_dataset(dataset: str) -> Response[DatasetDeletionAccepted]:
+        progress = dataset_service().delete(dataset)
+        location = f"/datasets/{dataset}"
+        body = DatasetDeletionAccepted(
+            dataset=dataset, status="deleting", location=location, deletion=_deletion_out(progress)
+        )
+        return Response(
+            status_code=HTTPStatus.ACCEPTED.value,
+            content_type=content_types.APPLICATION_JSON,
+            body=body,
+            headers={"Location": location},
         )
 
     _openapi_route(app)
@@ -334,9 +347,20 @@ def _dataset_out(summary: DatasetSummary) -> DatasetOut:
         name=dataset.name,
         model=dataset.model_id,
         index_version=dataset.index_version,
+        status="deleting" if summary.deletion else "active",
         counts=dict(summary.counts),
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
+        deletion=_deletion_out(summary.deletion) if summary.deletion else None,
+    )
+
+
+def _deletion_out(progress: DeletionProgress) -> DeletionOut:
+    return DeletionOut(
+        requested_at=progress.requested_at,
+        objects_deleted=progress.objects_deleted,
+        rows_deleted=progress.rows_deleted,
+        progress_at=progress.progress_at,
     )
 
 
