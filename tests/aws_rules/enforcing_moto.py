@@ -9,6 +9,7 @@ wrong template pass or a right one fail; each patch below brings one rule back:
 - a DeleteObjects request needs s3:DeleteObject on every key (moto checks the bucket ARN only);
 - SendMessageBatch needs sqs:SendMessage (the batch operations have no IAM actions of their own);
 - GetSecretValue is checked against the secret's ARN (moto checks "*", so no scoped policy matches);
+- Lambda's Invoke is lambda:InvokeFunction on the function's ARN (moto checks lambda:Invoke on "*");
 - StringLike / StringEquals conditions on s3:prefix are evaluated (moto ignores StringLike, and passes no
   request values), an Allow whose condition fails does not apply (moto turns it into an explicit Deny),
   and a condition this module cannot evaluate fails the request instead of being ignored;
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs, parse_qsl, urlparse, urlsplit
 
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
+from moto.awslambda.responses import LambdaResponse
 from moto.iam import access_control
 from moto.iam.access_control import IAMPolicy, IAMPolicyStatement, PermissionResult
 from moto.s3 import responses as s3_responses
@@ -38,6 +40,7 @@ IAM_ACTION_OF_OPERATION = {
     "sqs:SendMessageBatch": "sqs:SendMessage",
     "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
+    "lambda:Invoke": "lambda:InvokeFunction",
 }
 
 
@@ -170,6 +173,15 @@ def _secret_resource(self) -> str:
         return f"arn:aws:secretsmanager:{self.region}:{self.current_account}:secret:{secret_id}"
 
 
+def _function_resource(self) -> str:
+    """The invoked function's ARN, from /2015-03-31/functions/<name or ARN>/invocations."""
+    parts = urlsplit(self.uri).path.split("/")
+    if len(parts) > 3 and parts[2] == "functions":
+        name = parts[3]
+        return name if name.startswith("arn:") else f"arn:aws:lambda:{self.region}:{self.current_account}:function:{name}"
+    return "*"
+
+
 _original_statement_check = IAMPolicyStatement.is_action_permitted
 _original_request_init = access_control.IAMRequestBase.__init__
 _original_check_signature = access_control.IAMRequestBase.check_signature
@@ -187,6 +199,7 @@ def install() -> None:
     s3_responses.S3Response._bucket_response_delete_keys = _delete_keys
     s3_responses.S3Response._bucket_response_post = _bucket_post
     SecretsManagerResponse._determine_resource = _secret_resource
+    LambdaResponse._determine_resource = _function_resource
 
 
 def main() -> None:

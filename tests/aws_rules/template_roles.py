@@ -35,6 +35,10 @@ MANAGED_POLICIES = {
 }
 
 
+# Functions another function invokes: the search function fans out to the shard search function.
+INVOKED_FUNCTIONS = ("ShardSearchFunction",)
+
+
 @dataclass(frozen=True)
 class DeployedResources:
     """What the template's resources are in the test account."""
@@ -159,6 +163,11 @@ class _Resolver:
             "ImagesBucket.Arn": bucket_arn,
             "IngestQueue.Arn": resources.queue_arn,
         }
+        # A function a role may invoke: its deployed name and ARN (moto runs no function; the tier checks
+        # the policy and calls the handlers itself).
+        for function in INVOKED_FUNCTIONS:
+            self._refs[function] = f"clipsearch-aws-rules-{function}"
+            self._attributes[f"{function}.Arn"] = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:clipsearch-aws-rules-{function}"
 
     def __call__(self, node):
         if isinstance(node, dict):

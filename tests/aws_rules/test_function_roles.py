@@ -23,7 +23,8 @@ from template_roles import MANAGED_POLICIES
 
 pytestmark = pytest.mark.aws_rules
 
-FUNCTIONS = {"PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction"}
+FUNCTIONS = {"PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction",
+             "ShardSearchFunction"}
 CONTEXT = LambdaContext(function_name="clipsearch-aws-rules")
 
 
