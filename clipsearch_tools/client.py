@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -43,6 +44,12 @@ class StackUnreachable(ClipsearchError):
     """No stack to talk to: the local stack is not running, or the API does not answer."""
 
 
+class ApiAnswer(NamedTuple):
+    status: int
+    content_type: str
+    body: bytes
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the stack is: the API URL, the bucket, and how to reach and sign for each."""
@@ -57,12 +64,16 @@ class Target:
     local: StackState | None = None
 
 
-def resolve_target(api_url: str | None = None, bucket: str | None = None, home: str | None = None) -> Target:
-    """A deployed stack from --api-url/--bucket (or their env vars), else the running local stack."""
+def resolve_target(
+    api_url: str | None = None, bucket: str | None = None, home: str | None = None, needs_bucket: bool = True,
+) -> Target:
+    """A deployed stack from --api-url/--bucket (or their env vars), else the running local stack.
+
+    `needs_bucket=False`: for callers that only use the HTTP API (the web page's proxy)."""
     api_url = api_url or os.environ.get(API_URL_ENV)
-    bucket = bucket or os.environ.get(BUCKET_ENV)
+    bucket = bucket or os.environ.get(BUCKET_ENV) or ""
     if api_url:
-        if not bucket:
+        if not bucket and needs_bucket:
             raise StackUnreachable(f"a deployed stack needs its bucket too: --bucket or {BUCKET_ENV}")
         found = _EXECUTE_API_HOST.match(urllib.parse.urlsplit(api_url).netloc)
         region = (found.group(1) if found else None) or os.environ.get("AWS_REGION") or os.environ.get(
@@ -129,21 +140,30 @@ class ClipsearchClient:
         return self._request("POST", f"/datasets/{_segment(dataset)}/search/image", {"key": key, "k": k})
 
     def _request(self, method: str, path: str, body: dict | None = None, raw: tuple[bytes, str] | None = None):
+        data, content_type = None, None
+        if body is not None:
+            data, content_type = json.dumps(body).encode(), "application/json"
+        elif raw is not None:
+            data, content_type = raw
+        answer = self.send(method, path, data, content_type)
+        if answer.status >= 400:
+            raise _api_error(answer.status, answer.body)
+        return json.loads(answer.body or b"null")
+
+    def send(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None) -> ApiAnswer:
+        """One request to the API (signed for a deployed stack) and its answer as it came, errors included."""
         url = self.target.api_url + path
         headers = {"accept": "application/json"}
-        data = None
-        if body is not None:
-            data, headers["content-type"] = json.dumps(body).encode(), "application/json"
-        elif raw is not None:
-            data, headers["content-type"] = raw
+        if content_type is not None:
+            headers["content-type"] = content_type
         if self.target.sign_requests:
             headers = self._signed_headers(method, url, data, headers)
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT) as response:
-                return json.loads(response.read() or b"null")
+                return ApiAnswer(response.status, response.headers.get("content-type", ""), response.read())
         except urllib.error.HTTPError as error:
-            raise _api_error(error.code, error.read()) from None
+            return ApiAnswer(error.code, error.headers.get("content-type", ""), error.read())
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise StackUnreachable(f"cannot reach the clipsearch API at {self.target.api_url}: {reason}") from None

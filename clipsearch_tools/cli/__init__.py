@@ -195,11 +195,21 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--queries", required=True, help="folder of query images labelled by file-name prefix")
     evaluation.set_defaults(run=_with_client(evaluate.evaluate))
 
+    ui = commands.add_parser("ui", parents=[remote], help="serve the search page on 127.0.0.1 (proxies the API)")
+    ui.add_argument("--port", type=_non_negative, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free)")
+    ui.set_defaults(run=_serve_ui)
+
     migrate = commands.add_parser("migrate", parents=[common], help="apply the catalog's database migrations")
     migrate.add_argument("--database-url", help="default $CLIPSEARCH_DATABASE_URL, else the secret named by "
                          "$CLIPSEARCH_DB_SECRET_ARN, else the local stack's")
     migrate.set_defaults(run=maintenance.migrate)
     return parser
+
+
+def _serve_ui(args: argparse.Namespace) -> int:
+    from clipsearch_tools.ui.command import serve
+
+    return serve(args)
 
 
 def _client_factory(args: argparse.Namespace) -> Callable:
