@@ -39,13 +39,14 @@ from clipsearch.segments import FLAT_LIMIT, IVF_SQ8, SegmentVectors, bytes_per_v
 
 logger = logging.getLogger(__name__)
 
-# The most vectors one output segment holds, whatever the memory budget allows: an ivf_sq8 build of
-# 200,000 clustered 512-d vectors (k-means over all of them, then one assignment pass) took ~TODO s of
-# CPU here (benchmarks/compaction.py), under half of the compaction function's 900 s timeout with room
-# for a loaded host; its float32 input (~0.4 GB) and codes (~0.1 GB) keep a build far below 3 GB.
+# The most vectors one output segment holds, whatever the memory budget allows. An ivf_sq8 build is
+# k-means over up to 256 points per list, then one assignment pass, so its time grows ~n^1.5: measured
+# here (2 shared AVX2 cores) 100k in 33 s CPU / 55 s wall (load 4) and 200k in 78 s CPU / 184 s wall
+# (load 9), against half of the compaction function's 900 s timeout; 300k would be ~340 s wall at that
+# load. Its float32 input (~0.4 GB) and codes (~0.1 GB) keep a build far below 3 GB.
 MAX_SEGMENT_VECTORS = 200_000
-# Output segments one invocation writes: at the measured build time per full segment, three stay under
-# the 900 s timeout; a bigger backlog continues at the next scheduled invocation.
+# Output segments one invocation writes: three full builds at the loaded figure above (~3 x 184 s) stay
+# inside the 900 s timeout; a bigger backlog continues at the next scheduled invocation.
 SEGMENTS_PER_RUN = 3
 
 
@@ -85,9 +86,7 @@ class CompactionPolicy:
 
     def needs_compaction(self, segment_count: int, vector_count: int, dead_count: int) -> bool:
         """More segments than `max_segments`, or a dead share of vectors above `deleted_fraction`."""
-        if segment_count > self.max_segments:
-            return True
-        return vector_count > 0 and dead_count / vector_count > self.deleted_fraction
+        return segment_count > self.max_segments or self.is_dirty(vector_count, dead_count)
 
     def is_dirty(self, vector_count: int, dead_count: int) -> bool:
         return vector_count > 0 and dead_count / vector_count > self.deleted_fraction
