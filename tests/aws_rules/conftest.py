@@ -72,6 +72,8 @@ def world(enforcing_endpoint, admin, database_url, tiny_model_dir, tmp_path, mon
     s3.create_bucket(Bucket=bucket)
     queue_url = sqs.create_queue(QueueName=f"ingest-{suffix}")["QueueUrl"]
     queue_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:ingest-{suffix}"
+    deletion_queue_url = sqs.create_queue(QueueName=f"deletions-{suffix}")["QueueUrl"]
+    deletion_queue_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:deletions-{suffix}"
     s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [
         {"QueueArn": queue_arn, "Events": [event], "Filter": {"Key": {"FilterRules": [
             {"Name": "prefix", "Value": "datasets/"}]}}}
@@ -89,7 +91,8 @@ def world(enforcing_endpoint, admin, database_url, tiny_model_dir, tmp_path, mon
         if path.is_file() and not path.name.startswith("."):
             s3.put_object(Bucket=bucket, Key=f"models/{MODEL_ID}/{path.relative_to(tiny_model_dir).as_posix()}",
                           Body=path.read_bytes())
-    resources = DeployedResources(bucket, queue_url, queue_arn, secret_arn, MODEL_ID)
+    resources = DeployedResources(bucket, queue_url, queue_arn, secret_arn, MODEL_ID, deletion_queue_url,
+                                  deletion_queue_arn)
     roles = function_roles(resources)
     iam = admin.client("iam", endpoint_url=enforcing_endpoint)
     keys = {name: create_user(iam, f"{name}-{suffix}", role.policy_documents) for name, role in roles.items()}

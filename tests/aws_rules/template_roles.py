@@ -48,6 +48,8 @@ class DeployedResources:
     queue_arn: str
     secret_arn: str
     model_id: str
+    deletion_queue_url: str = ""
+    deletion_queue_arn: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class _Resolver:
             **parameters,
             "ImagesBucket": resources.bucket,
             "IngestQueue": resources.queue_url,
+            "DeletionQueue": resources.deletion_queue_url,
             "AWS::Region": REGION,
             "AWS::AccountId": ACCOUNT,
             "AWS::Partition": "aws",
@@ -162,6 +165,7 @@ class _Resolver:
         self._attributes = {
             "ImagesBucket.Arn": bucket_arn,
             "IngestQueue.Arn": resources.queue_arn,
+            "DeletionQueue.Arn": resources.deletion_queue_arn,
         }
         # A function a role may invoke: its deployed name and ARN (moto runs no function; the tier checks
         # the policy and calls the handlers itself).

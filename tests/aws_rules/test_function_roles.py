@@ -7,6 +7,7 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -24,7 +25,7 @@ from template_roles import MANAGED_POLICIES
 pytestmark = pytest.mark.aws_rules
 
 FUNCTIONS = {"PreprocessFunction", "SearchFunction", "DatasetsFunction", "CompactFunction", "ReconcileFunction",
-             "ShardSearchFunction"}
+             "ShardSearchFunction", "DatasetDeletionFunction"}
 CONTEXT = LambdaContext(function_name="clipsearch-aws-rules")
 
 
@@ -167,6 +168,38 @@ def test_search_by_text_image_and_key(world: AwsWorld) -> None:
                        ("HeadObject", "datasets/pets/p2.jpg"), ("GetObject", "datasets/pets/p2.jpg"))
 
 
+def delete_dataset(world: AwsWorld, dataset: str) -> tuple[CallLog, CallLog]:
+    """The datasets function accepts the deletion (202); the deletion worker, fed its queue as Lambda would,
+    does it; then its scheduled sweep runs (nothing left to resume). Returns both functions' call logs."""
+    with world.run_as("DatasetsFunction") as accepted_log:
+        status, accepted = invoke(load_function("datasets"), http_event("delete_dataset", dataset=dataset))
+    assert (status, accepted["status"]) == (202, "deleting"), accepted
+    sqs, queue_url, records = world.client("sqs"), world.resources.deletion_queue_url, []
+    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            records.append({"messageId": message["MessageId"], "receiptHandle": message["ReceiptHandle"],
+                            "body": message["Body"], "eventSource": "aws:sqs"})
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    worker = load_function("dataset_deletion")
+    with world.run_as("DatasetDeletionFunction") as worker_log:
+        assert worker.handler({"Records": records}, WorkerContext()) == {
+            "tasks": [{"dataset": dataset, "outcome": "finished"}]}
+        assert worker.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, WorkerContext()) == {
+            "resumed": []}
+    assert_all_allowed(accepted_log, ("SendMessageBatch", queue_url))
+    return accepted_log, worker_log
+
+
+@dataclass
+class WorkerContext(LambdaContext):
+    """The deletion worker's context: `remaining_ms` of its timeout left."""
+
+    remaining_ms: int = 900_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
 def test_datasets_list_show_delete(world: AwsWorld) -> None:
     migrated(world)
     ingest(world, "pets", {"a.jpg": jpeg(20), "broken.jpg": b"no image"})
@@ -175,17 +208,35 @@ def test_datasets_list_show_delete(world: AwsWorld) -> None:
     with world.run_as("DatasetsFunction") as log:
         listed_status, listed = invoke(datasets, http_event("list_datasets"))
         shown_status, shown = invoke(datasets, http_event("get_dataset", dataset="pets"))
-        deleted_status, deleted = invoke(datasets, http_event("delete_dataset", dataset="pets"))
-    assert (listed_status, shown_status, deleted_status) == (200, 200, 200), (listed, shown, deleted)
+    assert (listed_status, shown_status) == (200, 200), (listed, shown)
     assert "pets" in json.dumps(listed) and "birds" in json.dumps(listed)
     assert "broken.jpg" in json.dumps(shown)
+    assert_all_allowed(log)
+
+    _, worker_log = delete_dataset(world, "pets")
+
     assert world.keys_under("datasets/pets/") == [] and world.keys_under("indexes/pets/") == []
     assert world.keys_under("thumbnails/pets/") == []
     assert world.keys_under("datasets/birds/") == ["datasets/birds/b.jpg"]
     assert world.keys_under("thumbnails/birds/") == ["thumbnails/birds/b.jpg.webp"]
-    assert_all_allowed(log, ("ListObjectsV2", "datasets/pets/"), ("ListObjectsV2", "indexes/pets/"),
+    assert_all_allowed(worker_log, ("ListObjectsV2", "datasets/pets/"), ("ListObjectsV2", "indexes/pets/"),
                        ("ListObjectsV2", "thumbnails/pets/"), ("DeleteObjects", "datasets/pets/"),
-                       ("DeleteObjects", "thumbnails/pets/"))
+                       ("DeleteObjects", "thumbnails/pets/"), ("DeleteObjects", "indexes/pets/"))
+
+
+def test_the_deletion_worker_queues_what_it_has_no_time_for(world: AwsWorld) -> None:
+    migrated(world)
+    ingest(world, "pets", {"a.jpg": jpeg(22)})
+    with world.run_as("DatasetsFunction"):
+        assert invoke(load_function("datasets"), http_event("delete_dataset", dataset="pets"))[0] == 202
+    queue_url = world.resources.deletion_queue_url
+    [message] = world.client("sqs").receive_message(QueueUrl=queue_url).get("Messages", [])
+    event = {"Records": [{"messageId": message["MessageId"], "receiptHandle": message["ReceiptHandle"],
+                          "body": message["Body"], "eventSource": "aws:sqs"}]}
+    with world.run_as("DatasetDeletionFunction") as log:
+        answer = load_function("dataset_deletion").handler(event, WorkerContext(remaining_ms=1_000))
+    assert answer == {"tasks": [{"dataset": "pets", "outcome": "unfinished"}]}
+    assert_all_allowed(log, ("SendMessageBatch", queue_url))
 
 
 def test_compaction_merges_and_removes_orphans(world: AwsWorld) -> None:
@@ -273,7 +324,11 @@ NO_BUSINESS = {
                        _s3("delete", IMAGE), _s3("delete", SEGMENT), _delete_many(SEGMENT), _send_message],
     "DatasetsFunction": [_s3("get", MODEL_FILE), _s3("get", IMAGE), _s3("get", SEGMENT),
                          _s3("put", "models/x/manifest.json"), _s3("put", IMAGE), _s3("delete", MODEL_FILE),
-                         _s3("list", "models/"), _s3("list", ""), _send_message],
+                         _s3("list", "models/"), _s3("list", ""), _send_message,
+                         _s3("delete", IMAGE), _delete_many(IMAGE), _s3("delete", SEGMENT)],
+    "DatasetDeletionFunction": [_s3("get", IMAGE), _s3("get", SEGMENT), _s3("get", MODEL_FILE), _s3("put", IMAGE),
+                                _s3("put", SEGMENT), _s3("delete", MODEL_FILE), _delete_many(MODEL_FILE),
+                                _s3("list", "models/"), _s3("list", ""), _send_message],
     "CompactFunction": [_s3("get", IMAGE), _s3("get", MODEL_FILE), _s3("delete", IMAGE), _s3("put", IMAGE),
                         _s3("put", "models/x/manifest.json"), _s3("list", "datasets/"), _send_message],
     "ReconcileFunction": [_s3("delete", IMAGE), _delete_many(IMAGE), _s3("put", IMAGE), _s3("get", MODEL_FILE),
@@ -363,10 +418,8 @@ def test_a_deleted_dataset_stays_recoverable_and_no_function_can_purge_its_versi
     assert_all_allowed(log, ("HeadObject", "datasets/pets/gone.jpg"))
     assert rows(world, "pets") == {"datasets/pets/a.jpg": "indexed", "datasets/pets/gone.jpg": "deleted"}
 
-    with world.run_as("DatasetsFunction") as log:
-        status, deleted = invoke(load_function("datasets"), http_event("delete_dataset", dataset="pets"))
-    assert status == 200, deleted
-    assert_all_allowed(log, ("DeleteObjects", "datasets/pets/"))
+    _, worker_log = delete_dataset(world, "pets")
+    assert_all_allowed(worker_log, ("DeleteObjects", "datasets/pets/"))
     assert world.keys_under("datasets/pets/") == []
     history = s3.list_object_versions(Bucket=bucket, Prefix="datasets/pets/")
     version = next(v for v in history["Versions"] if v["Key"] == "datasets/pets/a.jpg")
