@@ -184,14 +184,15 @@ def test_preprocess_logs_the_batch_with_its_request_id_and_counts_images(ingest_
 def test_datasets_logs_a_deletion_with_its_ids(ingest_stack, environment, seed_eval_photos, tmp_path) -> None:
     index_photos(ingest_stack, seed_eval_photos[:2])
     events = [http("list_datasets", "api-list"), http("delete_dataset", "api-delete")]
+    deletions = ingest_stack.sqs.create_queue(QueueName=f"deletions-{ingest_stack.bucket}")["QueueUrl"]
 
-    run = run_function("datasets", events, environment, tmp_path)
+    run = run_function("datasets", events, {**environment, "CLIPSEARCH_DELETION_QUEUE_URL": deletions}, tmp_path)
 
-    assert [answer["statusCode"] for answer in run.answers] == [200, 200]
+    assert [answer["statusCode"] for answer in run.answers] == [200, 202]
     assert_each_line_names_its_request(run, ["api-list", "api-delete"], "datasets")
-    [deleted] = run.logs_of("clipsearch.dataset_service")
-    assert deleted["level"] == "INFO" and deleted["message"].startswith(f"deleted dataset {DATASET}: 2 images")
-    assert (deleted["function_request_id"], deleted["correlation_id"]) == ("request-1", "api-delete")
+    [queued] = run.logs_of("clipsearch.dataset_service")
+    assert queued["level"] == "INFO" and queued["message"].startswith(f"deletion of dataset {DATASET} (#")
+    assert (queued["function_request_id"], queued["correlation_id"]) == ("request-1", "api-delete")
 
 
 def test_maintenance_functions_log_their_work_with_the_schedule_id(ingest_stack, environment, seed_eval_photos,
