@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from clipsearch.adapters.lambda_shards import LambdaShardSearcher
+from clipsearch.config import SHARD_RUNTIME_RESERVE_MB, Settings
 from clipsearch.errors import TransientError
 from clipsearch.fakes import InMemoryObjectStore, InMemorySearchCatalog, InMemoryVectorIndex, InProcessShardSearcher
 from clipsearch.ports import SegmentRef, ShardQuery, ShardSearcher
@@ -214,3 +221,48 @@ def test_below_the_budget_nothing_fans_out(world: World, tmp_path: Path) -> None
     )
     assert roomy.search_text("photos", "q0", k=5).hits
     assert shards.queries == []
+
+
+def test_the_shard_budgets_follow_the_shard_functions_memory_size() -> None:
+    search = Settings.from_env({"CLIPSEARCH_BUCKET": "b", "CLIPSEARCH_MODEL_ID": "m", "CLIPSEARCH_DATABASE_URL": "x",
+                                "CLIPSEARCH_SHARD_FUNCTION": "shards", "CLIPSEARCH_SHARD_MEMORY_MB": "2048"})
+    assert search.shard_function == "shards"
+    assert search.shard_budget_bytes == (2048 - SHARD_RUNTIME_RESERVE_MB) * 2**20
+    shard = Settings.from_env({"CLIPSEARCH_BUCKET": "b", "CLIPSEARCH_MODEL_ID": "m", "CLIPSEARCH_DATABASE_URL": "x",
+                               "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048"})
+    assert shard.shard_cache_bytes == search.shard_budget_bytes  # a planned shard fits the searcher's own cache
+    assert shard.shard_function is None and shard.shard_budget_bytes == float("inf")
+
+
+class TestLambdaAdapter:
+    """The Lambda adapter against botocore's Stubber (AWS itself is the one thing stubbed)."""
+
+    @staticmethod
+    def searcher():
+        client = boto3.client("lambda", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
+        return LambdaShardSearcher(client, "shards"), Stubber(client)
+
+    @staticmethod
+    def query() -> ShardQuery:
+        return ShardQuery("d", 1, 2, 0, (SegmentRef("s", "indexes/d/segments/s.faiss", 3, FLAT),), QUERIES[1], 5)
+
+    def test_a_ranking_comes_back_and_the_payload_carries_the_query(self) -> None:
+        searcher, stubber = self.searcher()
+        answer = json.dumps({"hits": [[7, 0.5], [3, 0.25]]}).encode()
+        stubber.add_response("invoke", {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(answer), len(answer))},
+                             {"FunctionName": "shards", "InvocationType": "RequestResponse",
+                              "Payload": json.dumps(query_payload(self.query())).encode()})
+        with stubber:
+            assert searcher.search_shard(self.query()) == [(7, 0.5), (3, 0.25)]
+
+    def test_the_functions_error_and_a_refused_call_are_transient(self) -> None:
+        searcher, stubber = self.searcher()
+        failure = json.dumps({"errorType": "MemoryError", "errorMessage": "out of memory"}).encode()
+        stubber.add_response("invoke", {"StatusCode": 200, "FunctionError": "Unhandled",
+                                        "Payload": StreamingBody(io.BytesIO(failure), len(failure))})
+        stubber.add_client_error("invoke", "TooManyRequestsException", "Rate exceeded", 429)
+        with stubber:
+            with pytest.raises(TransientError, match="MemoryError: out of memory"):
+                searcher.search_shard(self.query())
+            with pytest.raises(TransientError, match="TooManyRequests"):
+                searcher.search_shard(self.query())
