@@ -34,7 +34,7 @@ CACHE_DIR = Path("/tmp/bench-cache/compaction")
 DATASET = "bench"
 MODEL_ID = "bench-model"
 SEARCH_MEMORY_MB = "3008"  # template.yaml: CompactFunction's CLIPSEARCH_SEARCH_MEMORY_MB
-_CLAIM_CHUNK = 50_000
+_DELETE_CHUNK = 10_000
 
 
 def main() -> int:
@@ -123,12 +123,12 @@ def _environment(endpoint: str, database_url: str) -> dict[str, str]:
 
 
 def _load_dataset(environment: dict[str, str], files, count: int, deleted_share: float) -> np.ndarray:
-    """Uploads the segment files (streamed) and commits one catalog row per vector; deletes a spread-out
-    share of the images; returns the deleted ids."""
+    """Uploads the segment files (streamed) and writes one indexed catalog row per vector with COPY (the
+    rows an ingest would have committed: ingest's per-batch commit is built for batches, not for 1M rows at
+    once); then deletes a spread-out share of the images through the catalog; returns the deleted ids."""
     from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
     from clipsearch.config import Settings
     from clipsearch.datasets import image_key, segment_key
-    from clipsearch.ports import IndexedImage, NewImage, NewSegment
     from clipsearch.segments import choose_index
     from clipsearch.wiring import build_database, service_client
 
@@ -139,23 +139,33 @@ def _load_dataset(environment: dict[str, str], files, count: int, deleted_share:
     migrate(database)
     catalog = PostgresCatalog(database)
     dataset = catalog.ensure_dataset(DATASET, MODEL_ID)
-    for position, (ids, path) in enumerate(files):
-        claimed = []
-        for start in range(0, len(ids), _CLAIM_CHUNK):
-            claimed += catalog.claim_images(dataset.id, [
-                NewImage(settings.bucket, image_key(DATASET, f"img{i:07d}.jpg"), f"etag{i}", None, "0" * 64, 1000)
-                for i in ids[start:start + _CLAIM_CHUNK].tolist()
-            ])
-        if [claim.id for claim in claimed] != ids.tolist():
-            raise RuntimeError(f"the catalog gave ids {[c.id for c in claimed[:3]]}..., not {ids[:3]}...")
-        segment_id = f"bench-{position:03d}"
-        segment = NewSegment(segment_id, segment_key(DATASET, segment_id), len(ids), choose_index(len(ids)).kind)
-        s3.upload_file(str(path), settings.bucket, segment.object_key)
-        catalog.commit_batch(dataset.id, segment, [IndexedImage(int(i), 640, 480) for i in ids], [])
+    with database.transaction() as connection:
+        version = connection.execute(
+            "UPDATE datasets SET index_version = index_version + 1 WHERE id = %s RETURNING index_version",
+            (dataset.id,),
+        ).fetchone()["index_version"]
+        for position, (ids, path) in enumerate(files):
+            segment_id = f"bench-{position:03d}"
+            object_key = segment_key(DATASET, segment_id)
+            s3.upload_file(str(path), settings.bucket, object_key)
+            connection.execute(
+                "INSERT INTO segments (id, dataset_id, object_key, vector_count, index_type, created_version)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (segment_id, dataset.id, object_key, len(ids), choose_index(len(ids)).kind, version),
+            )
+            with connection.cursor().copy(
+                "COPY images (id, dataset_id, bucket, object_key, etag, status, segment_id, width, height)"
+                " FROM STDIN"
+            ) as copy:
+                for image_id in ids.tolist():
+                    copy.write_row((image_id, dataset.id, settings.bucket,
+                                    image_key(DATASET, f"img{image_id:07d}.jpg"), f"etag{image_id}", "indexed",
+                                    segment_id, 640, 480))
+        connection.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (count,))
     deleted = np.arange(1, count + 1, max(1, round(1 / deleted_share)), dtype=np.int64) if deleted_share else (
         np.empty(0, np.int64))
-    for start in range(0, len(deleted), _CLAIM_CHUNK):
-        catalog.remove_image_ids(dataset.id, deleted[start:start + _CLAIM_CHUNK].tolist())
+    for start in range(0, len(deleted), _DELETE_CHUNK):
+        catalog.remove_image_ids(dataset.id, deleted[start:start + _DELETE_CHUNK].tolist())
     database.close()
     return deleted
 
