@@ -107,7 +107,9 @@ class SegmentState:
 @dataclass(frozen=True)
 class CompactionPlan:
     """Groups of segments, each to become one output segment, in the order they are written; and the
-    segments too large to rewrite under the cap (left as they are)."""
+    segments holding more vectors than the cap (written before it existed), left as they are: reading one
+    would break the step's memory bound, and splitting it would need a catalog method that publishes
+    several segments in one transaction (searches still skip their deleted vectors)."""
 
     groups: tuple[tuple[SegmentState, ...], ...]
     oversized: tuple[SegmentState, ...] = ()
@@ -124,8 +126,8 @@ def plan_compaction(
     is dropped.
     """
     capacity = policy.segment_capacity
-    oversized = tuple(state for state in segments if state.live_count > capacity)
-    fitting = [state for state in segments if state.live_count <= capacity]
+    oversized = tuple(state for state in segments if state.ref.vector_count > capacity)
+    fitting = [state for state in segments if state.ref.vector_count <= capacity]
     small = [state for state in fitting if 2 * state.ref.vector_count < capacity]
     small_ids = {state.ref.id for state in small}
     small_vectors = sum(state.ref.vector_count for state in small)
@@ -161,7 +163,7 @@ class CompactionReport:
     index_types: tuple[str, ...] = ()  # of the written segments, in order
     index_version: int | None = None  # after the last publish
     groups_pending: int = 0  # planned outputs left for the next invocation (segments_per_run reached)
-    oversized_segments: int = 0  # live segments over the capacity, left as they are
+    oversized_segments: int = 0  # live segments holding more vectors than the capacity, left as they are
     objects_removed: int = 0
 
 
@@ -223,7 +225,7 @@ class CompactionService:
         states = [SegmentState(ref, live_counts.get(ref.id, 0)) for ref in self._catalog.live_segments(dataset_id)]
         plan = plan_compaction(states, self._policy, force)
         if plan.oversized:
-            logger.warning("dataset %r: %d segments hold more than %d live vectors and are left as they are",
+            logger.warning("dataset %r: %d segments hold more than %d vectors and are left as they are",
                            name, len(plan.oversized), self._policy.segment_capacity)
         report = CompactionReport(name, groups_pending=len(plan.groups), oversized_segments=len(plan.oversized))
         with tempfile.TemporaryDirectory(prefix="compaction-") as work:
