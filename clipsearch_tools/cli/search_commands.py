@@ -106,17 +106,16 @@ def delete_dataset(args: argparse.Namespace, client: ClipsearchClient) -> int:
         else:
             print(f"dataset {args.name} is being deleted; follow it with: clipsearch dataset show {args.name}")
         return 0
-    deletion = _wait_until_gone(client, args.name, accepted["deletion"], args.timeout)
-    if args.json:
-        emit_json({"dataset": args.name, "status": "deleted", "deletion": deletion})
+    last_seen = _wait_until_gone(client, args.name, accepted["deletion"], args.timeout)
+    if args.json:  # the counts stop at the last poll: the worker's final pages leave no row to read them from
+        emit_json({"dataset": args.name, "status": "deleted", "last_progress": last_seen})
     else:
-        print(f"deleted dataset {args.name}: {deletion['objects_deleted']} objects removed from the bucket, "
-              f"{deletion['rows_deleted']} catalog rows")
+        print(f"deleted dataset {args.name}: its images, thumbnails, segments and catalog rows")
     return 0
 
 
 def _wait_until_gone(client: ClipsearchClient, name: str, deletion: dict, timeout: float) -> dict:
-    """Polls the dataset until it answers 404, noting progress on stderr; returns the last progress seen."""
+    """Polls the dataset until it is gone, noting progress on stderr; returns the last progress seen."""
     deadline, shown = time.monotonic() + timeout, None
     while True:
         progress = (deletion["objects_deleted"], deletion["rows_deleted"])

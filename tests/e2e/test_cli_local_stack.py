@@ -269,8 +269,9 @@ def test_delete_dataset_needs_confirmation_then_removes_it(cli: Cli):
     refused = _single_error_line(cli.run("dataset", "delete", DATASET))
     assert "--yes" in refused
     assert _keys_under(cli, f"indexes/{DATASET}/")  # the dataset's segments, until the delete
-    deleted = cli.json("dataset", "delete", DATASET, "--yes")
-    assert deleted["dataset"] == DATASET
+    deleted = cli.json("dataset", "delete", DATASET, "--yes")  # 202, then polled until the worker is done
+    assert (deleted["dataset"], deleted["status"]) == (DATASET, "deleted")
+    assert {"requested_at", "objects_deleted", "rows_deleted"} <= set(deleted["last_progress"])  # the last poll's
     assert "does not exist" in _single_error_line(cli.run("dataset", "show", DATASET))
     assert DATASET not in [item["name"] for item in cli.json("datasets")["datasets"]]
     assert _keys_under(cli, f"datasets/{DATASET}/") == []  # the images, and the text file beside them
