@@ -192,8 +192,14 @@ def test_a_user_session_on_the_page(stack: Cli, ui_url: str, browser, tmp_path: 
     assert page.evaluate("() => window.hostileScriptRan") is None
     assert dialogs == []
 
+    page.fill("#since", "2999-01-01T00:00")  # ingest time, in the browser's zone
+    page.click("#search-button")
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('No results.')")
+    assert page.locator("#results li").count() == 0 and page.is_hidden("#error")
+
     page.set_viewport_size({"width": 375, "height": 740})
     page.fill("#prefix", "")
+    page.fill("#since", "")
     _search(page)
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
     for control in ("#dataset", "#query", "#exclude", "#image", "#prefix", "#since", "#until", "#min-score"):
