@@ -10,6 +10,8 @@ from clipsearch_tools.local.template import Function, TemplateError
 
 # A template variable that names an AWS-only resource, and the local variable that replaces it.
 SECRET_STAND_INS = {"CLIPSEARCH_DB_SECRET_ARN": "CLIPSEARCH_DATABASE_URL"}
+# Variables that name another function of the template (a `Ref` to it): the local Lambda API serves it.
+FUNCTION_REFERENCES = {"CLIPSEARCH_SHARD_FUNCTION"}
 
 
 class FunctionEnvironment:
@@ -20,8 +22,9 @@ class FunctionEnvironment:
     - The database secret's ARN is replaced by the local database's URL; a `Ref` to another queue of the
       template (the deletion queue) by that queue's local URL.
     - Literals and parameter defaults are kept; a reference with no local value is an error.
-    - Every function gets the local S3/SQS endpoints and the stack's keys (in AWS: the default
-      endpoints and the role's credentials), and its model cache in its own /tmp.
+    - Every function gets the local S3/SQS/Lambda endpoints and the stack's keys (in AWS: the default
+      endpoints and the role's credentials), and its model cache in its own /tmp; a reference to another
+      function (the shard search function) is its logical id, which the local Lambda API serves.
     - `overrides` (function -> variables) are local settings applied last, such as the ONNX thread
       count of the preprocessing instances when several share this machine's cores.
     Nothing else of the stack's own environment reaches a function.
@@ -38,17 +41,17 @@ class FunctionEnvironment:
             "CLIPSEARCH_MODEL_ID": state.model_id,
             "CLIPSEARCH_QUEUE_URL": state.queue_url,
         }
-        # No local Lambda endpoint yet: the local search function loads every dataset whole (no fan-out),
-        # and its Lambda client is never built, so nothing reaches AWS.
-        local_only = {"CLIPSEARCH_SHARD_FUNCTION": ""}
         stand_ins = {"CLIPSEARCH_DATABASE_URL": state.database_url}
         variables: dict[str, str] = {}
         for variable in function.environment:
             if variable.name in SECRET_STAND_INS:
                 local_name = SECRET_STAND_INS[variable.name]
                 variables[local_name] = stand_ins[local_name] or ""
-            elif variable.name in local_only:
-                variables[variable.name] = local_only[variable.name]
+            elif variable.name in FUNCTION_REFERENCES:
+                # Another function, invoked by logical id through the stack's Lambda API; without that API,
+                # none (the search function then loads every dataset whole, and never calls AWS).
+                target = (variable.reference or "").removeprefix("Ref ")
+                variables[variable.name] = target if state.lambda_endpoint_url else ""
             elif known.get(variable.name):
                 variables[variable.name] = known[variable.name]
             elif (variable.reference or "").removeprefix("Ref ") in state.task_queues:
@@ -63,6 +66,7 @@ class FunctionEnvironment:
         variables |= {
             "CLIPSEARCH_S3_ENDPOINT_URL": state.s3_endpoint_url or "",
             "CLIPSEARCH_SQS_ENDPOINT_URL": state.sqs_endpoint_url or "",
+            "CLIPSEARCH_LAMBDA_ENDPOINT_URL": state.lambda_endpoint_url or "",
             "AWS_ACCESS_KEY_ID": state.access_key_id,
             "AWS_SECRET_ACCESS_KEY": state.secret_access_key,
             "AWS_REGION": state.region,

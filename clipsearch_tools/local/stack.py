@@ -26,6 +26,7 @@ from clipsearch.aws import aws_client
 from clipsearch_tools.local.function_environment import FunctionEnvironment
 from clipsearch_tools.local.functions import FunctionHost
 from clipsearch_tools.local.gateway import LocalGateway
+from clipsearch_tools.local.lambda_api import LocalLambdaApi
 from clipsearch_tools.local.models import publish_model, read_model
 from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir, free_port
 from clipsearch_tools.local.queue_runner import QueueRunner
@@ -146,6 +147,7 @@ class LocalStack:
         os.environ.pop("AWS_PROFILE", None)
         publish_model(self._object_store(), self.model)
         self._start_event_feed()
+        self._start_lambda_api()
         self._start_queue_runner()
         self._start_gateway()
         self._reconcile()
@@ -272,6 +274,13 @@ class LocalStack:
             )
             runner.start()
             self._stops.append(runner.stop)
+
+    def _start_lambda_api(self) -> None:
+        """Before any function starts: their environments carry its URL (the search function's shard searchers)."""
+        api = LocalLambdaApi(self.template.functions, self.functions.invoke)
+        self.state.lambda_endpoint_url = api.start()
+        self._stops.append(api.stop)
+        self.state.write()
 
     def _start_gateway(self) -> None:
         gateway = LocalGateway(self.template.routes, self.functions.invoke, concurrency=self.api_concurrency)

@@ -37,6 +37,7 @@ class StackState:
     secret_access_key: str = LOCAL_SECRET_KEY
     s3_endpoint_url: str | None = None
     sqs_endpoint_url: str | None = None
+    lambda_endpoint_url: str | None = None  # the local Lambda Invoke API (functions calling functions)
     queue_url: str | None = None
     dead_letter_queue_url: str | None = None
     task_queues: dict[str, str] = field(default_factory=dict)  # queue logical id -> URL (dataset deletion)

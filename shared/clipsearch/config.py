@@ -32,6 +32,7 @@ class Settings:
     region: str = "us-east-1"
     s3_endpoint_url: str | None = None  # local S3-compatible endpoint; None means AWS
     sqs_endpoint_url: str | None = None
+    lambda_endpoint_url: str | None = None  # the local stack's Lambda Invoke API; None means AWS
     queue_url: str | None = None
     deletion_queue_url: str | None = None  # the dataset deletion worker's queue
     model_cache_dir: Path = Path("/tmp/clipsearch/models")
@@ -110,6 +111,7 @@ class Settings:
             region=_region(env, defaults.region),
             s3_endpoint_url=env.get("CLIPSEARCH_S3_ENDPOINT_URL") or None,
             sqs_endpoint_url=env.get("CLIPSEARCH_SQS_ENDPOINT_URL") or None,
+            lambda_endpoint_url=env.get("CLIPSEARCH_LAMBDA_ENDPOINT_URL") or None,
             queue_url=env.get("CLIPSEARCH_QUEUE_URL") or None,
             deletion_queue_url=env.get("CLIPSEARCH_DELETION_QUEUE_URL") or None,
             model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),

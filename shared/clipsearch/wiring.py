@@ -24,7 +24,8 @@ def service_client(service: str, settings: Settings):
     Services without a clipsearch setting (Secrets Manager) take botocore's own endpoint configuration,
     e.g. AWS_ENDPOINT_URL_SECRETS_MANAGER; unset, that is AWS.
     """
-    endpoint = {"s3": settings.s3_endpoint_url, "sqs": settings.sqs_endpoint_url}.get(service)
+    endpoint = {"s3": settings.s3_endpoint_url, "sqs": settings.sqs_endpoint_url,
+                "lambda": settings.lambda_endpoint_url}.get(service)
     return aws_client(service, settings.region, endpoint)
 
 

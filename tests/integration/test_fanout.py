@@ -13,14 +13,17 @@ import numpy as np
 import psycopg
 import pytest
 from clipsearch.adapters.faiss_index import FaissVectorIndex
+from clipsearch.adapters.lambda_shards import LambdaShardSearcher
+from clipsearch.aws import aws_client
 from clipsearch.datasets import image_key, segment_key
 from clipsearch.errors import TransientError
-from clipsearch.ports import ImageInput, IndexedImage, NewImage, NewSegment
+from clipsearch.ports import ImageInput, IndexedImage, NewImage, NewSegment, SegmentRef, ShardQuery, ShardSearcher
 from clipsearch.search import SearchService
 from clipsearch.search_results import ImageFilter, SearchOptions
 from clipsearch.segments import FLAT, IndexSpec, SegmentVectors
 from clipsearch_tools.local.function_environment import FunctionEnvironment
 from clipsearch_tools.local.functions import FunctionHost
+from clipsearch_tools.local.lambda_api import LocalLambdaApi
 from clipsearch_tools.local.shard_invoker import FunctionHostShardSearcher
 from clipsearch_tools.local.state import StackState
 from clipsearch_tools.local.template import load_template
@@ -60,8 +63,12 @@ def shard_host(stack: SearchStack, database_url: str, aws_endpoint_url: str, tmp
     host.stop()
 
 
-def services(stack: SearchStack, host: FunctionHost, tmp_path: Path) -> tuple[SearchService, SearchService]:
+def services(stack: SearchStack, host: FunctionHost, tmp_path: Path,
+             shard_searcher: ShardSearcher | None = None) -> tuple[SearchService, SearchService]:
+    """(sharded, whole): the same data searched through shard searchers (by default the local runner's
+    adapter) and by one search service alone."""
     shard_function = load_template(REPO / "template.yaml").functions["ShardSearchFunction"]
+    shard_searcher = shard_searcher or FunctionHostShardSearcher(host, shard_function)
 
     def service(name: str, fan_out: bool) -> SearchService:
         return SearchService(
@@ -69,7 +76,7 @@ def services(stack: SearchStack, host: FunctionHost, tmp_path: Path) -> tuple[Se
             text_encoder=lambda: pytest.fail("no text query here"), image_encoder=lambda: stack.encoder,
             max_image_bytes=6 * 1024 * 1024, vector_index=FaissVectorIndex(), segment_dir=tmp_path / name,
             index_cache_bytes=BUDGET, shard_budget_bytes=SHARD_BUDGET,
-            shard_searcher=FunctionHostShardSearcher(host, shard_function) if fan_out else None,
+            shard_searcher=shard_searcher if fan_out else None,
         )
 
     return service("sharded", True), service("whole", False)
@@ -132,3 +139,30 @@ def test_a_shard_function_that_fails_makes_the_search_transient(
     sharded, _ = services(stack, shard_host, tmp_path)
     with pytest.raises(TransientError, match="shard 1"):
         sharded.search_image("broken", seed_eval_photos[0].read_bytes(), k=5)
+
+
+def test_the_lambda_adapter_through_the_local_lambda_api_answers_the_same(
+    stack: SearchStack, shard_host: FunctionHost, seed_eval_photos: list[Path], tmp_path: Path
+) -> None:
+    """The search function's own adapter (boto3 invoke) against the local stack's Lambda API."""
+    rng = np.random.default_rng(2)
+    for number in range(2):
+        vectors = rng.standard_normal((PER_SEGMENT, 32)).astype(np.float32)
+        publish_segment(stack, "viaapi", number, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    template = load_template(REPO / "template.yaml")
+    api = LocalLambdaApi(template.functions, shard_host.invoke)
+    url = api.start()
+    try:
+        client = aws_client("lambda", "us-east-1", url, "local", "local", max_attempts=0)
+        sharded, whole = services(stack, shard_host, tmp_path, LambdaShardSearcher(client, "ShardSearchFunction"))
+        photo = seed_eval_photos[0].read_bytes()
+        assert ranking(sharded.search_image("viaapi", photo, k=10)) == ranking(whole.search_image("viaapi", photo, k=10))
+        with pytest.raises(TransientError, match="ResourceNotFound"):
+            LambdaShardSearcher(client, "NoSuchFunction").search_shard(
+                ShardQuery("viaapi", 1, 1, 0, (), np.ones(32, np.float32), 3))
+        missing = SegmentRef("x", "indexes/viaapi/segments/x.faiss", 1, FLAT)
+        with pytest.raises(TransientError, match="Unhandled"):  # the handler's own failure
+            LambdaShardSearcher(client, "ShardSearchFunction").search_shard(
+                ShardQuery("viaapi", 1, 1, 0, (missing,), np.ones(32, np.float32), 3))
+    finally:
+        api.stop()
