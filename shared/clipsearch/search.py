@@ -397,7 +397,8 @@ class SearchService:
             stored = index.vector_count
         else:
             stored = sum(len(loaded.segment.ids) for loaded in index.segments)
-        if isinstance(index, ShardedIndex) or stored > MAX_DUPLICATE_SCAN:  # refused before any vector is copied out of the index
+        # Refused before any vector is copied out of the index; a sharded dataset is far over the limit.
+        if isinstance(index, ShardedIndex) or stored > MAX_DUPLICATE_SCAN:
             raise InvalidRequest(
                 f"dataset {dataset!r} has {stored} vectors; finding duplicates scans at most {MAX_DUPLICATE_SCAN}"
             )
