@@ -26,7 +26,19 @@ from pathlib import Path
 
 import numpy as np
 from bench_common import REPO, TEXT_QUERIES, cpu_description, peak_rss_mib
-from search import DEFAULT_MODEL, DIM, K, _environment, _latencies, _model_dir, _model_id, _services, _store
+from search import (
+    _SMALL_TRAINING_FROM,
+    DEFAULT_MODEL,
+    DIM,
+    K,
+    _environment,
+    _latencies,
+    _model_dir,
+    _model_id,
+    _services,
+    _store,
+    _write_with_small_training_sample,
+)
 
 CACHE = Path("/tmp/bench-cache/fanout")
 CLUSTERS = 1000
@@ -75,7 +87,10 @@ def _segment_file(shard: int, count: int) -> Path:
         spec = choose_index(count)
         started, cpu = time.perf_counter(), time.process_time()
         vectors = np.ascontiguousarray(_shard_vectors(shard, count))
-        FaissVectorIndex().write(SegmentVectors(_shard_ids(shard, count), vectors), spec, path.with_suffix(".part"))
+        if count >= _SMALL_TRAINING_FROM:  # benchmarks/search.py's coarser k-means: recall can only be lower
+            _write_with_small_training_sample(_shard_ids(shard, count), vectors, spec, path.with_suffix(".part"))
+        else:
+            FaissVectorIndex().write(SegmentVectors(_shard_ids(shard, count), vectors), spec, path.with_suffix(".part"))
         path.with_suffix(".part").rename(path)
         _log(f"shard {shard}: {count} vectors as {spec.kind} ({spec.lists} lists, {spec.probes} probes) in "
              f"{time.perf_counter() - started:.0f} s ({time.process_time() - cpu:.0f} s CPU)")
