@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 
 import psycopg
 import pytest
@@ -16,6 +17,9 @@ from clipsearch.errors import (
     TransientError,
 )
 from clipsearch.ports import FailedImage, IndexedImage, NewImage, NewSegment
+
+MIGRATIONS = sorted(entry.name for entry in (resources.files("clipsearch") / "migrations").iterdir()
+                    if entry.name.endswith(".sql"))
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +54,7 @@ def test_migrate_is_idempotent_and_recorded(database: Database, database_url: st
     assert migrate(database) == []
     with psycopg.connect(database_url) as connection:
         versions = [row[0] for row in connection.execute("SELECT version FROM schema_migrations")]
-    assert versions == ["001_catalog.sql", "002_images_by_key.sql"]
+    assert versions == MIGRATIONS
 
 
 def test_dataset_name_rule_is_enforced_by_the_schema(database_url: str, database: Database) -> None:
@@ -187,7 +191,7 @@ def test_concurrent_migrations_apply_once(database_url: str) -> None:
         thread.join()
     for database in databases:
         database.close()
-    assert sorted(applied) == [[], [], ["001_catalog.sql", "002_images_by_key.sql"]]
+    assert sorted(applied) == [[], [], MIGRATIONS]
 
 
 def statuses(catalog: PostgresCatalog, dataset: str) -> dict[tuple[str, str], str]:

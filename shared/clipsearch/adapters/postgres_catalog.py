@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # Any constant works: it only has to be the same for every process applying migrations.
 _MIGRATION_LOCK = 0x636C6970  # "clip"
 _DATASET_COLUMNS = "id, name, model_id, index_version, created_at, updated_at"
-_DELETION_COLUMNS = "status, deletion_requested_at, objects_deleted, rows_deleted, deletion_progress_at"
+_DELETION_COLUMNS = "deletion_requested_at, objects_deleted, rows_deleted, deletion_progress_at"
+_DELETING = "deletion_requested_at IS NOT NULL"
 
 
 def migrate(database: Database) -> list[str]:
@@ -81,7 +82,7 @@ def _dataset(row: Mapping) -> Dataset:
 
 
 def _deletion(row: Mapping) -> DeletionProgress | None:
-    if row["status"] != "deleting":
+    if row["deletion_requested_at"] is None:
         return None
     return DeletionProgress(
         row["deletion_requested_at"], row["objects_deleted"], row["rows_deleted"], row["deletion_progress_at"]
@@ -101,7 +102,7 @@ class PostgresCatalog:
     def get_dataset(self, name: str) -> Dataset:
         """Raises DatasetDeleting for a dataset being deleted: to search and ingestion it is gone."""
         row = self._dataset_row(name)
-        if row["status"] == "deleting":
+        if row["deletion_requested_at"] is not None:
             raise DatasetDeleting(name)
         return _dataset(row)
 
@@ -237,8 +238,7 @@ class PostgresCatalog:
                     "INSERT INTO datasets (name, model_id) VALUES (%s, '') ON CONFLICT (name) DO NOTHING", (name,)
                 )
             row = connection.execute(
-                "UPDATE datasets SET status = 'deleting',"
-                " deletion_requested_at = coalesce(deletion_requested_at, now())"
+                "UPDATE datasets SET deletion_requested_at = coalesce(deletion_requested_at, now())"
                 f" WHERE name = %s RETURNING id, {_DELETION_COLUMNS}",
                 (name,),
             ).fetchone()
@@ -250,7 +250,7 @@ class PostgresCatalog:
         with self._database.transaction() as connection:
             row = connection.execute(
                 "UPDATE datasets SET deletion_lease_until = now() + make_interval(secs => %s)"
-                " WHERE id = %s AND status = 'deleting'"
+                f" WHERE id = %s AND {_DELETING}"
                 " AND (deletion_lease_until IS NULL OR deletion_lease_until < now()) RETURNING id",
                 (lease_seconds, dataset_id),
             ).fetchone()
@@ -261,14 +261,14 @@ class PostgresCatalog:
             connection.execute(
                 "UPDATE datasets SET objects_deleted = objects_deleted + %s, rows_deleted = rows_deleted + %s,"
                 " deletion_progress_at = now(), deletion_lease_until = now() + make_interval(secs => %s)"
-                " WHERE id = %s AND status = 'deleting'",
+                f" WHERE id = %s AND {_DELETING}",
                 (objects, rows, lease_seconds, dataset_id),
             )
 
     def release_deletion(self, dataset_id: int) -> None:
         with self._database.transaction() as connection:
             connection.execute(
-                "UPDATE datasets SET deletion_lease_until = NULL WHERE id = %s AND status = 'deleting'",
+                f"UPDATE datasets SET deletion_lease_until = NULL WHERE id = %s AND {_DELETING}",
                 (dataset_id,),
             )
 
@@ -276,7 +276,7 @@ class PostgresCatalog:
         with self._database.transaction() as connection:
             deleted = connection.execute(
                 "DELETE FROM images WHERE id IN (SELECT i.id FROM images i JOIN datasets d ON d.id = i.dataset_id"
-                " WHERE d.id = %s AND d.status = 'deleting' LIMIT %s)",
+                " WHERE d.id = %s AND d.deletion_requested_at IS NOT NULL LIMIT %s)",
                 (dataset_id, limit),
             ).rowcount
         return deleted
@@ -284,7 +284,7 @@ class PostgresCatalog:
     def stalled_deletions(self, requested_before: datetime) -> Sequence[DeletionTask]:
         with self._database.transaction() as connection:
             rows = connection.execute(
-                "SELECT id, name FROM datasets WHERE status = 'deleting' AND deletion_requested_at < %s"
+                "SELECT id, name FROM datasets WHERE deletion_requested_at < %s"
                 " AND (deletion_lease_until IS NULL OR deletion_lease_until < now()) ORDER BY id",
                 (requested_before,),
             ).fetchall()
@@ -300,11 +300,11 @@ class PostgresCatalog:
                 (name, model_id),
             )
             row = connection.execute(
-                f"SELECT {_DATASET_COLUMNS}, status FROM datasets WHERE name = %s", (name,)
+                f"SELECT {_DATASET_COLUMNS}, deletion_requested_at FROM datasets WHERE name = %s", (name,)
             ).fetchone()
         if row is None:
             raise TransientError(f"dataset {name!r} was deleted while it was being created")
-        if row["status"] == "deleting":  # its uploads wait (retried) until it is gone, then start a new one
+        if row["deletion_requested_at"] is not None:  # its uploads wait (retried) until it is gone, then start a new one
             raise TransientError(f"dataset {name!r} is being deleted; its new images wait until it is gone")
         dataset = _dataset(row)
         if dataset.model_id != model_id:
@@ -391,12 +391,12 @@ class PostgresCatalog:
             # The dataset row lock serializes commits (and compactions) of one dataset.
             bumped = connection.execute(
                 "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
-                " WHERE id = %s RETURNING index_version, name, status",
+                " WHERE id = %s RETURNING index_version, name, deletion_requested_at",
                 (dataset_id,),
             ).fetchone()
             if bumped is None:
                 raise DatasetNotFound(f"#{dataset_id}")
-            if bumped["status"] == "deleting":
+            if bumped["deletion_requested_at"] is not None:
                 raise DatasetDeleting(bumped["name"])
             version = bumped["index_version"]
             pending = {
@@ -477,7 +477,7 @@ class PostgresCatalog:
         with self._database.transaction() as connection:
             # A dataset being deleted loses every row at once: marking them one by one is wasted work.
             row = connection.execute(
-                "SELECT id FROM datasets WHERE name = %s AND status = 'active'", (dataset,)
+                "SELECT id FROM datasets WHERE name = %s AND deletion_requested_at IS NULL", (dataset,)
             ).fetchone()
             if row is None:
                 return 0
