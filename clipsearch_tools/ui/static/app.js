@@ -112,7 +112,8 @@ function showDatasetStatus() {
     return;
   }
   const counts = dataset.counts || {};
-  const status = counts.pending ? `indexing: ${counts.pending} pending` : "ready";
+  let status = counts.pending ? `indexing: ${counts.pending} pending` : "ready";
+  if (dataset.status && dataset.status !== "active") status = String(dataset.status); // e.g. being deleted
   byId("dataset-status").textContent =
     `${status} · ${counts.indexed || 0} indexed · ${counts.failed || 0} failed · model ${dataset.model}`;
 }
