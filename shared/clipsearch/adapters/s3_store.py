@@ -7,6 +7,8 @@ from pathlib import Path
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.manager import TransferManager
+from s3transfer.subscribers import BaseSubscriber
 
 from clipsearch.errors import ObjectNotFound, TransientError
 from clipsearch.ports import ObjectInfo, StoredObject
@@ -14,11 +16,13 @@ from clipsearch.ports import ObjectInfo, StoredObject
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DELETE_BATCH = 1000  # S3's DeleteObjects limit
 # Big objects (segments) come down as parallel ranged GETs: S3 gives ~80-100 MB/s per connection, so a
-# 550 MB segment needs several at once. Parts of 64 MiB rather than boto3's 8 MiB: a 550 MB segment is 9
-# requests, not 70, and a store that reads the whole object for every ranged GET (moto 5.2.5 does) then
-# pays 9 reads, not 70 (a 554 MB object from moto on this 2-core machine at load 15: 147 s with 8 MiB
-# parts, 26 s with 64 MiB parts, 9 s as one GET).
-_DOWNLOAD = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
+# 550 MB segment needs several connections at once. The object is cut into as many equal parts as there are
+# connections (at least 8 MiB each) rather than boto3's fixed 8 MiB parts: a 550 MB segment is 8 requests,
+# not 70, with no lone last part; a store that reads the whole object for every ranged GET (moto 5.2.5
+# does) pays 8 reads, not 70 (a 554 MB object from moto on this 2-core machine at load 15: 147 s with
+# 8 MiB parts, 26 s with 64 MiB parts, 9 s as one GET).
+_DOWNLOAD_CONNECTIONS = 8
+_MIN_PART_BYTES = 8 * 2**20
 
 
 class S3ObjectStore:
@@ -63,8 +67,15 @@ class S3ObjectStore:
 
     def download_file(self, key: str, destination: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        with _translated(key):
-            self._client.download_file(self.bucket, key, str(destination), Config=_DOWNLOAD)
+        info = self.head(key)
+        if info is None:
+            raise ObjectNotFound(key)
+        part_bytes = max(_MIN_PART_BYTES, -(-info.size // _DOWNLOAD_CONNECTIONS))
+        config = TransferConfig(
+            multipart_threshold=_MIN_PART_BYTES, multipart_chunksize=part_bytes, max_concurrency=_DOWNLOAD_CONNECTIONS
+        )
+        with _translated(key), TransferManager(self._client, config) as transfers:
+            transfers.download(self.bucket, key, str(destination), subscribers=[_KnownSize(info.size)]).result()
 
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -89,6 +100,16 @@ class S3ObjectStore:
         return self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_seconds
         )
+
+
+class _KnownSize(BaseSubscriber):
+    """Tells the transfer the size the HEAD already gave, so it does not ask again."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self._size)
 
 
 def _etag(raw: str) -> str:
