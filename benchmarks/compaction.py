@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ def main() -> int:
     if args.child:
         return _child(args.max_segment_vectors)
     logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its PostgreSQL
     print(f"CPU: {cpu_description()}", flush=True)
     files = _segment_files(args.vectors, args.segments)
     with _services() as (endpoint, database_url):
@@ -53,9 +55,8 @@ def main() -> int:
         command = [sys.executable, __file__, "--child"]
         if args.max_segment_vectors:
             command += ["--max-segment-vectors", str(args.max_segment_vectors)]
-        child = subprocess.run(command, env=environment, capture_output=True, text=True)
+        child = subprocess.run(command, env=environment, stdout=subprocess.PIPE, text=True)  # its log: our stderr
         total = time.perf_counter() - started
-        sys.stderr.write(child.stderr[-4000:])
         if child.returncode:
             raise RuntimeError(f"compaction process failed ({child.returncode})")
         result = json.loads(child.stdout.strip().splitlines()[-1])
