@@ -14,7 +14,8 @@ Each group becomes one output segment, built from its inputs read one at a time 
 memory-mapped), written to /tmp, uploaded, then published in one transaction under the dataset's
 advisory lock (object first, row second): a crash between groups leaves the groups published so far
 and an untouched rest, and the next invocation plans again from the catalog. An invocation writes at most
-`segments_per_run` segments, so a large backlog is worked off over several scheduled invocations.
+`segments_per_run` segments and starts none after `run_seconds`, so a large backlog is worked off over
+several scheduled invocations.
 Objects of retired segments, and orphan objects (a crash between a segment write and its commit), are
 deleted only after a grace period, so a search that loaded the previous version, or a batch about to
 commit, never finds its segment gone.
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +50,9 @@ MAX_SEGMENT_VECTORS = 200_000
 # Output segments one invocation writes: three full builds at the loaded figure above (~3 x 184 s) stay
 # inside the 900 s timeout; a bigger backlog continues at the next scheduled invocation.
 SEGMENTS_PER_RUN = 3
+# No new output segment is started after this many seconds of an invocation: with one build under half
+# the 900 s timeout, the last one started still finishes (on a host slower than measured, too).
+RUN_SECONDS = 450.0
 
 
 class CompactionCatalog(SearchCatalog, Protocol):
@@ -75,6 +80,7 @@ class CompactionPolicy:
     segment_budget_bytes: float = float("inf")  # what one segment may occupy in a search function
     max_segment_vectors: int = MAX_SEGMENT_VECTORS
     segments_per_run: int = SEGMENTS_PER_RUN
+    run_seconds: float = RUN_SECONDS
     dim: int = 512
 
     @property
@@ -169,8 +175,14 @@ class CompactionReport:
 
 class CompactionService:
     def __init__(
-        self, store: ObjectStore, catalog: CompactionCatalog, policy: CompactionPolicy, vector_index: VectorIndex
+        self,
+        store: ObjectStore,
+        catalog: CompactionCatalog,
+        policy: CompactionPolicy,
+        vector_index: VectorIndex,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._catalog = catalog
         self._policy = policy
@@ -182,21 +194,23 @@ class CompactionService:
 
     def with_policy(self, policy: CompactionPolicy) -> CompactionService:
         """The same adapters under another policy."""
-        return CompactionService(self._store, self._catalog, policy, self._vector_index)
+        return CompactionService(self._store, self._catalog, policy, self._vector_index, self._clock)
 
     def compact_all(self, force: bool = False) -> list[CompactionReport]:
         """Every dataset, each on its own: one failing dataset does not hold back the others.
 
-        The invocation writes at most `segments_per_run` segments in all; datasets reached after that
-        only get their released objects removed. Raises MaintenanceFailed naming the failed datasets once
-        all were tried, so the scheduled invocation is marked failed.
+        The invocation writes at most `segments_per_run` segments in all, and starts none after
+        `run_seconds`; datasets reached after that only get their released objects removed. Raises
+        MaintenanceFailed naming the failed datasets once all were tried, so the scheduled invocation is
+        marked failed.
         """
         reports, failed = [], []
         allowance = self._policy.segments_per_run
+        deadline = self._clock() + self._policy.run_seconds
         for summary in self._catalog.list_datasets():
             name = summary.dataset.name
             try:
-                report = self.compact_dataset(name, force, allowance)
+                report = self.compact_dataset(name, force, allowance, deadline)
                 allowance -= report.segments_written
                 reports.append(report)
             except DatasetNotFound:
@@ -208,16 +222,20 @@ class CompactionService:
             raise MaintenanceFailed(f"compaction failed for datasets {failed} ({len(reports)} compacted)")
         return reports
 
-    def compact_dataset(self, name: str, force: bool = False, max_segments_written: int | None = None) -> CompactionReport:
+    def compact_dataset(
+        self, name: str, force: bool = False, max_segments_written: int | None = None, deadline: float | None = None
+    ) -> CompactionReport:
         """Merges what the plan says (at most `max_segments_written` outputs, by default the policy's
-        `segments_per_run`), then removes what the grace period releases."""
+        `segments_per_run`, none started after `deadline`, by default `run_seconds` from now), then removes
+        what the grace period releases."""
         dataset = self._catalog.get_dataset(name)
         limit = self._policy.segments_per_run if max_segments_written is None else max_segments_written
-        report = self._merge(dataset.id, dataset.name, force, limit)
+        deadline = self._clock() + self._policy.run_seconds if deadline is None else deadline
+        report = self._merge(dataset.id, dataset.name, force, limit, deadline)
         removed = self._remove_released_objects(dataset.id, dataset.name)
         return replace(report, objects_removed=removed)
 
-    def _merge(self, dataset_id: int, name: str, force: bool, limit: int) -> CompactionReport:
+    def _merge(self, dataset_id: int, name: str, force: bool, limit: int, deadline: float) -> CompactionReport:
         members = self._catalog.segment_members(dataset_id)
         live_counts: dict[str, int] = {}
         for segment_id in members.values():
@@ -230,6 +248,8 @@ class CompactionService:
         report = CompactionReport(name, groups_pending=len(plan.groups), oversized_segments=len(plan.oversized))
         with tempfile.TemporaryDirectory(prefix="compaction-") as work:
             for group in plan.groups[:max(0, limit)]:
+                if self._clock() >= deadline:
+                    break
                 report = self._merge_group(dataset_id, name, group, members, Path(work), report)
         return report
 

@@ -216,6 +216,21 @@ def test_a_run_writes_at_most_segments_per_run_and_the_next_one_resumes(world) -
     assert max(s.vector_count for s in catalog.live_segments(catalog.get_dataset(DATASET).id)) <= CAP
 
 
+def test_no_output_is_started_after_run_seconds(world) -> None:
+    catalog, store, index = world
+    vectors = ingest(world, SIZES)
+    now = [0.0]
+
+    def clock() -> float:  # every reading is 100 s later: each output "takes" 100 s
+        now[0] += 100.0
+        return now[0]
+
+    service = CompactionService(store, catalog, policy(run_seconds=250), index, clock)
+    first = service.compact_all()[0]
+    assert first.segments_written == 2 and first.groups_pending == 2  # started at 100 s and 200 s, not at 300 s
+    assert_live_set(world, vectors)
+
+
 class CrashingStore(InMemoryObjectStore):
     """Dies in a segment upload once armed: `puts_left` more succeed first (None: disarmed)."""
 
