@@ -108,7 +108,7 @@ class PostgresCatalog:
 
     def _dataset_row(self, name: str) -> Mapping:
         validate_dataset_name(name)
-        with self._database.transaction() as connection:
+        with self._database.read() as connection:
             row = connection.execute(
                 f"SELECT {_DATASET_COLUMNS}, {_DELETION_COLUMNS} FROM datasets WHERE name = %s", (name,)
             ).fetchone()
@@ -172,7 +172,7 @@ class PostgresCatalog:
         return {row["id"] for row in rows}
 
     def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
-        with self._database.transaction() as connection:
+        with self._database.read() as connection:
             rows = connection.execute(
                 "SELECT id, bucket, object_key, source_path FROM images WHERE id = ANY(%s) AND status = 'indexed'",
                 ([int(image_id) for image_id in ids],),
