@@ -64,7 +64,7 @@ def _dynamic(source: Path, target: Path, _calibration: np.ndarray) -> None:
 
 
 def _static(quant_format: str, method: str, per_channel: bool, ops: tuple[str, ...], activation: str = "QUInt8",
-            extra: dict | None = None) -> Callable[[Path, Path, np.ndarray], None]:
+            extra: dict | None = None, weights_only: bool = False) -> Callable[[Path, Path, np.ndarray], None]:
     def build(source: Path, target: Path, calibration: np.ndarray) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -79,15 +79,31 @@ def _static(quant_format: str, method: str, per_channel: bool, ops: tuple[str, .
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod[method],
             extra_options=extra or {},
+            nodes_to_exclude=_activation_matmuls(source) if weights_only else [],
         )
 
     return build
+
+
+def _activation_matmuls(graph: Path) -> list[str]:
+    """MatMuls of two activations (attention scores and their use), which quantize_dynamic leaves in fp32."""
+    import onnx
+
+    model = onnx.load(graph, load_external_data=False)
+    constants = {initializer.name for initializer in model.graph.initializer}
+    constants |= {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and not constants & set(node.input)]
 
 
 VARIANTS = {
     "dynamic": Variant("dynamic", _dynamic),
     "qop-minmax": Variant("qop-minmax", _static("QOperator", "MinMax", False, ("MatMul",))),
     "qdq-minmax": Variant("qdq-minmax", _static("QDQ", "MinMax", False, ("MatMul",))),
+    "qop-minmax-weights": Variant("qop-minmax-weights", _static("QOperator", "MinMax", False, ("MatMul",),
+                                                                 weights_only=True)),
+    "qdq-minmax-weights": Variant("qdq-minmax-weights", _static("QDQ", "MinMax", False, ("MatMul",),
+                                                                 weights_only=True)),
     "qdq-minmax-pc": Variant("qdq-minmax-pc", _static("QDQ", "MinMax", True, ("MatMul",))),
     "qop-minmax-pc": Variant("qop-minmax-pc", _static("QOperator", "MinMax", True, ("MatMul",))),
     "qop-pct": Variant("qop-pct", _static("QOperator", "Percentile", False, ("MatMul",),
