@@ -24,12 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from bench_common import cpu_description, peak_rss_mib
-from search import _clustered
+from search import _clustered, _services  # moto S3 + a throwaway PostgreSQL, as the search benchmark runs them
 
 CACHE_DIR = Path("/tmp/bench-cache/compaction")
 DATASET = "bench"
@@ -87,26 +86,6 @@ def _segment_files(count: int, segments: int) -> list[tuple[np.ndarray, Path]]:
         FaissVectorIndex().write(content, choose_index(len(ids)), partial)
         partial.rename(path)
     return files
-
-
-@contextmanager
-def _services():
-    from clipsearch_tools.local.postgres import start_cluster
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with tempfile.TemporaryDirectory(prefix="compaction-bench-pg-") as pg_dir:
-        cluster = start_cluster(Path(pg_dir) / "data")
-        try:
-            yield f"http://{host}:{port}", cluster.url
-        finally:
-            cluster.stop()
-            server.stop()
 
 
 def _environment(endpoint: str, database_url: str) -> dict[str, str]:
