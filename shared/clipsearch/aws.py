@@ -16,8 +16,10 @@ def aws_client(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    timeouts: tuple[float, float] | None = None,
 ):
-    """A client for `service` with standard-mode retries.
+    """A client for `service` with standard-mode retries; `timeouts` (connect, read) in seconds replace
+    botocore's 60 s each.
 
     Without `endpoint_url`, botocore's own endpoint configuration applies (AWS_ENDPOINT_URL_<SERVICE>,
     AWS_ENDPOINT_URL, the profile's), else AWS itself; without keys, the default credential chain
@@ -28,6 +30,7 @@ def aws_client(
     config = Config(
         retries={"max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=MAX_POOL_CONNECTIONS,
         signature_version="s3v4" if service == "s3" else None,
+        **({"connect_timeout": timeouts[0], "read_timeout": timeouts[1]} if timeouts else {}),
     )
     return boto3.client(
         service, region_name=region, endpoint_url=endpoint_url, config=config,

@@ -273,7 +273,8 @@ class CompactionService:
         replaced = [state.ref.id for state in group]
         version = self._catalog.publish_compaction(dataset_id, segment, replaced, kept_ids)
         if version is None:
-            logger.info("dataset %r: another compaction published first; discarding %s", name, segment.object_key)
+            logger.info("dataset %r: another compaction published first, or a deletion began; discarding %s",
+                        name, segment.object_key)
             self._store.delete_many([segment.object_key])
             return report
         dropped = sum(state.ref.vector_count for state in group) - len(kept_ids)

@@ -78,14 +78,20 @@ class DatasetService:
         again, so a worker that died is simply resumed. When `has_time` says to stop, the task is queued
         again (UNFINISHED).
 
-        Uploads made while the dataset is being deleted wait (ingestion retries them): one the object
-        pages already listed goes with the dataset; a later one starts a new dataset once this one is gone.
+        Images uploaded after the deletion was asked for are kept (their LastModified is later): ingestion
+        retries them while the dataset is being deleted, and they start a new dataset once this one is gone.
         """
-        if not self._catalog.claim_deletion(task.dataset_id, LEASE_SECONDS):
+        requested_at = self._catalog.claim_deletion(task.dataset_id, LEASE_SECONDS)
+        if requested_at is None:
             logger.info("deletion of %s (#%d): gone or held by another worker", task.dataset, task.dataset_id)
             return DeletionOutcome.SKIPPED
         for prefix in _prefixes(task.dataset):
-            while page := [info.key for info in islice(self._store.list(prefix), OBJECT_PAGE)]:
+            listing = (
+                info.key
+                for info in self._store.list(prefix)
+                if prefix != dataset_prefix(task.dataset) or info.last_modified is None or info.last_modified <= requested_at
+            )
+            while page := list(islice(listing, OBJECT_PAGE)):
                 if not has_time():
                     return self._pause(task)
                 self._store.delete_many(page)

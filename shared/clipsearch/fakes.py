@@ -280,13 +280,13 @@ class InMemorySearchCatalog:
         deletion = self.deletions.setdefault(row.id, _Deletion(datetime.now(UTC)))
         return DeletionTask(name, row.id), deletion.progress()
 
-    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> bool:
+    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> datetime | None:
         deletion = self.deletions.get(dataset_id)
         now = datetime.now(UTC)
         if deletion is None or (deletion.lease_until is not None and deletion.lease_until >= now):
-            return False
+            return None
         deletion.lease_until = now + timedelta(seconds=lease_seconds)
-        return True
+        return deletion.requested_at
 
     def record_deletion_progress(self, dataset_id: int, objects: int, rows: int, lease_seconds: int) -> None:
         deletion = self.deletions.get(dataset_id)

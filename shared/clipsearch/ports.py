@@ -161,9 +161,9 @@ class SearchCatalog(Protocol):
         recorded gets a row only to track the deletion of its objects. Raises DatasetNotFound otherwise."""
         ...
 
-    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> bool:
-        """Takes the deletion's lease; False when the dataset is gone, not deleting, or another worker's
-        lease has not run out."""
+    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> datetime | None:
+        """Takes the deletion's lease and returns when the deletion was asked for; None when the dataset is
+        gone, not deleting, or another worker's lease has not run out."""
         ...
 
     def record_deletion_progress(self, dataset_id: int, objects: int, rows: int, lease_seconds: int) -> None:
@@ -352,7 +352,8 @@ class Catalog(SearchCatalog, Protocol):
     def publish_compaction(
         self, dataset_id: int, merged: NewSegment, replaced: Sequence[str], kept_ids: Sequence[int]
     ) -> int | None:
-        """Swaps `replaced` for `merged` under the dataset's lock; None if another compaction won."""
+        """Swaps `replaced` for `merged` under the dataset's lock; None if another compaction won or the
+        dataset is being deleted (the caller then deletes its merged object)."""
         ...
 
     def retired_segments(self, dataset_id: int, retired_before: datetime) -> Sequence[SegmentRef]: ...

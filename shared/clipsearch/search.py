@@ -70,7 +70,7 @@ from clipsearch.search_results import (
     SearchResult,
     check_terms,
 )
-from clipsearch.shards import ShardedIndex, SizedSegment, plan_shards
+from clipsearch.shards import SegmentOverBudget, ShardedIndex, SizedSegment, plan_shards
 
 logger = logging.getLogger(__name__)
 
@@ -602,10 +602,15 @@ class SearchService:
             sized = self._segments.sized(refs)
             total = sum(segment.nbytes for segment in sized)
             if total > self._index_cache_bytes:
-                shards = plan_shards(sized, self._shard_budget_bytes)
-                logger.info("dataset %s: index_version %s, %d segments (%d bytes) over %.0f: %d shards",
-                            dataset.name, dataset.index_version, len(refs), total, self._index_cache_bytes, len(shards))
-                return ShardedIndex(dataset.id, dataset.name, dataset.index_version, shards)
+                try:
+                    shards = plan_shards(sized, self._shard_budget_bytes)
+                except SegmentOverBudget as error:  # a segment written before compaction capped them
+                    logger.error("dataset %s: %s; searching it in this function instead", dataset.name, error)
+                else:
+                    logger.info("dataset %s: index_version %s, %d segments (%d bytes) over %.0f: %d shards",
+                                dataset.name, dataset.index_version, len(refs), total, self._index_cache_bytes,
+                                len(shards))
+                    return ShardedIndex(dataset.id, dataset.name, dataset.index_version, shards)
         kept = {loaded.ref.id: loaded for loaded in previous.segments} if isinstance(previous, DatasetIndex) else {}
         missing = [ref for ref in refs if ref.id not in kept]
         loaded = self._segments.load(missing)

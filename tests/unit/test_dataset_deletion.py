@@ -171,3 +171,19 @@ def test_a_message_that_is_no_task_is_refused() -> None:
         parse_task_message(json.dumps({"dataset": "pets"}))
     with pytest.raises(InvalidRequest):
         parse_task_message("not json")
+
+
+def test_an_image_uploaded_after_the_deletion_was_asked_for_is_kept_for_a_new_dataset() -> None:
+    store, queue = InMemoryObjectStore(), InMemoryMessageQueue()
+    catalog = populated(store, 3)
+    service = DatasetService(catalog, store, queue)
+    asked = service.delete("pets").requested_at
+    store.put("datasets/pets/new.jpg", b"uploaded after the DELETE")
+    store.modified["datasets/pets/new.jpg"] = asked + timedelta(seconds=1)
+
+    outcome = service.continue_deletion(parse_task_message(queue.take()[0]), always)
+
+    assert outcome is DeletionOutcome.FINISHED
+    assert set(store.objects) == {"datasets/other/keep.jpg", "datasets/pets/new.jpg"}
+    with pytest.raises(DatasetNotFound):
+        service.describe("pets")

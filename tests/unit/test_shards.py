@@ -223,6 +223,20 @@ def test_below_the_budget_nothing_fans_out(world: World, tmp_path: Path) -> None
     assert shards.queries == []
 
 
+def test_a_segment_over_the_shard_budget_is_searched_in_the_search_function(world: World, tmp_path: Path) -> None:
+    """A segment written before compaction capped them cannot go to a shard: the search answers, not a 500."""
+    shards = world.shard_searcher()
+    narrow = SearchService(
+        catalog=world.catalog, store=world.store, model_id=MODEL, text_encoder=TableEncoder,
+        image_encoder=lambda: pytest.fail("no image query"), max_image_bytes=1000, vector_index=world.index,
+        segment_dir=tmp_path / "narrow", index_cache_bytes=1.5 * world.segment_bytes, shard_searcher=shards,
+        shard_budget_bytes=0.5 * world.segment_bytes,
+    )
+    whole = world.service(name="whole")
+    assert ranking(narrow.search_text("photos", "q1", k=10)) == ranking(whole.search_text("photos", "q1", k=10))
+    assert shards.queries == []
+
+
 def test_the_shard_budgets_follow_the_shard_functions_memory_size() -> None:
     search = Settings.from_env({"CLIPSEARCH_BUCKET": "b", "CLIPSEARCH_MODEL_ID": "m", "CLIPSEARCH_DATABASE_URL": "x",
                                 "CLIPSEARCH_SHARD_FUNCTION": "shards", "CLIPSEARCH_SHARD_MEMORY_MB": "2048"})

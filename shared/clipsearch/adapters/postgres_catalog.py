@@ -246,15 +246,15 @@ class PostgresCatalog:
             raise DatasetNotFound(name)
         return DeletionTask(name, row["id"]), _deletion(row)
 
-    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> bool:
+    def claim_deletion(self, dataset_id: int, lease_seconds: int) -> datetime | None:
         with self._database.transaction() as connection:
             row = connection.execute(
                 "UPDATE datasets SET deletion_lease_until = now() + make_interval(secs => %s)"
                 f" WHERE id = %s AND {_DELETING}"
-                " AND (deletion_lease_until IS NULL OR deletion_lease_until < now()) RETURNING id",
+                " AND (deletion_lease_until IS NULL OR deletion_lease_until < now()) RETURNING deletion_requested_at",
                 (lease_seconds, dataset_id),
             ).fetchone()
-        return row is not None
+        return None if row is None else row["deletion_requested_at"]
 
     def record_deletion_progress(self, dataset_id: int, objects: int, rows: int, lease_seconds: int) -> None:
         with self._database.transaction() as connection:
@@ -548,11 +548,14 @@ class PostgresCatalog:
             ).fetchone()["n"]
             if still_live != len(replaced):
                 return None
-            version = connection.execute(
+            published = connection.execute(
                 "UPDATE datasets SET index_version = index_version + 1, updated_at = now()"
-                " WHERE id = %s RETURNING index_version",
+                " WHERE id = %s AND deletion_requested_at IS NULL RETURNING index_version",
                 (dataset_id,),
-            ).fetchone()["index_version"]
+            ).fetchone()
+            if published is None:  # deleted, or being deleted, since the compaction began: its object goes
+                return None
+            version = published["index_version"]
             connection.execute(
                 "INSERT INTO segments (id, dataset_id, object_key, vector_count, index_type,"
                 " created_version) VALUES (%s, %s, %s, %s, %s, %s)",
