@@ -525,14 +525,7 @@ class SearchService:
         )
 
     def _filter_selection(self, dataset: Dataset, image_filter: ImageFilter) -> IdSelection | None | bool:
-        """None without a filter; False when no image matches; else a selection of the matching (live) ids."""
-        if not image_filter.active:
-            return None
-        key_prefix = dataset_prefix(dataset.name) + (image_filter.key_prefix or "")
-        ids = self._catalog.filtered_image_ids(dataset.id, key_prefix, image_filter.since, image_filter.until)
-        if not ids:
-            return False
-        return self._vector_index.selection(np.asarray(ids, dtype=np.int64))
+        return filter_selection(self._catalog, self._vector_index, dataset.id, dataset.name, image_filter)
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
@@ -680,14 +673,10 @@ class ShardSearchService:
     def search(self, query: ShardQuery) -> list[tuple[int, float]]:
         with self._lock:
             view = self._view(query)
-        allowed = None
-        image_filter = query.image_filter
-        if image_filter.active:
-            key_prefix = dataset_prefix(query.dataset) + (image_filter.key_prefix or "")
-            ids = self._catalog.filtered_image_ids(query.dataset_id, key_prefix, image_filter.since, image_filter.until)
-            if not ids:
-                return []
-            allowed = self._vector_index.selection(np.asarray(ids, dtype=np.int64))
+        allowed = filter_selection(self._catalog, self._vector_index, query.dataset_id, query.dataset,
+                                   query.image_filter)
+        if allowed is False:
+            return []
         vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(1, -1)
         return view.search(vector, query.k, allowed)
 
@@ -722,6 +711,19 @@ class ShardSearchService:
                 self._views = {dataset_id: view for dataset_id, view in self._views.items()
                                if all(loaded.ref.id != segment_id for loaded in view.segments)}
                 logger.info("segment %s dropped to stay under %d bytes", segment_id, self._cache_bytes)
+
+
+def filter_selection(
+    catalog: SearchCatalog, vector_index: VectorIndex, dataset_id: int, dataset: str, image_filter: ImageFilter
+) -> IdSelection | None | bool:
+    """None without a filter; False when no image matches; else a selection of the matching (live) ids."""
+    if not image_filter.active:
+        return None
+    key_prefix = dataset_prefix(dataset) + (image_filter.key_prefix or "")
+    ids = catalog.filtered_image_ids(dataset_id, key_prefix, image_filter.since, image_filter.until)
+    if not ids:
+        return False
+    return vector_index.selection(np.asarray(ids, dtype=np.int64))
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:
