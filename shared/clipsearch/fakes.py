@@ -256,13 +256,14 @@ class InMemorySearchCatalog:
 
     def filtered_image_ids(
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
-    ) -> Sequence[int]:
+    ) -> np.ndarray:
         """By key prefix only: the fake keeps no ingest times, so a time filter is refused."""
         if since is not None or until is not None:
             raise NotImplementedError("InMemorySearchCatalog keeps no ingest times")
         name = next(row.name for row in self.datasets.values() if row.id == dataset_id)
-        return sorted(image_id for image_id, location in self.locations.items()  # live images have a location
-                      if location.key.startswith(f"datasets/{name}/") and location.key.startswith(key_prefix or ""))
+        return np.array(sorted(image_id for image_id, location in self.locations.items()  # live images have a location
+                               if location.key.startswith(f"datasets/{name}/") and location.key.startswith(key_prefix or "")),
+                        dtype=np.int64)
 
     def remove_dataset(self, name: str) -> DatasetRemoval:
         row = self.datasets.pop(name, None)

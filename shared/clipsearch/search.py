@@ -34,7 +34,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from clipsearch.datasets import check_caller_image_key, dataset_prefix, thumbnail_key
+from clipsearch.datasets import check_caller_image_key, thumbnail_key
 from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
@@ -43,6 +43,7 @@ from clipsearch.errors import (
     ObjectNotFound,
     TransientError,
 )
+from clipsearch.filter_selections import FilterSelections, Selection
 from clipsearch.ports import (
     Dataset,
     IdSelection,
@@ -301,6 +302,7 @@ class SearchService:
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._cache_listener: CacheListener = _ignore_cache_lookup
+        self._filter_selections = FilterSelections(catalog, vector_index)
 
     def listen_to_caches(self, listener: CacheListener) -> None:
         """From now on, `listener(cache, hit)` hears of each request's lookup of ENCODER_CACHE and INDEX_CACHE,
@@ -492,7 +494,7 @@ class SearchService:
             ranked = index.search(self._shard_searcher, self._fan_out.get(), query, options.offset + k,
                                   options.image_filter)
         else:
-            allowed = self._filter_selection(dataset, options.image_filter)
+            allowed = self._filter_selection(dataset, index, options.image_filter)
             if allowed is not False:
                 ranked = index.search(query, options.offset + k, allowed)
         if options.min_score is not None:
@@ -524,8 +526,9 @@ class SearchService:
             ),
         )
 
-    def _filter_selection(self, dataset: Dataset, image_filter: ImageFilter) -> IdSelection | None | bool:
-        return filter_selection(self._catalog, self._vector_index, dataset.id, dataset.name, image_filter)
+    def _filter_selection(self, dataset: Dataset, index: DatasetIndex, image_filter: ImageFilter) -> Selection:
+        """Kept for the snapshot's version, read after it existed: it holds every deletion the snapshot knows."""
+        return self._filter_selections.select(dataset.id, dataset.name, index.index_version, image_filter)
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
@@ -663,6 +666,7 @@ class ShardSearchService:
         self._deleted: dict[int, tuple[int, set[int]]] = {}  # dataset id -> (index_version, deleted ids)
         self._views: dict[int, DatasetIndex] = {}  # dataset id -> the last shard searched, ready
         self._lock = threading.Lock()
+        self._filter_selections = FilterSelections(catalog, vector_index)
 
     @property
     def loaded_segments(self) -> list[str]:
@@ -673,8 +677,8 @@ class ShardSearchService:
     def search(self, query: ShardQuery) -> list[tuple[int, float]]:
         with self._lock:
             view = self._view(query)
-        allowed = filter_selection(self._catalog, self._vector_index, query.dataset_id, query.dataset,
-                                   query.image_filter)
+        allowed = self._filter_selections.select(query.dataset_id, query.dataset, view.index_version,
+                                                 query.image_filter)
         if allowed is False:
             return []
         vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(1, -1)
@@ -711,19 +715,6 @@ class ShardSearchService:
                 self._views = {dataset_id: view for dataset_id, view in self._views.items()
                                if all(loaded.ref.id != segment_id for loaded in view.segments)}
                 logger.info("segment %s dropped to stay under %d bytes", segment_id, self._cache_bytes)
-
-
-def filter_selection(
-    catalog: SearchCatalog, vector_index: VectorIndex, dataset_id: int, dataset: str, image_filter: ImageFilter
-) -> IdSelection | None | bool:
-    """None without a filter; False when no image matches; else a selection of the matching (live) ids."""
-    if not image_filter.active:
-        return None
-    key_prefix = dataset_prefix(dataset) + (image_filter.key_prefix or "")
-    ids = catalog.filtered_image_ids(dataset_id, key_prefix, image_filter.since, image_filter.until)
-    if not ids:
-        return False
-    return vector_index.selection(np.asarray(ids, dtype=np.int64))
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 
+import numpy as np
 import psycopg
 
 from clipsearch.adapters.postgres_connection import Database
@@ -184,24 +186,31 @@ class PostgresCatalog:
 
     def filtered_image_ids(
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
-    ) -> Sequence[int]:
-        """Served by migration 004's indexes; the ids come back as one array, ~7x faster than 10k rows."""
+    ) -> np.ndarray:
+        """Served by migration 004's index-only scans. At 10k of 100k ids (benchmarks/filtered_search.py): a
+        key range, not LIKE (which re-checked every row), the ids packed by the server as one bytea of
+        big-endian int64 and read in binary (no Python int per id), in one round trip outside a transaction:
+        server + client CPU ~4.6 ms against ~6.6 ms for a LIKE and an int8[] in text."""
         conditions, params = ["dataset_id = %s", "status = 'indexed'"], [dataset_id]
         if key_prefix:
-            conditions.append("object_key COLLATE \"C\" LIKE %s ESCAPE '\\'")
-            literal = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            params.append(literal + "%")
+            conditions.append("object_key COLLATE \"C\" >= %s")
+            params.append(key_prefix)
+            upper = _prefix_upper_bound(key_prefix)
+            if upper is not None:
+                conditions.append("object_key COLLATE \"C\" < %s")
+                params.append(upper)
         if since is not None:
             conditions.append("created_at >= %s")
             params.append(since)
         if until is not None:
             conditions.append("created_at < %s")
             params.append(until)
-        with self._database.transaction() as connection:
-            row = connection.execute(
-                f"SELECT array_agg(id) AS ids FROM images WHERE {' AND '.join(conditions)}", params
-            ).fetchone()
-        return row["ids"] or []
+        with self._database.read() as connection:
+            packed = connection.cursor(binary=True).execute(
+                f"SELECT string_agg(int8send(id), ''::bytea) AS ids FROM images WHERE {' AND '.join(conditions)}",
+                params,
+            ).fetchone()["ids"]
+        return np.frombuffer(packed or b"", dtype=">i8").astype(np.int64)
 
     def remove_dataset(self, name: str) -> DatasetRemoval:
         validate_dataset_name(name)
@@ -593,3 +602,16 @@ class PostgresCatalog:
                 "SELECT object_key FROM segments WHERE dataset_id = %s", (dataset_id,)
             ).fetchall()
         return {row["object_key"] for row in rows}
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix`, in code point order (which is the
+    byte order of UTF-8, COLLATE "C"): its last character raised by one, dropping maximal ones; None
+    when there is none."""
+    characters = list(prefix)
+    while characters:
+        last = ord(characters.pop())
+        if last < sys.maxunicode:
+            following = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1  # surrogates are not characters
+            return "".join(characters) + chr(following)
+    return None
