@@ -437,12 +437,13 @@ def _child(args) -> int:
     steps: dict[str, tuple[float, float]] = {}
     if args.child == "service":
         _time_cold_start_steps(steps, spawned_at)
-        text, image = _service_searchers(args.dataset)
+        text, image, function = _service_searchers(args.dataset)
         steps["handler module imported"] = (0.0, time.time() - spawned_at)
     else:
         text, image = _baseline_searchers(
             args.dataset, Path(args.index_file), os.environ["CLIPSEARCH_DATABASE_URL"], args.model
         )
+        function = None
     first_hits = text(TEXT_QUERIES[0])
     if first_hits != K:
         raise RuntimeError(f"the first query found {first_hits} hits, not {K}")
@@ -460,6 +461,9 @@ def _child(args) -> int:
     image_ms = _latencies(image, [query_images[i % len(query_images)] for i in range(args.image_queries)])
     peak_rss_mb = peak_rss_mib()
     parts = _warm_text_parts(args.dataset, args.queries) if args.child == "service" else {}
+    stages = {}
+    if args.child == "service":
+        stages = _warm_text_stages(function, text, args.queries, first=3 * args.queries)
     profile = cpu_profile = {}
     if args.profile and args.child == "service":
         profile = _profile_warm_text(text, args.queries // 2, first=args.queries)
@@ -479,6 +483,7 @@ def _child(args) -> int:
         "image_p99_ms": float(np.percentile(image_ms, 99)),
         "peak_rss_mb": peak_rss_mb,
         "parts": parts,
+        "stages": stages,
         "profile": profile,
         "cpu_profile": cpu_profile,
         "cold_start_steps": steps,
@@ -546,7 +551,7 @@ def _service_searchers(dataset: str):
     def image(data: bytes) -> int:
         return call(f"/datasets/{dataset}/search/image", base64.b64encode(data).decode(), "image/jpeg", True)
 
-    return text, image
+    return text, image, function
 
 
 def _baseline_searchers(dataset: str, index_file: Path, database_url: str, model_dir: Path):
@@ -587,6 +592,74 @@ def _baseline_searchers(dataset: str, index_file: Path, database_url: str, model
     return text, image
 
 
+# The stages of a warm text query, by the function or method that runs each (nested calls are subtracted
+# from their caller, so every stage is its own time): (owner module, owner attribute, method, stage).
+_STAGES = (
+    (None, None, "handler", "telemetry wrappers (logging, metrics, tracer)"),
+    ("aws_lambda_powertools.event_handler", "APIGatewayHttpResolver", "resolve",
+     "HTTP routing, validation, response JSON"),
+    ("clipsearch.search", "SearchService", "search_text", "search service, other"),
+    ("clipsearch.tokenizer", "ClipTokenizer", "encode", "tokenizer"),
+    ("clipsearch.encoders", "OnnxTextEncoder", "_run", "text tower (onnxruntime)"),
+    ("clipsearch.adapters.postgres_catalog", "PostgresCatalog", "get_dataset", "catalog: dataset row"),
+    ("clipsearch.adapters.faiss_index", "FaissSegment", "search", "FAISS search"),
+    ("clipsearch.adapters.postgres_catalog", "PostgresCatalog", "image_locations", "catalog: paths of the hits"),
+)
+
+
+def _warm_text_stages(function, text, count: int, first: int) -> dict:
+    """Where a new warm text query's time goes, stage by stage, through the handler: each stage's own wall
+    time and process CPU time (every thread's: the text tower's pool included), median over `count`
+    queries, and the handler's total. Measured after the timed runs, with the stages wrapped."""
+    import importlib
+
+    frames: list[list[float]] = []  # [wall started, cpu started, wall of callees, cpu of callees]
+    query: dict[str, list[float]] = {}
+
+    def wrapped(label: str, original):
+        def timed(*args, **kwargs):
+            frames.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                started, cpu_started, callees, callee_cpu = frames.pop()
+                wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+                own = query.setdefault(label, [0.0, 0.0])
+                own[0] += wall - callees
+                own[1] += cpu - callee_cpu
+                if frames:
+                    frames[-1][2] += wall
+                    frames[-1][3] += cpu
+        return timed
+
+    originals = []
+    for module, owner_name, method, label in _STAGES:
+        owner = function if module is None else getattr(importlib.import_module(module), owner_name)
+        originals.append((owner, method, getattr(owner, method)))
+        setattr(owner, method, wrapped(label, getattr(owner, method)))
+    per_stage: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for *_, label in _STAGES}
+    totals: tuple[list[float], list[float]] = ([], [])
+    try:
+        for number in range(count):
+            query.clear()
+            text(_new_text(first + number))
+            for label, (walls, cpus) in per_stage.items():
+                wall, cpu = query.get(label, (0.0, 0.0))
+                walls.append(wall * 1000)
+                cpus.append(cpu * 1000)
+            totals[0].append(sum(wall for wall, _ in query.values()) * 1000)
+            totals[1].append(sum(cpu for _, cpu in query.values()) * 1000)
+    finally:
+        for owner, method, original in originals:
+            setattr(owner, method, original)
+    return {
+        "stages_ms": {
+            label: (float(np.median(walls)), float(np.median(cpus))) for label, (walls, cpus) in per_stage.items()
+        },
+        "handler_ms": (float(np.median(totals[0])), float(np.median(totals[1]))),
+    }
+
+
 def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
     """Where a warm text query's time goes: the text tower and the two catalog reads, timed alone."""
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -597,7 +670,7 @@ def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
 
     settings = Settings.from_env()
     files = ModelFiles.open(settings.model_cache_dir / settings.model_id)
-    encoder = OnnxTextEncoder.from_model_files(files, threads=1)  # as clipsearch.wiring builds it
+    encoder = OnnxTextEncoder.from_model_files(files, threads=settings.onnx_threads or 1)  # as wiring builds it
     catalog = PostgresCatalog(build_database(settings))
     ids = list(range(1, 11))
     queries = [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(count)]
@@ -804,6 +877,13 @@ def _print_size(row: dict) -> None:
     print("cold start steps (s since the process was spawned: start -> end; first call of each):")
     for name, (start, end) in sorted(ours.get("cold_start_steps", {}).items(), key=lambda item: item[1]):
         print(f"  {start:6.2f} -> {end:6.2f}  ({end - start:5.2f} s)  {name}")
+    if ours.get("stages"):
+        handler_wall, handler_cpu = ours["stages"]["handler_ms"]
+        print(f"stages of a new warm text query through the handler (median of each stage's own time, ms; CPU = "
+              f"process CPU, every thread; handler total p50 {handler_wall:.2f} ms wall, {handler_cpu:.2f} ms CPU):")
+        print(f"  {'stage':46}{'wall':>8}{'CPU':>8}")
+        for name, (wall, cpu) in ours["stages"]["stages_ms"].items():
+            print(f"  {name:46}{wall:8.3f}{cpu:8.3f}")
     print("parts of a warm text query, timed alone (ms):")
     for name, value in ours["parts"].items():
         print(f"  {name:28}{value:10.3f}")
