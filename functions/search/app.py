@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from aws_lambda_powertools.logging import correlation_paths
-from clipsearch.http.routes import search_api
-from clipsearch.observability import FunctionTelemetry, observed_handler
-from clipsearch.wiring import get_search_service
+from clipsearch.wiring import get_search_service, start_search_function
+
+start_search_function()  # before the imports below: the text model loads while they run
+
+from aws_lambda_powertools.logging import correlation_paths  # noqa: E402
+from clipsearch.http.routes import search_api  # noqa: E402
+from clipsearch.observability import FunctionTelemetry, observed_handler  # noqa: E402
 
 telemetry = FunctionTelemetry.for_function("search")
 app = search_api(get_search_service, telemetry)

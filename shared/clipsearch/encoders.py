@@ -57,8 +57,9 @@ class ImageEmbedding:
     thumbnail: bytes | None = None
 
 
-def create_session(graph: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with every graph optimization, denormals flushed to zero, and no spin-waiting."""
+def create_session(graph: Path, threads: int | None = None, spinning: bool = False) -> ort.InferenceSession:
+    """A CPU session with every graph optimization, denormals flushed to zero, and no spin-waiting unless
+    `spinning` (benchmarks/search.py measures it for the text tower)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -66,7 +67,7 @@ def create_session(graph: Path, threads: int | None = None) -> ort.InferenceSess
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     # Spinning threads steal the cores that decode workers and other processes need. On 2 shared cores,
     # int8 ViT-B/32 image tower, median of 4 interleaved runs: 19.6 -> 25.8 img/s at batch 8 without it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -124,9 +125,13 @@ class OnnxTextEncoder:
         self.batch_size = batch_size
 
     @classmethod
-    def from_model_files(cls, files: ModelFiles, threads: int | None = None) -> OnnxTextEncoder:
-        """Loads the tokenizer now and the text graph on first use; never touches the vision graph."""
-        return cls(files.tokenizer(), _loader(files, TEXT_GRAPH, threads))
+    def from_model_files(
+        cls, files: ModelFiles, threads: int | None = None, open_now: bool = False
+    ) -> OnnxTextEncoder:
+        """Loads the tokenizer now and the text graph on first use (or now, with `open_now`); never
+        touches the vision graph."""
+        load = _loader(files, TEXT_GRAPH, threads)
+        return cls(files.tokenizer(), load() if open_now else load)
 
     def embed_text(self, text: str) -> TextEmbedding:
         tokenized = self.tokenizer.encode(text)

