@@ -43,7 +43,9 @@ def filter_selection(
 
 
 def _matching_ids(catalog: SearchCatalog, dataset_id: int, dataset: str, image_filter: ImageFilter) -> np.ndarray:
-    key_prefix = dataset_prefix(dataset) + (image_filter.key_prefix or "")
+    # Every key of the dataset is under its prefix: without a folder, no key condition, so a time range is one
+    # index-only scan (with the dataset's whole key range too, PostgreSQL read the table: 2x the CPU at 100k).
+    key_prefix = dataset_prefix(dataset) + image_filter.key_prefix if image_filter.key_prefix else None
     ids = catalog.filtered_image_ids(dataset_id, key_prefix, image_filter.since, image_filter.until)
     return np.asarray(ids, dtype=np.int64)
 

@@ -186,8 +186,8 @@ class SearchCatalog(Protocol):
     def filtered_image_ids(
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
     ) -> np.ndarray:
-        """Ids (int64, in no particular order) of the indexed images whose key starts with `key_prefix` and that
-        were ingested in [since, until)."""
+        """Ids (int64, in no particular order) of the indexed images whose key starts with `key_prefix` (any key
+        when None) and that were ingested in [since, until)."""
         ...
 
 
