@@ -661,24 +661,48 @@ def _warm_text_stages(function, text, count: int, first: int) -> dict:
 
 
 def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
-    """Where a warm text query's time goes: the text tower and the two catalog reads, timed alone."""
+    """Where a warm text query's time goes, timed alone: the two catalog reads (on ids of the dataset), and
+    the text tower with 1 and 2 threads, spin-waiting off (as the function runs it) and on, in interleaved
+    rounds of new texts so that the machine's load falls on every variant alike."""
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.config import Settings
-    from clipsearch.encoders import OnnxTextEncoder
-    from clipsearch.model_files import ModelFiles
+    from clipsearch.encoders import TEXT_INPUT, TEXT_OUTPUT, create_session
+    from clipsearch.model_files import TEXT_GRAPH, ModelFiles
     from clipsearch.wiring import build_database
 
     settings = Settings.from_env()
     files = ModelFiles.open(settings.model_cache_dir / settings.model_id)
-    encoder = OnnxTextEncoder.from_model_files(files, threads=settings.onnx_threads or 1)  # as wiring builds it
-    catalog = PostgresCatalog(build_database(settings))
-    ids = list(range(1, 11))
-    queries = [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(count)]
-    return {
-        "text tower p50 ms": float(np.percentile(_latencies(encoder.embed_text, queries), 50)),
+    database = build_database(settings)
+    catalog = PostgresCatalog(database)
+    with database.read() as connection:
+        ids = [row["id"] for row in connection.execute(
+            "SELECT id FROM images WHERE dataset_id = (SELECT id FROM datasets WHERE name = %s) LIMIT 10", (dataset,)
+        )]
+    parts = {
         "dataset row p50 ms": float(np.percentile(_latencies(catalog.get_dataset, [dataset] * count), 50)),
-        "paths of 10 ids p50 ms": float(np.percentile(_latencies(lambda _: catalog.image_locations(ids), queries), 50)),
+        "paths of 10 ids p50 ms": float(np.percentile(_latencies(catalog.image_locations, [ids] * count), 50)),
     }
+    tokenizer = files.tokenizer()
+    token_ids = [tokenizer.encode(_new_text(number)).ids[np.newaxis, :] for number in range(count)]
+    sessions = {
+        (threads, spinning): create_session(files.directory / TEXT_GRAPH, threads, spinning)
+        for threads in (1, 2) for spinning in (False, True)
+    }
+    timings: dict[tuple[int, bool], list[float]] = {variant: [] for variant in sessions}
+    for session in sessions.values():
+        session.run([TEXT_OUTPUT], {TEXT_INPUT: token_ids[0]})
+    for start in range(0, count, 10):
+        for variant, session in sessions.items():
+            for ids in token_ids[start:start + 10]:
+                started = time.perf_counter()
+                session.run([TEXT_OUTPUT], {TEXT_INPUT: ids})
+                timings[variant].append((time.perf_counter() - started) * 1000)
+    function_threads = settings.onnx_threads or 1  # as clipsearch.wiring builds the text tower
+    for (threads, spinning), durations in timings.items():
+        used = " (the function's)" if (threads, spinning) == (function_threads, False) else ""
+        label = f"text tower, {threads} thread{'s' if threads > 1 else ''}, spinning {'on' if spinning else 'off'}"
+        parts[f"{label}{used} p50 ms"] = float(np.percentile(durations, 50))
+    return parts
 
 
 # Where a profiled function's own time goes: the first pattern found in its file or name names its area.
@@ -886,7 +910,7 @@ def _print_size(row: dict) -> None:
             print(f"  {name:46}{wall:8.3f}{cpu:8.3f}")
     print("parts of a warm text query, timed alone (ms):")
     for name, value in ours["parts"].items():
-        print(f"  {name:28}{value:10.3f}")
+        print(f"  {name:56}{value:10.3f}")
     for key, clock in (("profile", "wall time"), ("cpu_profile", "CPU time of the handler's thread")):
         if not ours.get(key):
             continue
@@ -922,6 +946,23 @@ def _print_summary(rows: list[dict]) -> None:
               f"{ours['repeated_text_p50_ms']:.1f} | {ours['cold_start_s']:.2f}{_target(cold, '<=')} | "
               f"{ours['cold_start_cpu_s']:.2f} | {ours['peak_rss_mb']:.0f}{_target(rss, '<=')} | "
               f"{row['recall']:.3f}{_target(recall, '>=')} | {speedup} |")
+    _print_stage_summary(rows)
+
+
+def _print_stage_summary(rows: list[dict]) -> None:
+    """The stages of a new warm text query side by side for every size, under the CPU they ran on."""
+    staged = [row for row in rows if row["ours"].get("stages")]
+    if not staged:
+        return
+    print(f"\nwhere a new warm text query's p50 goes (each stage's own median, ms wall / ms process CPU, through the "
+          f"handler; CPU: {cpu_description()}):")
+    print("| stage | " + " | ".join(f"{row['size']:,}" for row in staged) + " |")
+    print("|---|" + "---|" * len(staged))
+    for stage in staged[0]["ours"]["stages"]["stages_ms"]:
+        cells = [row["ours"]["stages"]["stages_ms"][stage] for row in staged]
+        print(f"| {stage} | " + " | ".join(f"{wall:.2f} / {cpu:.2f}" for wall, cpu in cells) + " |")
+    totals = [row["ours"]["stages"]["handler_ms"] for row in staged]
+    print("| handler, total (median) | " + " | ".join(f"{wall:.2f} / {cpu:.2f}" for wall, cpu in totals) + " |")
 
 
 def _target(value, relation: str) -> str:

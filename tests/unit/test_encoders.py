@@ -64,6 +64,16 @@ def test_true_length_equals_padding_to_the_full_context(text_encoder, model_file
         assert np.abs(embedding.vector - normalized(reference)).max() < 1e-5
 
 
+def test_spin_waiting_is_off_unless_asked_and_changes_no_embedding(model_files) -> None:
+    quiet = create_session(model_files.text_graph, threads=2)
+    spinning = create_session(model_files.text_graph, threads=2, spinning=True)
+    setting = "session.intra_op.allow_spinning"
+    assert quiet.get_session_options().get_session_config_entry(setting) == "0"
+    assert spinning.get_session_options().get_session_config_entry(setting) == "1"
+    ids = {"input_ids": np.array([[49406, 320, 1929, 49407]], dtype=np.int64)}
+    assert np.allclose(quiet.run(["text_embeds"], ids)[0], spinning.run(["text_embeds"], ids)[0], rtol=0, atol=1e-6)
+
+
 def test_text_embeddings_are_normalized_and_report_truncation(text_encoder, model_files) -> None:
     short, long = text_encoder.embed_text("a dog"), text_encoder.embed_text("dog " * 120)
     for embedding in (short, long):
