@@ -150,7 +150,9 @@ def test_search_logs_its_ids_and_measures_latency_and_cache_hits(ingest_stack, e
 
     first, second, image = (run.metrics_of(f"request-{number}") for number in range(3))
     assert set(first) == {"TextQueryLatency", "ModelCacheHit", "SegmentCacheHit"}
-    assert (first["ModelCacheHit"], first["SegmentCacheHit"]) == (0, 0)  # cold: text tower and segments load
+    # The text tower starts loading during init, so whether the first request found it ready is a race
+    # (with the tiny test model it usually wins); the segments only load once a request names the dataset.
+    assert first["SegmentCacheHit"] == 0
     assert (second["ModelCacheHit"], second["SegmentCacheHit"]) == (1, 1)  # warm
     assert set(image) == {"ImageQueryLatency", "ModelCacheHit", "SegmentCacheHit"}
     assert (image["ModelCacheHit"], image["SegmentCacheHit"]) == (0, 1)  # the vision tower is its own load

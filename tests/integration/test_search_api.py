@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
 import pytest
-from search_stack import MODEL_ID, SearchStack, stack_fixture  # noqa: F401  (the `stack` fixture)
+from clipsearch import wiring
+from http_events import load_function
+from search_stack import MODEL_ID, SearchStack, clear_wiring, stack_fixture  # noqa: F401  (the `stack` fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +175,10 @@ def test_an_unexpected_failure_is_a_generic_500(stack: SearchStack, photos, s3_c
     # The model is gone from the bucket: a server fault, never reported as the caller's mistake.
     listed = s3_client.list_objects_v2(Bucket=stack.store.bucket, Prefix="models/")["Contents"]
     s3_client.delete_objects(Bucket=stack.store.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]})
-    status, body = search_text(stack, "photos", {"query": "x"})
+    shutil.rmtree(wiring.get_settings().model_cache_dir)  # the model its init fetched into /tmp
+    clear_wiring()
+    cold = load_function("search")  # a new execution environment: its init cannot fetch the model either
+    status, body = stack.call(cold, "search_text", dataset="photos", body={"query": "x"})
     assert status == 500 and body == {"error": {"code": "internal_error", "message": "internal error"}}
 
 
