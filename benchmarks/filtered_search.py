@@ -5,7 +5,11 @@ one catalog row per vector in a throwaway PostgreSQL and the segment in a moto S
 dataset `filteru` puts image i in folder f<i % 10>/ (a folder uncorrelated with the clusters) and gives it
 an ingest time of base + i seconds; dataset `filterc` puts each image in the folder of its cluster
 (f<cluster % 10>/, a folder of a few subjects). A fresh process imports functions/search/app.py and answers
-HTTP API v2 text queries, unfiltered and filtered, interleaved; it also times the filter's parts alone.
+HTTP API v2 text queries, unfiltered and filtered, interleaved, each with a cached query text (the text query
+cache answers the tower) and with a new one (the tower runs); each filtered query once as a first use (the
+function's kept filter selections cleared, so the catalog is asked) and once repeated (the next page of the
+same folder). It also times the filter's parts alone: the catalog's id query (wall, PostgreSQL backend CPU,
+client CPU) against the former form and the index scan alone, the selection's build, the kept lookup, FAISS.
 This process then scores the handler's answers against exact filtered search on the float vectors, and
 compares the segment's filtered search with FAISS's own selector on the plain probe (the former way).
 
@@ -201,32 +205,59 @@ def _run_child(environment: dict, args, scratch: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+# Each filtered variant is timed twice per round: its first use (the search function's kept selections cleared
+# before, so the catalog is asked, as for a new folder or a new dataset version) and repeated (the next page).
+USES = ("first use", "repeated")
+TEXTS = ("cached text", "new text")  # the text query cache answers the tower, or the tower runs
+
+
 def _child(args) -> int:
+    from clipsearch.wiring import get_search_service
+
     call = _handler()
     for label, dataset, variant_filter in VARIANTS:  # warm: encoder, both snapshots, layouts
         call(dataset, TEXT_QUERIES[0], variant_filter)
+    # The benchmark reaches into the service to make every first use a real one; requests never clear it.
+    kept_selections = get_search_service()._filter_selections
     cpu_started = time.process_time()
-    durations = {label: [] for label, _, _ in VARIANTS}
-    cpu_ms = {label: [] for label, _, _ in VARIANTS}  # this thread's CPU: what the load of others cannot inflate
-    counts = {label: [] for label, _, _ in VARIANTS}
-    keys = {label: {} for label, _, _ in VARIANTS}
+    durations: dict[tuple[str, str, str], list[float]] = {}
+    cpu_ms: dict[tuple[str, str, str], list[float]] = {}  # this thread's CPU: what the load of others cannot inflate
+    counts: dict[str, list[int]] = {label: [] for label, _, _ in VARIANTS}
+    keys: dict[str, dict[str, list[str]]] = {label: {} for label, _, _ in VARIANTS}
+    repeats_agree = True
+    calls = 0
     for position in range(args.queries):  # interleaved, so load from other processes hits every variant alike
-        query = TEXT_QUERIES[position % len(TEXT_QUERIES)]
-        for label, dataset, variant_filter in VARIANTS:
-            started, cpu_started = time.perf_counter(), time.thread_time()
-            results = call(dataset, query, variant_filter)
-            durations[label].append((time.perf_counter() - started) * 1000)
-            cpu_ms[label].append((time.thread_time() - cpu_started) * 1000)
-            counts[label].append(len(results))
-            keys[label][query] = [result["key"] for result in results]
+        for text in TEXTS:
+            for number, (label, dataset, variant_filter) in enumerate(VARIANTS):
+                cached_query = TEXT_QUERIES[position % len(TEXT_QUERIES)]
+                first_keys = None
+                for use in (USES if variant_filter else ("unfiltered",)):
+                    query = cached_query if text == "cached text" else f"{cached_query} {position} {number} {use}"
+                    if use == "first use":
+                        kept_selections.clear()
+                    started, cpu_started_here = time.perf_counter(), time.thread_time()
+                    results = call(dataset, query, variant_filter)
+                    durations.setdefault((label, text, use), []).append((time.perf_counter() - started) * 1000)
+                    cpu_ms.setdefault((label, text, use), []).append((time.thread_time() - cpu_started_here) * 1000)
+                    calls += 1
+                    found = [result["key"] for result in results]
+                    if text == "cached text":
+                        if use == "repeated":
+                            repeats_agree = repeats_agree and found == first_keys
+                        else:
+                            first_keys = found
+                            counts[label].append(len(results))
+                            keys[label][query] = found
     cpu_s = time.process_time() - cpu_started
     print(json.dumps({
-        "latency": {label: {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
-                            "cpu_p50": float(np.percentile(cpu_ms[label], 50))}
-                    for label, values in durations.items()},
+        "latency": [{"label": label, "text": text, "use": use,
+                     "p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
+                     "cpu_p50": float(np.percentile(cpu_ms[(label, text, use)], 50))}
+                    for (label, text, use), values in durations.items()],
         "counts": {label: [min(values), float(np.mean(values))] for label, values in counts.items()},
         "keys": keys,
-        "cpu_s_per_request": cpu_s / (args.queries * len(VARIANTS)),
+        "repeats_agree": repeats_agree,
+        "cpu_s_per_request": cpu_s / calls,
         "parts": _parts(args.queries),
         "peak_rss_mb": peak_rss_mib(),
         "load_average": os.getloadavg()[0],
@@ -263,19 +294,24 @@ def _handler():
 
 
 def _parts(count: int) -> dict[str, dict[str, float]]:
-    """Each filtered variant's parts, timed alone (p50 ms): the catalog's id query, the selection's build,
-    and the segment search with it, next to the text tower and the unfiltered segment search."""
+    """Each filtered variant's parts, timed alone (p50 ms, and mean CPU ms of the PostgreSQL backend and of
+    this process for the catalog): the catalog's id query as the search function asks it, the former form
+    (LIKE, int8[] as text in a transaction), the index scan alone (count(*)), the selection's build, the kept
+    selection's lookup, the segment search with it; next to the text tower and the unfiltered segment search."""
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.config import Settings
     from clipsearch.datasets import dataset_prefix
     from clipsearch.encoders import OnnxTextEncoder
+    from clipsearch.filter_selections import FilterSelections
     from clipsearch.model_files import ModelFiles
+    from clipsearch.search_results import ImageFilter
     from clipsearch.wiring import build_database, build_object_store
 
     settings = Settings.from_env()
     encoder = OnnxTextEncoder.from_model_files(ModelFiles.open(settings.model_cache_dir / settings.model_id), threads=1)
-    catalog = PostgresCatalog(build_database(settings))
+    database = build_database(settings)
+    catalog = PostgresCatalog(database)
     store = build_object_store(settings)
     vector_index = FaissVectorIndex()
     queries = [encoder.embed_text(text).vector[None] for text in TEXT_QUERIES]
@@ -286,27 +322,88 @@ def _parts(count: int) -> dict[str, dict[str, float]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         store.download_file(catalog.live_segments(catalog.get_dataset(dataset).id)[0].object_key, path)
         segments[dataset] = vector_index.open(path)
+    with database.read() as connection:
+        backend = connection.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
     parts = {"text tower": {"ms": _p50(lambda text: encoder.embed_text(text), TEXT_QUERIES * (count // 8 + 1))}}
     for label, dataset, variant_filter in VARIANTS:
         segment = segments[dataset]
         if not variant_filter:
             parts[label] = {"faiss search": _p50(lambda query: segment.search(query, K), rounds)}
             continue
-        dataset_id = catalog.get_dataset(dataset).id
-        key_prefix = dataset_prefix(dataset) + variant_filter.get("prefix", "")
+        row = catalog.get_dataset(dataset)
+        key_prefix = dataset_prefix(dataset) + variant_filter["prefix"] if "prefix" in variant_filter else None
+        former_prefix = dataset_prefix(dataset) + variant_filter.get("prefix", "")  # the former query always had one
         since, until = (datetime.fromisoformat(variant_filter[name]) if name in variant_filter else None
                         for name in ("since", "until"))
-        ids = np.asarray(catalog.filtered_image_ids(dataset_id, key_prefix, since, until), dtype=np.int64)
+        image_filter = ImageFilter(variant_filter.get("prefix"), since, until)
+        ids = catalog.filtered_image_ids(row.id, key_prefix, since, until)
         selection = vector_index.selection(ids)
         segment.search(rounds[0], K, selection)  # the segment's list layout, read once
+        kept = FilterSelections(catalog, vector_index)
+        kept.select(row.id, dataset, row.index_version, image_filter)
         parts[label] = {
             "matching ids": float(len(ids)),
-            "catalog id query": _p50(lambda _: catalog.filtered_image_ids(dataset_id, key_prefix, since, until),
-                                     rounds),
+            **_catalog_costs("catalog id query", backend, count,
+                             lambda: catalog.filtered_image_ids(row.id, key_prefix, since, until)),
+            **_catalog_costs("former id query", backend, count,
+                             lambda: _former_filtered_ids(database, row.id, former_prefix, since, until)),
+            **_catalog_costs("index scan alone", backend, count,
+                             lambda: _count_matching(database, row.id, key_prefix, since, until)),
             "selection build": _p50(lambda _: vector_index.selection(ids), rounds),
+            "kept selection lookup": _p50(lambda _: kept.select(row.id, dataset, row.index_version, image_filter),
+                                          rounds),
             "faiss search": _p50(lambda query: segment.search(query, K, selection), rounds),
         }
     return parts
+
+
+def _catalog_costs(name: str, backend: int, count: int, query) -> dict[str, float]:
+    """p50 wall ms of `query`, and its mean CPU ms in the PostgreSQL backend (from /proc: same machine) and here."""
+    query()
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def backend_cpu_s() -> float:
+        fields = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    server_started, client_started = backend_cpu_s(), time.thread_time()
+    wall = _p50(lambda _: query(), list(range(count)))
+    return {name: wall,
+            f"{name} server CPU": (backend_cpu_s() - server_started) * 1000 / count,
+            f"{name} client CPU": (time.thread_time() - client_started) * 1000 / count}
+
+
+def _conditions(dataset_id: int, key_prefix: str | None, since, until, as_like: bool) -> tuple[str, list]:
+    """The filter's WHERE clause with the prefix as a LIKE (the former way) or as the catalog's key range."""
+    from clipsearch.adapters.postgres_catalog import _prefix_upper_bound
+
+    conditions, params = ["dataset_id = %s", "status = 'indexed'"], [dataset_id]
+    if as_like:
+        conditions.append("object_key COLLATE \"C\" LIKE %s ESCAPE '\\'")
+        params.append(key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    elif key_prefix is not None:
+        conditions.append("object_key COLLATE \"C\" >= %s AND object_key COLLATE \"C\" < %s")
+        params += [key_prefix, _prefix_upper_bound(key_prefix)]
+    for value, condition in ((since, "created_at >= %s"), (until, "created_at < %s")):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    return " AND ".join(conditions), params
+
+
+def _former_filtered_ids(database, dataset_id: int, key_prefix: str, since, until) -> np.ndarray:
+    """The catalog query before this round: a LIKE prefix, int8[] in text, three round trips, a Python list."""
+    where, params = _conditions(dataset_id, key_prefix, since, until, as_like=True)
+    with database.transaction() as connection:
+        found = connection.execute(f"SELECT array_agg(id) AS ids FROM images WHERE {where}", params).fetchone()
+    return np.asarray(found["ids"] or [], dtype=np.int64)
+
+
+def _count_matching(database, dataset_id: int, key_prefix: str | None, since, until) -> int:
+    """The catalog query's index scan alone: nothing built, nothing sent but a count."""
+    where, params = _conditions(dataset_id, key_prefix, since, until, as_like=False)
+    with database.read() as connection:
+        return connection.execute(f"SELECT count(*) AS n FROM images WHERE {where}", params).fetchone()["n"]
 
 
 def _p50(work, inputs: list) -> float:
@@ -381,24 +478,33 @@ def _segment_comparison(vectors: np.ndarray, ids: np.ndarray, folders: dict) -> 
 
 
 def _print(child: dict, recall: dict, segment_rows: list[dict], kinds: dict) -> None:
-    latency, counts = child["latency"], child["counts"]
+    counts = child["counts"]
+    latency = {(row["label"], row["text"], row["use"]): row for row in child["latency"]}
     print(f"\n== warm text queries through the search handler, {SIZE:,} vectors, k={K} ==")
     print(f"segments: {kinds}; catalog vacuumed before the queries: {child['vacuumed']}")
     print(f"load average after the run: {child['load_average']:.2f}; CPU per request (all variants): "
-          f"{child['cpu_s_per_request'] * 1000:.2f} ms; child peak RSS {child['peak_rss_mb']:.0f} MB")
-    print("| query | p50 ms | p99 ms | p50 / unfiltered | CPU p50 ms | CPU / unfiltered | recall@10 vs exact filtered "
-          "| results min / mean |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, dataset, _ in VARIANTS:
-        base = latency["unfiltered" if dataset == "filteru" else "unfiltered (clustered folders)"]
-        row = latency[label]
-        print(f"| {label} | {row['p50']:.2f} | {row['p99']:.2f} | {row['p50'] / base['p50']:.2f}x | "
-              f"{row['cpu_p50']:.2f} | {row['cpu_p50'] / base['cpu_p50']:.2f}x | "
-              f"{recall[label]:.3f} | {counts[label][0]} / {counts[label][1]:.1f} |")
+          f"{child['cpu_s_per_request'] * 1000:.2f} ms; child peak RSS {child['peak_rss_mb']:.0f} MB; repeated "
+          f"filtered queries answered as their first use: {child['repeats_agree']}")
+    print("first use: the search function's kept filter selections cleared before the request (the catalog is "
+          "asked); repeated: the same filter again at the same dataset version (the next page)")
+    print("| query | text | use | p50 ms | p99 ms | p50 / unfiltered | CPU p50 ms | CPU / unfiltered "
+          "| recall@10 vs exact filtered | results min / mean |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for text in TEXTS:
+        for label, dataset, variant_filter in VARIANTS:
+            base = latency[("unfiltered" if dataset == "filteru" else "unfiltered (clustered folders)", text,
+                            "unfiltered")]
+            for use in (USES if variant_filter else ("unfiltered",)):
+                row = latency[(label, text, use)]
+                print(f"| {label} | {text} | {use if variant_filter else '-'} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                      f"{row['p50'] / base['p50']:.2f}x | {row['cpu_p50']:.2f} | {row['cpu_p50'] / base['cpu_p50']:.2f}x"
+                      f" | {recall[label]:.3f} | {counts[label][0]} / {counts[label][1]:.1f} |")
     print("\nparts, timed alone (p50 ms):")
     for label, parts in child["parts"].items():
         print(f"  {label}: " + ", ".join(f"{name} {value:.3f}" if name != "matching ids" else f"{name} {value:.0f}"
                                          for name, value in parts.items()))
+    print("(catalog: wall p50; server CPU and client CPU are means per query, of the PostgreSQL backend and of "
+          "this process)")
     print("\n== segment search with a filter, 200 near-data queries, one thread ==")
     print("| filter | matching | way | recall@10 | results min / mean | CPU ms per query |")
     print("|---|---|---|---|---|---|")
