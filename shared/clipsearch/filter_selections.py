@@ -4,7 +4,8 @@ A filter (key prefix, ingest-time range) becomes the selection of the matching l
 searches through: a filtered page holds k hits without fetching more and dropping. Reading the ids costs a
 catalog query (~4-5 ms of CPU for 10,000 of 100,000 ids, benchmarks/filtered_search.py), so `FilterSelections`
 keeps recent selections for the dataset version they were read for: the next page of the same folder, or
-the same folder asked again, skips the catalog.
+the same folder asked again, skips the catalog. The search function (SearchService) and each shard searcher
+(ShardSearchService) keep their own.
 
 Why a kept selection is never stale: every catalog change a search can see (ingest, deletion, compaction)
 bumps the dataset's `index_version`, and a selection is keyed by the version of the snapshot it is used
@@ -30,16 +31,6 @@ BYTES_PER_SELECTED_ID = 48
 DEFAULT_SELECTION_CACHE_BYTES = 32 * 2**20
 
 Selection = IdSelection | None | bool  # None: no filter; False: no image matches
-
-
-def filter_selection(
-    catalog: SearchCatalog, vector_index: VectorIndex, dataset_id: int, dataset: str, image_filter: ImageFilter
-) -> Selection:
-    """None without a filter; False when no image matches; else a selection of the matching (live) ids."""
-    if not image_filter.active:
-        return None
-    ids = _matching_ids(catalog, dataset_id, dataset, image_filter)
-    return vector_index.selection(ids) if len(ids) else False
 
 
 def _matching_ids(catalog: SearchCatalog, dataset_id: int, dataset: str, image_filter: ImageFilter) -> np.ndarray:
@@ -71,7 +62,8 @@ class FilterSelections:
         return len(self._kept)
 
     def select(self, dataset_id: int, dataset: str, index_version: int, image_filter: ImageFilter) -> Selection:
-        """The filter's selection for a search of the snapshot at `index_version`, which must exist already."""
+        """None without a filter; False when no image matches; else the selection of the matching live ids, for a
+        search of the snapshot at `index_version`, which must exist already."""
         if not image_filter.active:
             return None
         key = (dataset_id, index_version, image_filter)
