@@ -91,21 +91,22 @@ def main() -> int:
                      f"{time.perf_counter() - started:.1f} s")
                 recall = _segment_recall(vectors, ids, segment_file)
                 _log(f"{dataset}: recall@10 {recall:.4f}")
+                search_threads = _segment_search_threads(vectors, segment_file)
                 baseline_file = None
                 if not prepared and size <= args.baseline_max:
                     baseline_file = Path(scratch) / f"{dataset}.faiss"
                     _write_baseline_index(ids, vectors, baseline_file)
-                prepared.append((dataset, index_type, recall, baseline_file))
+                prepared.append((dataset, index_type, recall, baseline_file, search_threads))
             del vectors, ids  # the figures below are the search process's, not the harness's
             gc.collect()
             baseline = None
-            for dataset, index_type, recall, baseline_file in prepared:
+            for dataset, index_type, recall, baseline_file, search_threads in prepared:
                 ours = _run_child("service", environment, dataset, args, Path(scratch))
                 if baseline_file is not None:
                     baseline = _run_child("baseline", environment, dataset, args, Path(scratch), baseline_file)
                     baseline_file.unlink()
                 rows.append({"size": size, "index_type": index_type, "ours": ours, "baseline": baseline,
-                             "scans": scans, "recall": recall})
+                             "scans": scans, "recall": recall, "search_threads": search_threads})
                 _print_size(rows[-1])
         database.close()
     _print_summary(rows)
@@ -221,6 +222,35 @@ def _segment_recall(vectors: np.ndarray, ids: np.ndarray, segment_file: Path, co
     segment = FaissVectorIndex().open(segment_file)
     found = [set(segment.search(query[None], K)[1].tolist()) for query in queries]
     return float(np.mean([len(hits & set(ids[row].tolist())) / K for hits, row in zip(found, nearest)]))
+
+
+def _segment_search_threads(vectors: np.ndarray, segment_file: Path, count: int = 200) -> dict[str, float]:
+    """One query at a time on the segment as the function opens it (memory-mapped): p50 ms with one OpenMP
+    thread (as the function searches) against two, which FAISS spreads over the probed inverted lists
+    (parallel_mode 1), in interleaved rounds; whether the second core pays depends on how busy it is."""
+    import faiss
+
+    index = faiss.read_index(str(segment_file), faiss.IO_FLAG_MMAP_IFC)
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexIVF):
+        return {}
+    rng = np.random.default_rng(11)
+    queries = vectors[rng.integers(0, len(vectors), count)] + 0.05 * rng.standard_normal((count, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    variants = {"1 thread (the function's)": (1, 0), "2 threads over the probed lists": (2, 1)}
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    threads_before = faiss.omp_get_max_threads()
+    try:
+        for query in queries[:20]:  # the lists' pages mapped in before timing
+            index.search(query[None], K)
+        for start in range(0, count, 20):
+            for name, (threads, parallel_mode) in variants.items():
+                faiss.omp_set_num_threads(threads)
+                inner.parallel_mode = parallel_mode
+                timings[name].extend(_latencies(lambda query: index.search(query[None], K), queries[start:start + 20]))
+    finally:
+        faiss.omp_set_num_threads(threads_before)
+    return {f"FAISS search, {name} p50 ms": float(np.percentile(durations, 50)) for name, durations in timings.items()}
 
 
 def _write_baseline_index(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
@@ -898,6 +928,8 @@ def _print_size(row: dict) -> None:
         ratio = baseline[key] / ours[key] if ours[key] else float("nan")
         print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{baseline[key]:12.2f}{ratio:9.1f}x")
     print(f"recall@10 vs exact search (the segment as the function opens it): {row['recall']:.4f}")
+    for name, value in row.get("search_threads", {}).items():
+        print(f"  {name:56}{value:10.3f}")
     print("cold start steps (s since the process was spawned: start -> end; first call of each):")
     for name, (start, end) in sorted(ours.get("cold_start_steps", {}).items(), key=lambda item: item[1]):
         print(f"  {start:6.2f} -> {end:6.2f}  ({end - start:5.2f} s)  {name}")
