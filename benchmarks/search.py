@@ -101,12 +101,14 @@ def main() -> int:
             gc.collect()
             baseline = None
             for dataset, index_type, recall, baseline_file, search_threads in prepared:
+                statistics_before = _catalog_statistics(database)
                 ours = _run_child("service", environment, dataset, args, Path(scratch))
                 if baseline_file is not None:
                     baseline = _run_child("baseline", environment, dataset, args, Path(scratch), baseline_file)
                     baseline_file.unlink()
                 rows.append({"size": size, "index_type": index_type, "ours": ours, "baseline": baseline,
-                             "scans": scans, "recall": recall, "search_threads": search_threads})
+                             "scans": scans, "recall": recall, "search_threads": search_threads,
+                             "catalog_statistics": statistics_before})
                 _print_size(rows[-1])
         database.close()
     _print_summary(rows)
@@ -161,6 +163,19 @@ def _index_dataset(
         )
         connection.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (base + len(vectors),))
     return index_type, base + np.arange(len(vectors), dtype=np.int64), path
+
+
+def _catalog_statistics(database) -> str:
+    """Whether PostgreSQL has planner statistics of `images` yet: right after the harness's bulk insert it
+    has none until autovacuum analyzes the table, and a plan chosen without them can read far more."""
+    with database.read() as connection:
+        row = connection.execute(
+            "SELECT c.reltuples, s.n_live_tup, s.last_analyze, s.last_autoanalyze FROM pg_class c"
+            " JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.relname = 'images'"
+        ).fetchone()
+    analyzed = row["last_analyze"] or row["last_autoanalyze"]
+    return (f"images: {row['n_live_tup']:,} live rows, planner estimate {max(row['reltuples'], 0):,.0f}, "
+            f"{'analyzed at ' + analyzed.strftime('%H:%M:%S') if analyzed else 'never analyzed'}")
 
 
 def _id_base(size: int, layout: str) -> int:
@@ -928,6 +943,7 @@ def _print_size(row: dict) -> None:
         ratio = baseline[key] / ours[key] if ours[key] else float("nan")
         print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{baseline[key]:12.2f}{ratio:9.1f}x")
     print(f"recall@10 vs exact search (the segment as the function opens it): {row['recall']:.4f}")
+    print(f"catalog statistics when the search process started: {row.get('catalog_statistics', '-')}")
     for name, value in row.get("search_threads", {}).items():
         print(f"  {name:56}{value:10.3f}")
     print("cold start steps (s since the process was spawned: start -> end; first call of each):")
