@@ -7,6 +7,7 @@ restart. It has no S3 bucket notifications, so `FilerEventFeed` follows the file
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ _STOP_TIMEOUT = 30
 # SendMessageBatch's limit. One batch of 10 cost the supervisor 1.3-1.7 ms of CPU per message against the
 # local SQS, one SendMessage each 9.2-9.6 ms (client and server in one process, a loaded machine).
 SQS_BATCH_LIMIT = 10
+_PIPE_READ_BYTES = 1 << 16
 
 
 class NotificationsNotSent(ClipsearchError):
@@ -189,14 +191,12 @@ class FilerEventFeed:
         ago_ms = max(1, (time.time_ns() - self._since_ns) // 1_000_000 + 1000)
         command = [
             str(find_weed()), "filer.meta.tail", f"-filer={self._server.filer_address}",
-            f"-pathPrefix=/buckets/{self._bucket}/", f"-timeAgo={ago_ms}ms",
+            f"-pathPrefix={tail_prefix(self._bucket, self._rules)}", f"-timeAgo={ago_ms}ms",
         ]
         with self._log_file.open("ab") as log:
-            self._process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
-            )
+            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         lines: queue.Queue[str | None] = queue.Queue()
-        reader = threading.Thread(target=_pipe_lines, args=(self._process.stdout, lines), daemon=True,
+        reader = threading.Thread(target=_pipe_chunks, args=(self._process.stdout, lines), daemon=True,
                                   name="filer-event-lines")
         reader.start()
         pending: list[str] = []
@@ -226,18 +226,28 @@ class FilerEventFeed:
             self._process.stdout.close()
 
 
-def _pipe_lines(stream, lines: queue.Queue[str | None]) -> None:
+def tail_prefix(bucket: str, rules: Sequence[NotificationRule]) -> str:
+    """The filer path to follow: the bucket, narrowed to the rules' common key prefix (`datasets/`), so the
+    thumbnails and segments the functions write are neither streamed by the filer nor parsed here."""
+    common = os.path.commonprefix([rule.prefix for rule in rules]) if rules else ""
+    return f"/buckets/{bucket}/{common}"
+
+
+def _pipe_chunks(stream, pieces: queue.Queue[str | None]) -> None:
+    """What the tail printed, as text, in the pieces the pipe gives (many events at once in a burst): one
+    queue hand-off per piece, not per line (a pretty-printed event is ~68 lines)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
-        for line in stream:
-            lines.put(line)
+        while chunk := os.read(stream.fileno(), _PIPE_READ_BYTES):
+            pieces.put(decoder.decode(chunk))
     except (OSError, ValueError):  # the pipe closed under us: the feed is stopping or restarting
         pass
     finally:
-        lines.put(None)
+        pieces.put(None)
 
 
 def _lines_flushing_when_idle(lines: queue.Queue[str | None], flush: Callable[[], None]) -> Iterator[str]:
-    """The tail's lines; before waiting for more, `flush` sends what was read so far."""
+    """The tail's output; before waiting for more, `flush` sends what was read so far."""
     while True:
         if lines.empty():
             flush()
