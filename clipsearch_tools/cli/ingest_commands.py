@@ -20,6 +20,9 @@ from clipsearch_tools.client import ApiError, ClipsearchClient
 from clipsearch_tools.object_keys import MappedKey, map_file_key
 
 _POLL_SECONDS = 1.0
+# Each poll is a datasets-function invocation with its catalog counts, on the cores that index. Far from done, the
+# wait polls less often: a quarter of the time the indexing rate so far says is left, at most this long.
+_MAX_POLL_SECONDS = 5.0
 # Answers that say "not now" (throttled, the database or a function unavailable): waiting goes on through them.
 _RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -198,6 +201,7 @@ def _wait_indexed(client: ClipsearchClient, dataset: str, expected: int, before:
     """
     deadline = time.monotonic() + timeout
     unavailable_noted = False
+    first_seen: tuple[float, int] | None = None  # (when, images done) at the first answer
     with tqdm(total=expected, desc="indexing", unit="img", disable=None, leave=False) as progress:
         while True:
             try:
@@ -229,7 +233,18 @@ def _wait_indexed(client: ClipsearchClient, dataset: str, expected: int, before:
                     f"{counts.get('indexed', 0)} indexed, {counts.get('pending', 0)} pending, "
                     f"{counts.get('failed', 0)} failed of {expected} (see `clipsearch local status`)"
                 )
-            time.sleep(_POLL_SECONDS)
+            if first_seen is None:
+                first_seen = (time.monotonic(), done)
+            time.sleep(_poll_interval(first_seen, time.monotonic(), done, expected))
+
+
+def _poll_interval(first_seen: tuple[float, int], now: float, done: int, expected: int) -> float:
+    """Seconds until the next poll: 1 s near the end (or before any progress), longer while much is left."""
+    since, done_then = first_seen
+    if done <= done_then or now <= since:
+        return _POLL_SECONDS
+    seconds_left = (expected - done) / ((done - done_then) / (now - since))
+    return min(_MAX_POLL_SECONDS, max(_POLL_SECONDS, seconds_left / 4))
 
 
 def _fill(result: IngestResult, summary: dict, keys: dict[str, Path]) -> None:
