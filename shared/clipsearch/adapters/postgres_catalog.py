@@ -174,14 +174,19 @@ class PostgresCatalog:
         return {row["id"] for row in rows}
 
     def image_locations(self, ids: Sequence[int]) -> Mapping[int, ImageLocation]:
+        """Indexed images only. The status is checked here, not in SQL: `status = 'indexed'` matches the
+        partial indexes of migration 004, and a table never analyzed yet (a bulk ingest, until autovacuum
+        gets to it) was planned as a BitmapAnd that read every entry of images_indexed_by_time: 6-10 ms at
+        100k rows instead of 0.15 ms. On the primary key alone the plan cannot drift with the statistics."""
         with self._database.read() as connection:
             rows = connection.execute(
-                "SELECT id, bucket, object_key, source_path FROM images WHERE id = ANY(%s) AND status = 'indexed'",
+                "SELECT id, bucket, object_key, source_path, status FROM images WHERE id = ANY(%s)",
                 ([int(image_id) for image_id in ids],),
             ).fetchall()
         return {
             row["id"]: ImageLocation(row["id"], row["bucket"], row["object_key"], row["source_path"])
             for row in rows
+            if row["status"] == "indexed"
         }
 
     def filtered_image_ids(
