@@ -1,7 +1,8 @@
 """Benchmark search: warm p50/p99 (text, image), cold start and peak memory, next to the original project's way.
 
-For each size (clustered synthetic 512-d vectors, stored as the segment compaction would leave, with one
-catalog row per vector in a throwaway PostgreSQL, in a moto S3 endpoint over HTTP):
+For each size (clustered synthetic 512-d vectors, stored as the segments compaction would leave (1M: 5 x
+200k), with one catalog row per vector in a throwaway PostgreSQL, in a SeaweedFS S3 endpoint over HTTP, as in
+the local stack; `--store moto` for moto):
 - ours: a fresh process imports functions/search/app.py and answers HTTP API v2 events; cold start is
   process start to first answer with the int8 text tower and the segment fetched from the S3 endpoint;
 - baseline: what the original project does per query: encode with PyTorch CLIP (random ViT-B/32, seed 0,
@@ -57,7 +58,10 @@ def main() -> int:
         for size in sizes:
             for layout in args.layouts.split(","):
                 if layout == "compacted" or size <= args.hnsw_max:
-                    _log(f"segment {_cached_segment(_clustered(size, seed=size), layout)[1]} ready")
+                    vectors = _clustered(size, seed=size)
+                    for start, stop in _segment_ranges(size, layout):
+                        path = _cached_segment(vectors[start:stop], layout, _id_base(size, layout) + start)[1]
+                        _log(f"segment {path} ready")
         return 0
     if args.formats:
         for size in sizes:
@@ -65,7 +69,8 @@ def main() -> int:
         return 0
     model_dir = _model_dir(args.model)
     rows = []
-    with _services() as (endpoint, database_url), tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
+    with _services(args.store) as (endpoint, database_url), \
+            tempfile.TemporaryDirectory(prefix="search-bench-") as scratch:
         from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
         from clipsearch.adapters.postgres_connection import Database
 
@@ -84,14 +89,14 @@ def main() -> int:
                     continue
                 dataset = f"bench{size}{layout}"
                 started = time.perf_counter()
-                index_type, ids, segment_file = _index_dataset(
+                index_type, ids, segment_files = _index_dataset(
                     database, catalog, store, dataset, _model_id(model_dir), vectors, layout
                 )
-                _log(f"{dataset}: {size} vectors indexed as one {index_type} segment in "
+                _log(f"{dataset}: {size} vectors indexed as {len(segment_files)} {index_type} segment(s) in "
                      f"{time.perf_counter() - started:.1f} s")
-                recall = _segment_recall(vectors, ids, segment_file)
+                recall = _segment_recall(vectors, ids, segment_files)
                 _log(f"{dataset}: recall@10 {recall:.4f}")
-                search_threads = _segment_search_threads(vectors, segment_file)
+                search_threads = _segment_search_threads(vectors, segment_files[0])
                 baseline_file = None
                 if not prepared and size <= args.baseline_max:
                     baseline_file = Path(scratch) / f"{dataset}.faiss"
@@ -134,35 +139,56 @@ def _clustered(count: int, seed: int, clusters: int = 1000) -> np.ndarray:
 def _index_dataset(
     database, catalog, store, dataset: str, model_id: str, vectors: np.ndarray, layout: str
 ) -> tuple[str, np.ndarray, Path]:
-    """One catalog row per vector, and the vectors as one segment: the kind compaction would choose for a
-    3008 MB search function ("compacted"), or HNSW whatever the size ("hnsw").
+    """One catalog row per vector, and the vectors as the segments compaction leaves for a 3008 MB search
+    function ("compacted": its kind, at most CompactionPolicy.segment_capacity vectors each, so 1M is
+    5 x 200k), or one HNSW segment whatever the size ("hnsw").
 
-    The image ids start at a fixed base per (size, layout), so the segment file, whose build takes
-    minutes at 1M, is cached under CACHE_DIR and reused by later runs."""
+    The image ids start at a fixed base per (size, layout), so the segment files, whose builds take
+    minutes at 1M, are cached under CACHE_DIR and reused by later runs."""
     from clipsearch.datasets import dataset_prefix, segment_key
     from clipsearch.ports import NewSegment
 
     row = catalog.ensure_dataset(dataset, model_id)
     base = _id_base(len(vectors), layout)
-    index_type, path = _cached_segment(vectors, layout)
-    segment_id = uuid.uuid4().hex
-    segment = NewSegment(segment_id, segment_key(dataset, segment_id), len(vectors), index_type)
-    with path.open("rb") as body:  # streamed: the harness never holds the segment's bytes
-        store._client.put_object(Bucket=store.bucket, Key=segment.object_key, Body=body)
-    catalog.commit_batch(row.id, segment, [], [])  # the segment row, as ingestion commits it
-    # The images' rows as ingestion leaves them (indexed, in that segment), written by the server in one
-    # statement: claiming and committing 1M rows through the catalog took minutes on this shared machine.
+    paths = []
+    for start, stop in _segment_ranges(len(vectors), layout):
+        index_type, path = _cached_segment(vectors[start:stop], layout, base + start)
+        segment_id = uuid.uuid4().hex
+        segment = NewSegment(segment_id, segment_key(dataset, segment_id), stop - start, index_type)
+        with path.open("rb") as body:  # streamed: the harness never holds the segment's bytes
+            store._client.put_object(Bucket=store.bucket, Key=segment.object_key, Body=body)
+        catalog.commit_batch(row.id, segment, [], [])  # the segment row, as ingestion commits it
+        # The images' rows as ingestion leaves them (indexed, in that segment), written by the server in one
+        # statement: claiming and committing 1M rows through the catalog took minutes on this shared machine.
+        with database.transaction() as connection:
+            connection.execute(
+                "INSERT INTO images (id, dataset_id, bucket, object_key, etag, source_path, sha256, byte_size,"
+                " width, height, status, segment_id, attempts)"
+                " SELECT %s + n, %s, %s, %s || 'img' || lpad(n::text, 7, '0') || '.jpg', 'etag' || n,"
+                " '/data/photos/img' || lpad(n::text, 7, '0') || '.jpg', repeat('0', 64), 1000, 640, 480,"
+                " 'indexed', %s, 1 FROM generate_series(%s, %s) AS n",
+                (base, row.id, store.bucket, dataset_prefix(dataset), segment_id, start, stop - 1),
+            )
+        paths.append(path)
     with database.transaction() as connection:
-        connection.execute(
-            "INSERT INTO images (id, dataset_id, bucket, object_key, etag, source_path, sha256, byte_size,"
-            " width, height, status, segment_id, attempts)"
-            " SELECT %s + n, %s, %s, %s || 'img' || lpad(n::text, 7, '0') || '.jpg', 'etag' || n,"
-            " '/data/photos/img' || lpad(n::text, 7, '0') || '.jpg', repeat('0', 64), 1000, 640, 480,"
-            " 'indexed', %s, 1 FROM generate_series(0, %s) AS n",
-            (base, row.id, store.bucket, dataset_prefix(dataset), segment_id, len(vectors) - 1),
-        )
         connection.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (base + len(vectors),))
-    return index_type, base + np.arange(len(vectors), dtype=np.int64), path
+    return index_type, base + np.arange(len(vectors), dtype=np.int64), paths
+
+
+def _segment_ranges(size: int, layout: str) -> list[tuple[int, int]]:
+    """[start, stop) of each segment of a dataset of `size` vectors in `layout`."""
+    from clipsearch.compaction import CompactionPolicy
+
+    capacity = CompactionPolicy(segment_budget_bytes=_segment_budget()).segment_capacity
+    if layout != "compacted" or size <= capacity:
+        return [(0, size)]
+    return [(start, min(size, start + capacity)) for start in range(0, size, capacity)]
+
+
+def _segment_budget() -> float:
+    from clipsearch.config import Settings
+
+    return Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
 
 
 def _catalog_statistics(database) -> str:
@@ -183,15 +209,12 @@ def _id_base(size: int, layout: str) -> int:
     return 10 * size + LAYOUTS.index(layout) * size
 
 
-def _cached_segment(vectors: np.ndarray, layout: str) -> tuple[str, Path]:
-    """The segment file of `vectors` with ids from `_id_base`, built once (under the heavy-job lock at 1M)."""
+def _cached_segment(vectors: np.ndarray, layout: str, base: int) -> tuple[str, Path]:
+    """The segment file of `vectors` with ids from `base` on, built once (under the heavy-job lock at 1M)."""
     from clipsearch.adapters.faiss_index import FaissVectorIndex
-    from clipsearch.config import Settings
     from clipsearch.segments import HNSW, IndexSpec, SegmentVectors, choose_index
 
-    budget = Settings(bucket="", model_id="", search_memory_mb=3008).segment_budget_bytes
-    spec = choose_index(len(vectors), budget) if layout == "compacted" else IndexSpec(HNSW)
-    base = _id_base(len(vectors), layout)
+    spec = choose_index(len(vectors), _segment_budget()) if layout == "compacted" else IndexSpec(HNSW)
     path = CACHE_DIR / f"segment-{len(vectors)}-{spec.kind}-{spec.lists}-{base}.faiss"
     if not path.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -224,7 +247,7 @@ def _write_with_small_training_sample(ids: np.ndarray, vectors: np.ndarray, spec
     faiss.write_index(index, str(destination))
 
 
-def _segment_recall(vectors: np.ndarray, ids: np.ndarray, segment_file: Path, count: int = 200) -> float:
+def _segment_recall(vectors: np.ndarray, ids: np.ndarray, segment_files: list[Path], count: int = 200) -> float:
     """recall@10 of the segment as the search function opens and searches it (memory-mapped, one thread,
     its own probe depth) against exact search on the same vectors, for queries near the data."""
     import faiss
@@ -234,8 +257,13 @@ def _segment_recall(vectors: np.ndarray, ids: np.ndarray, segment_file: Path, co
     queries = vectors[rng.integers(0, len(vectors), count)] + 0.05 * rng.standard_normal((count, DIM), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     _, nearest = faiss.knn(queries, vectors, K)  # exact; L2 ranks unit vectors as inner product does
-    segment = FaissVectorIndex().open(segment_file)
-    found = [set(segment.search(query[None], K)[1].tolist()) for query in queries]
+    segments = [FaissVectorIndex().open(path) for path in segment_files]
+    found = []
+    for query in queries:  # each segment's top K, merged by score, as the search function merges them
+        answers = [segment.search(query[None], K) for segment in segments]
+        scores = np.concatenate([answer[0] for answer in answers])
+        hits = np.concatenate([answer[1] for answer in answers])
+        found.append(set(hits[np.argsort(-scores, kind="stable")[:K]].tolist()))
     return float(np.mean([len(hits & set(ids[row].tolist())) / K for hits, row in zip(found, nearest)]))
 
 
@@ -482,6 +510,7 @@ def _child(args) -> int:
     steps: dict[str, tuple[float, float]] = {}
     if args.child == "service":
         _time_cold_start_steps(steps, spawned_at)
+        steps["interpreter and harness started"] = (0.0, time.time() - spawned_at)
         text, image, function = _service_searchers(args.dataset)
         steps["handler module imported"] = (0.0, time.time() - spawned_at)
     else:
@@ -538,11 +567,9 @@ def _child(args) -> int:
 
 def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: float) -> None:
     """Records when each step of the cold start ran (first call, seconds since the process was spawned)
-    by wrapping the adapters' methods in this child process only."""
-    from clipsearch import encoders
-    from clipsearch.adapters.faiss_index import FaissVectorIndex
-    from clipsearch.adapters.postgres_catalog import PostgresCatalog
-    from clipsearch.adapters.s3_store import S3ObjectStore
+    by wrapping the adapters' methods in this child process only, each as its module is first imported:
+    importing them here first would change the order the function imports them in, and with it what its
+    init overlaps."""
 
     def timed(owner, name: str, label) -> None:
         original = getattr(owner, name)
@@ -556,14 +583,47 @@ def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: fl
 
         setattr(owner, name, wrapper)
 
-    timed(S3ObjectStore, "download_file",
-          lambda store, key, destination: "segment download" if key.startswith("indexes/") else f"model file {key}")
-    timed(S3ObjectStore, "get", lambda store, key: f"model file {key}")
-    timed(FaissVectorIndex, "open", lambda *_: "segment open (mmap)")
-    timed(encoders, "create_session", lambda graph, *_: f"onnx session {Path(graph).parent.name}")
-    timed(PostgresCatalog, "get_dataset", lambda *_: "catalog: dataset row")
-    timed(PostgresCatalog, "live_segments", lambda *_: "catalog: live segments")
-    timed(PostgresCatalog, "image_locations", lambda *_: "catalog: paths of the hits")
+    def s3_store(module) -> None:
+        timed(module.S3ObjectStore, "download_file", lambda store, key, destination:
+              "segment download" if key.startswith("indexes/") else f"model file {key}")
+        timed(module.S3ObjectStore, "get", lambda store, key: f"model file {key}")
+
+    def postgres_catalog(module) -> None:
+        timed(module.PostgresCatalog, "get_dataset", lambda *_: "catalog: dataset row")
+        timed(module.PostgresCatalog, "live_segments", lambda *_: "catalog: live segments")
+        timed(module.PostgresCatalog, "image_locations", lambda *_: "catalog: paths of the hits")
+
+    sys.meta_path.insert(0, _PatchOnImport({
+        "clipsearch.adapters.s3_store": s3_store,
+        "clipsearch.adapters.postgres_catalog": postgres_catalog,
+        "clipsearch.adapters.faiss_index":
+            lambda module: timed(module.FaissVectorIndex, "open", lambda *_: "segment open (mmap)"),
+        "clipsearch.encoders": lambda module: timed(
+            module, "create_session", lambda graph, *_: f"onnx session {Path(graph).parent.name}"),
+    }))
+
+
+class _PatchOnImport:
+    """A meta path finder that runs `patches[name](module)` right after module `name` is first executed."""
+
+    def __init__(self, patches: dict) -> None:
+        self._patches = dict(patches)
+
+    def find_spec(self, name, path, target=None):
+        patch = self._patches.pop(name, None)
+        if patch is None:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        execute = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            execute(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _service_searchers(dataset: str):
@@ -831,26 +891,51 @@ def _query_images(count: int) -> list[bytes]:
 
 
 @contextmanager
-def _services():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
-
+def _services(store: str = "moto"):
+    """A PostgreSQL cluster and an S3 endpoint: moto in this process, or SeaweedFS (`weed mini`, the local
+    stack's object store) in its own. moto serves a GET from Python in the harness's process, ~10 s of CPU
+    per GB on these 2 cores, which the measured function then competes with: cold starts are measured
+    against SeaweedFS."""
     from clipsearch_tools.local.postgres import start_cluster
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchsecret")
+    with tempfile.TemporaryDirectory(prefix="search-bench-services-") as services_dir, \
+            _object_store(store, Path(services_dir)) as endpoint:
+        cluster = start_cluster(Path(services_dir) / "pg")
+        try:
+            yield endpoint, cluster.url
+        finally:
+            cluster.stop()
+
+
+@contextmanager
+def _object_store(store: str, directory: Path):
+    if store == "seaweed":
+        from clipsearch.aws import aws_client
+        from clipsearch_tools.local.seaweed import SeaweedServer
+
+        server = SeaweedServer(data_dir=directory / "weed", log_file=directory / "weed.log",
+                               access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                               secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+        server.start(lambda url: aws_client("s3", "us-east-1", url))
+        try:
+            yield server.s3_url
+        finally:
+            server.process.terminate()
+            server.process.wait(30)
+        return
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
     _read_moto_objects_once()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    with tempfile.TemporaryDirectory(prefix="search-bench-pg-") as pg_dir:
-        cluster = start_cluster(Path(pg_dir) / "data")
-        try:
-            yield f"http://{host}:{port}", cluster.url
-        finally:
-            cluster.stop()
-            server.stop()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 def _read_moto_objects_once() -> None:
@@ -1027,6 +1112,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layouts", default="compacted,hnsw",
                         help="segment layouts to measure: compacted (the type compaction picks), hnsw")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="int8 model directory")
+    parser.add_argument("--store", choices=("seaweed", "moto"), default="seaweed",
+                        help="the local bucket: SeaweedFS (the local stack's; default) or moto in this process")
     parser.add_argument("--queries", type=int, default=200, help="warm text queries (ours)")
     parser.add_argument("--image-queries", type=int, default=40, help="warm image queries (ours)")
     parser.add_argument("--baseline-queries", type=int, default=15)

@@ -128,10 +128,15 @@ class OnnxTextEncoder:
     def from_model_files(
         cls, files: ModelFiles, threads: int | None = None, open_now: bool = False
     ) -> OnnxTextEncoder:
-        """Loads the tokenizer now and the text graph on first use (or now, with `open_now`); never
-        touches the vision graph."""
+        """Loads the tokenizer now and the text graph on first use (or now, with `open_now`, while the
+        tokenizer loads: onnxruntime releases the GIL); never touches the vision graph."""
         load = _loader(files, TEXT_GRAPH, threads)
-        return cls(files.tokenizer(), load() if open_now else load)
+        if not open_now:
+            return cls(files.tokenizer(), load)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-session") as pool:
+            session = pool.submit(load)
+            tokenizer = files.tokenizer()
+            return cls(tokenizer, session.result())
 
     def embed_text(self, text: str) -> TextEmbedding:
         tokenized = self.tokenizer.encode(text)

@@ -540,11 +540,6 @@ class SearchService:
         """Kept for the snapshot's version, read after it existed: it holds every deletion the snapshot knows."""
         return self._filter_selections.select(dataset.id, dataset.name, index.index_version, image_filter)
 
-    def start_loading_text_encoder(self) -> None:
-        """Fetches the text model and opens its session in the background. A function calls this while
-        it starts (Lambda's init phase), so the model loads while its other modules are imported."""
-        self._text_encoder.start(self._background.get())
-
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
         self._cache_listener(ENCODER_CACHE, encoder.ready)

@@ -5,12 +5,19 @@ Handlers call these factories; tests build services from adapters directly.
 
 from __future__ import annotations
 
+import logging
+import threading
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from clipsearch.adapters.postgres_connection import Database, conninfo_from_secret
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.aws import aws_client
 from clipsearch.config import Settings
+
+if TYPE_CHECKING:
+    from clipsearch.adapters.postgres_connection import Database
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -34,6 +41,8 @@ def build_object_store(settings: Settings) -> S3ObjectStore:
 
 
 def build_database(settings: Settings) -> Database:
+    from clipsearch.adapters.postgres_connection import Database, conninfo_from_secret
+
     if settings.database_url:
         return Database(settings.database_url)
 
@@ -59,30 +68,48 @@ def get_database() -> Database:
 
 
 @lru_cache(maxsize=1)
+def get_model_cache():
+    from clipsearch.model_cache import ModelCache
+
+    return ModelCache(get_object_store(), get_settings().model_cache_dir)
+
+
+@lru_cache(maxsize=1)
+def get_search_text_encoder():
+    """The search function's text encoder (Lazy): built by the first request that needs it, or earlier
+    by start_search_function. Importing it needs onnxruntime and the tokenizer, not FAISS or psycopg."""
+    from clipsearch.search import Lazy
+
+    def build():
+        from clipsearch.encoders import OnnxTextEncoder
+        from clipsearch.model_cache import TEXT_TOWER_FILES
+        from clipsearch.query_cache import CachedTextEncoder
+
+        settings = get_settings()
+        files = get_model_cache().model_files(settings.model_id, TEXT_TOWER_FILES)
+        # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
+        # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
+        return CachedTextEncoder(OnnxTextEncoder.from_model_files(files, settings.onnx_threads or 1, open_now=True))
+
+    return Lazy(build)
+
+
+@lru_cache(maxsize=1)
 def get_search_service():
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
-    from clipsearch.encoders import OnnxImageEncoder, OnnxTextEncoder
-    from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
-    from clipsearch.query_cache import CachedTextEncoder
+    from clipsearch.encoders import OnnxImageEncoder
+    from clipsearch.model_cache import VISION_TOWER_FILES
     from clipsearch.search import SearchService
 
     settings = get_settings()
-    models = ModelCache(get_object_store(), settings.model_cache_dir)
-    # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
-    # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
-    text_threads = settings.onnx_threads or 1
     return SearchService(
         catalog=PostgresCatalog(get_database()),
         store=get_object_store(),
         model_id=settings.model_id,
-        text_encoder=lambda: CachedTextEncoder(
-            OnnxTextEncoder.from_model_files(
-                models.model_files(settings.model_id, TEXT_TOWER_FILES), text_threads, open_now=True
-            )
-        ),
+        text_encoder=get_search_text_encoder().get,
         image_encoder=lambda: OnnxImageEncoder.from_model_files(
-            models.model_files(settings.model_id, VISION_TOWER_FILES),
+            get_model_cache().model_files(settings.model_id, VISION_TOWER_FILES),
             settings.onnx_threads or None,
             settings.max_query_image_pixels,
         ),
@@ -96,16 +123,24 @@ def get_search_service():
 
 
 def start_search_function() -> None:
-    """What a search function does while it starts (Lambda's init phase, before its first request): the
-    text model is fetched and opened in the background while the handler's other modules import, which
-    takes ~0.6 s off a cold start on 2 cores. A missing setting is left to the first request to report."""
+    """What a search function does as it starts (Lambda's init phase, before its first request): a
+    daemon thread fetches the text model and opens its session (onnxruntime releases the GIL meanwhile)
+    while the handler's other modules import, so a cold start waits for the slower of the two instead of
+    their sum. A failure is logged and left to the first request, which builds again and reports it."""
     from clipsearch.config import ConfigurationError
 
     try:
-        service = get_search_service()
+        get_settings()
     except ConfigurationError:
         return
-    service.start_loading_text_encoder()
+    threading.Thread(target=_build_text_encoder, name="init-text-model", daemon=True).start()
+
+
+def _build_text_encoder() -> None:
+    try:
+        get_search_text_encoder().get()
+    except Exception as error:  # noqa: BLE001  (any failure here is the first request's to report)
+        logger.warning("loading the text model during init failed: %s", error)
 
 
 def build_shard_searcher(settings: Settings):
