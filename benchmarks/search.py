@@ -166,7 +166,7 @@ def _index_dataset(
                 " width, height, status, segment_id, attempts)"
                 " SELECT %s + n, %s, %s, %s || 'img' || lpad(n::text, 7, '0') || '.jpg', 'etag' || n,"
                 " '/data/photos/img' || lpad(n::text, 7, '0') || '.jpg', repeat('0', 64), 1000, 640, 480,"
-                " 'indexed', %s, 1 FROM generate_series(%s, %s) AS n",
+                " 'indexed', %s, 1 FROM generate_series(%s::bigint, %s::bigint) AS n",
                 (base, row.id, store.bucket, dataset_prefix(dataset), segment_id, start, stop - 1),
             )
         paths.append(path)
