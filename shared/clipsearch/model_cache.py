@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipsearch.datasets import model_prefix
 from clipsearch.errors import ModelFilesInvalid, ObjectNotFound
@@ -24,7 +25,9 @@ from clipsearch.model_files import (
     VISION_GRAPH,
     ModelFiles,
 )
-from clipsearch.ports import ObjectStore
+
+if TYPE_CHECKING:
+    from clipsearch.ports import ObjectStore
 
 logger = logging.getLogger(__name__)
 

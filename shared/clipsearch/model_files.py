@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from clipsearch.errors import ModelFilesInvalid
-from clipsearch.images import PreprocessConfig
-from clipsearch.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:  # Pillow, tokenizers and ftfy load only when used: a cold search function fetches first
+    from clipsearch.images import PreprocessConfig
+    from clipsearch.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +80,13 @@ class ModelFiles:
 
     def tokenizer(self) -> ClipTokenizer:
         self.verify([TOKENIZER])
+        from clipsearch.tokenizer import ClipTokenizer
+
         return ClipTokenizer.from_file(self.tokenizer_path, self.context_length)
 
     def preprocess(self) -> PreprocessConfig:
+        from clipsearch.images import PreprocessConfig
+
         self.verify([PREPROCESS])
         try:
             return PreprocessConfig.from_dict(json.loads(self.preprocess_path.read_text(encoding="utf-8")))

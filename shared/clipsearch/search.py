@@ -27,10 +27,10 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from clipsearch.errors import (
     TransientError,
 )
 from clipsearch.filter_selections import FilterSelections, Selection
+from clipsearch.lazy import Lazy
 from clipsearch.ports import (
     Dataset,
     IdSelection,
@@ -110,38 +111,6 @@ INDEX_CACHE = "index"  # the dataset's snapshot of loaded segments, current for 
 class CacheListener(Protocol):
     def __call__(self, cache: str, hit: bool) -> None: ...
 
-
-T = TypeVar("T")
-
-
-class Lazy(Generic[T]):
-    """Builds a value on first use, once, even when concurrent requests ask for it together."""
-
-    def __init__(self, build: Callable[[], T]) -> None:
-        self._build = build
-        self._value: T | None = None
-        self._lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._building: Future | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._value is not None
-
-    def start(self, executor: ThreadPoolExecutor) -> None:
-        """Begins building on `executor` unless built or begun already (a failed build begins again)."""
-        with self._start_lock:
-            if self._value is not None or (self._building is not None and not self._building.done()):
-                return
-            self._building = executor.submit(self.get)
-            self._building.add_done_callback(_log_failed_build)
-
-    def get(self) -> T:
-        if self._value is None:
-            with self._lock:
-                if self._value is None:
-                    self._value = self._build()
-        return self._value
 
 
 @dataclass(frozen=True)
@@ -724,12 +693,6 @@ class ShardSearchService:
                 self._views = {dataset_id: view for dataset_id, view in self._views.items()
                                if all(loaded.ref.id != segment_id for loaded in view.segments)}
                 logger.info("segment %s dropped to stay under %d bytes", segment_id, self._cache_bytes)
-
-
-def _log_failed_build(build: Future) -> None:
-    """A background build's error is raised again to the request that needs the value; this logs it early."""
-    if build.exception() is not None:
-        logger.warning("building in the background failed: %s", build.exception())
 
 
 def _ignore_cache_lookup(cache: str, hit: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -77,16 +78,20 @@ def get_model_cache():
 @lru_cache(maxsize=1)
 def get_search_text_encoder():
     """The search function's text encoder (Lazy): built by the first request that needs it, or earlier
-    by start_search_function. Importing it needs onnxruntime and the tokenizer, not FAISS or psycopg."""
-    from clipsearch.search import Lazy
+    by start_search_function. Its files are requested before onnxruntime and the tokenizer are imported,
+    and those imports run while the files download."""
+    from clipsearch.lazy import Lazy
 
     def build():
-        from clipsearch.encoders import OnnxTextEncoder
         from clipsearch.model_cache import TEXT_TOWER_FILES
-        from clipsearch.query_cache import CachedTextEncoder
 
         settings = get_settings()
-        files = get_model_cache().model_files(settings.model_id, TEXT_TOWER_FILES)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-model-files") as pool:
+            downloading = pool.submit(get_model_cache().model_files, settings.model_id, TEXT_TOWER_FILES)
+            from clipsearch.encoders import OnnxTextEncoder
+            from clipsearch.query_cache import CachedTextEncoder
+
+            files = downloading.result()
         # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
         # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
         return CachedTextEncoder(OnnxTextEncoder.from_model_files(files, settings.onnx_threads or 1, open_now=True))

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clipsearch.search import Lazy
+from clipsearch.lazy import Lazy
 
 
 def test_starting_twice_builds_once_and_get_waits_for_the_background_build():

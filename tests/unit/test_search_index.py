@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from clipsearch.ports import Dataset, SegmentRef
 from clipsearch.adapters.faiss_index import FaissVectorIndex
-from clipsearch.search import DatasetIndex, Lazy, LoadedSegment
+from clipsearch.lazy import Lazy
+from clipsearch.search import DatasetIndex, LoadedSegment
 from clipsearch.segments import FLAT, HNSW, IVF_SQ8, IndexSpec, SegmentVectors, ivf_spec
 
 pytestmark = pytest.mark.unit
