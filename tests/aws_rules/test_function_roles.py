@@ -154,8 +154,8 @@ class DeletedBeforeCommit(PostgresCatalog):
 def test_search_by_text_image_and_key(world: AwsWorld) -> None:
     migrated(world)
     ingest(world, "pets", {f"p{i}.jpg": jpeg(10 + i) for i in range(4)})
-    search = load_function("search")
     with world.run_as("SearchFunction") as log:
+        search = load_function("search")  # its init fetches the text model, under its own role as in Lambda
         text_status, text = invoke(search, http_event("search_text", dataset="pets", body={"query": "a cat", "k": 3}))
         image_status, image = invoke(search, http_event("search_image_raw", dataset="pets", body=jpeg(11)))
         key_status, by_key = invoke(search, http_event("search_image_json", dataset="pets",
@@ -375,8 +375,8 @@ def test_search_presigns_result_urls_with_sigv4_for_an_hour_at_most(world: AwsWo
     migrated(world)
     image = jpeg(50)
     ingest(world, "pets", {"p.jpg": image})
-    search = load_function("search")
     with world.run_as("SearchFunction") as log:
+        search = load_function("search")
         status, answer = invoke(search, http_event("search_text", dataset="pets", body={"query": "a cat", "k": 1},
                                                    query={"presign": "true"}))
     assert status == 200, answer
