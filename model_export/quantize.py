@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,12 @@ def compress_embedding_tables(graph: Path) -> None:
     bytes."""
     model = onnx.load(str(graph))
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    consumers = Counter(name for node in model.graph.node for name in node.input)
     for node in list(model.graph.node):
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and consumers[table.name] != 1:
+            log.info("%s: %s is read by %d nodes, left as it is", graph.name, table.name, consumers[table.name])
+            continue
         if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
             continue
         values = numpy_helper.to_array(table)

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from clipsearch.datasets import check_caller_image_key, thumbnail_key
+from clipsearch.datasets import check_caller_image_key, thumbnail_key, validate_dataset_name
 from clipsearch.errors import (
     DatasetNotFound,
     ImageTooLarge,
@@ -85,6 +85,9 @@ MAX_DUPLICATE_SCAN = 20_000
 FAN_OUT_THREADS = 16
 # The template's search function has ~1.7 vCPUs (3008 MB): two threads keep both busy.
 QUERY_THREADS = 2
+# Below this, a dataset's segments are searched one after another: a thread hand-off costs about what
+# searching a few small ingest-batch segments does.
+PARALLEL_SEARCH_MIN_BYTES = 32 * 2**20
 # A page shows its thumbnails at once; a short expiry limits what a copied URL gives away.
 THUMBNAIL_URL_SECONDS = 900
 
@@ -193,8 +196,8 @@ class DatasetIndex:
             return loaded.segment.search(vector, k, selection)
 
         segments = list(zip(self.segments, self.deleted_per_segment))
-        answers = pool.map(search_segment, segments) if pool is not None and len(segments) > 1 \
-            else map(search_segment, segments)
+        parallel = pool is not None and len(segments) > 1 and self.nbytes >= PARALLEL_SEARCH_MIN_BYTES
+        answers = pool.map(search_segment, segments) if parallel else map(search_segment, segments)
         candidates: list[tuple[float, int]] = []
         for scores, ids in answers:
             candidates.extend(zip(scores.tolist(), ids.tolist()))
@@ -262,7 +265,7 @@ class SearchService:
         catalog: SearchCatalog,
         store: ObjectStore,
         model_id: str,
-        text_encoder: Callable[[], TextQueryEncoder],
+        text_encoder: Callable[[], TextQueryEncoder] | Lazy[TextQueryEncoder],
         image_encoder: Callable[[], ImageQueryEncoder],
         max_image_bytes: int,
         vector_index: VectorIndex,
@@ -286,7 +289,8 @@ class SearchService:
         # a task here never waits for another task here.
         self._query_threads = Lazy(lambda: ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="query"))
         self.model_id = model_id
-        self._text_encoder = Lazy(text_encoder)
+        # A Lazy given as is: the search function starts building it during init, and `ready` must say so.
+        self._text_encoder = text_encoder if isinstance(text_encoder, Lazy) else Lazy(text_encoder)
         self._image_encoder = Lazy(image_encoder)
         self._max_image_bytes = max_image_bytes
         self._background = Lazy(lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm-up"))
@@ -309,6 +313,7 @@ class SearchService:
         options.check()
         if not query.strip():
             raise InvalidRequest("query is empty")
+        validate_dataset_name(dataset)  # a bad name is refused before the text tower runs
         self._warm_up(self._text_encoder)
         # The text tower runs on a query thread (onnxruntime releases the GIL) while this one reads the
         # dataset's row: a new text's answer waits for the slower of the two, not their sum.

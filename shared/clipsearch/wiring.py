@@ -92,8 +92,8 @@ def get_search_text_encoder():
             from clipsearch.query_cache import CachedTextEncoder
 
             files = downloading.result()
-        # One short query gains nothing from a second text-tower thread, and that thread pool's spinning
-        # workers cost each request ~10 ms of CPU on 2 shared cores (measured, benchmarks/search.py).
+        # The template gives the search function 2 threads (one new query: 8.5 vs 10.2 ms p50 on one thread,
+        # quiet machine, benchmarks/search.py); unset, one. Their workers never spin (encoders.create_session).
         return CachedTextEncoder(OnnxTextEncoder.from_model_files(files, settings.onnx_threads or 1, open_now=True))
 
     return Lazy(build)
@@ -112,7 +112,7 @@ def get_search_service():
         catalog=PostgresCatalog(get_database()),
         store=get_object_store(),
         model_id=settings.model_id,
-        text_encoder=get_search_text_encoder().get,
+        text_encoder=get_search_text_encoder(),
         image_encoder=lambda: OnnxImageEncoder.from_model_files(
             get_model_cache().model_files(settings.model_id, VISION_TOWER_FILES),
             settings.onnx_threads or None,

@@ -211,8 +211,8 @@ class PostgresCatalog:
         if until is not None:
             conditions.append("created_at < %s")
             params.append(until)
-        with self._database.read() as connection:
-            packed = connection.cursor(binary=True).execute(
+        with self._database.read() as connection, connection.cursor(binary=True) as cursor:
+            packed = cursor.execute(
                 f"SELECT string_agg(int8send(id), ''::bytea) AS ids FROM images WHERE {' AND '.join(conditions)}",
                 params,
             ).fetchone()["ids"]
