@@ -131,3 +131,30 @@ def test_a_prefix_matches_its_characters_literally(catalog: PostgresCatalog) -> 
     assert matching("") == set(id_of.values())
     assert pending[0].id not in matching("a_b/")
     assert matching("nowhere/") == set()
+
+
+def test_a_prefix_is_a_key_range_that_holds_at_the_edges_of_unicode(catalog: PostgresCatalog) -> None:
+    """The prefix is read as the range [prefix, its last character + 1): a last character of U+10FFFF has no
+    successor, and the one after U+D7FF is U+E000 (surrogates are no characters)."""
+    dataset = "unicode"
+    row = catalog.ensure_dataset(dataset, MODEL_ID)
+    relatives = ["a\U0010ffff/1.jpg", "a\U0010ffff\U0010ffff/2.jpg", "b/3.jpg", "\ud7ff/4.jpg", "\ue000/5.jpg",
+                 "é/6.jpg", "éa/7.jpg", "ê/8.jpg", "\U0010ffff/9.jpg"]
+    claims = catalog.claim_images(row.id, [
+        NewImage("bucket", image_key(dataset, relative), "etag", None, "0" * 64, 1) for relative in relatives
+    ])
+    id_of = {claim.key.removeprefix(f"datasets/{dataset}/"): claim.id for claim in claims}
+    segment = NewSegment("u", segment_key(dataset, "u"), len(claims), "flat")
+    catalog.commit_batch(row.id, segment, [IndexedImage(claim.id, 1, 1) for claim in claims], [])
+
+    def matching(prefix: str) -> set[str]:
+        ids = catalog.filtered_image_ids(row.id, f"datasets/{dataset}/{prefix}", None, None)
+        assert ids.dtype.name == "int64"
+        return {relative for relative, image_id in id_of.items() if image_id in set(ids.tolist())}
+
+    assert matching("a\U0010ffff") == {"a\U0010ffff/1.jpg", "a\U0010ffff\U0010ffff/2.jpg"}
+    assert matching("a\U0010ffff\U0010ffff") == {"a\U0010ffff\U0010ffff/2.jpg"}
+    assert matching("\U0010ffff") == {"\U0010ffff/9.jpg"}
+    assert matching("\ud7ff") == {"\ud7ff/4.jpg"}
+    assert matching("é") == {"é/6.jpg", "éa/7.jpg"}
+    assert matching("") == set(relatives)
