@@ -123,14 +123,15 @@ class World:
         if segment == 0:
             self.segment_bytes = len(data)
 
-    def service(self, shard_searcher: ShardSearcher | None = None, name: str = "search") -> SearchService:
+    def service(self, shard_searcher: ShardSearcher | None = None, name: str = "search",
+                cache_segments: float = 1.5, shard_segments: float = 2.05) -> SearchService:
+        """By default over budget at two segments: the dataset fans out; each shard holds two segments."""
         return SearchService(
             catalog=self.catalog, store=self.store, model_id=MODEL, text_encoder=TableEncoder,
             image_encoder=lambda: pytest.fail("no image query here"), max_image_bytes=1000,
             vector_index=self.index, segment_dir=self.tmp_path / name,
-            # Over budget at two segments: the dataset fans out; each shard holds two segments.
-            index_cache_bytes=1.5 * self.segment_bytes, shard_searcher=shard_searcher,
-            shard_budget_bytes=2.05 * self.segment_bytes,
+            index_cache_bytes=cache_segments * self.segment_bytes, shard_searcher=shard_searcher,
+            shard_budget_bytes=shard_segments * self.segment_bytes,
         )
 
     def shard_searcher(self) -> InProcessShardSearcher:
@@ -211,27 +212,17 @@ def test_a_shard_that_cannot_answer_fails_the_search_as_transient(world: World) 
         world.service(FailingShards()).search_text("photos", "q0", k=5)
 
 
-def test_below_the_budget_nothing_fans_out(world: World, tmp_path: Path) -> None:
+def test_below_the_budget_nothing_fans_out(world: World) -> None:
     shards = world.shard_searcher()
-    roomy = SearchService(
-        catalog=world.catalog, store=world.store, model_id=MODEL, text_encoder=TableEncoder,
-        image_encoder=lambda: pytest.fail("no image query"), max_image_bytes=1000, vector_index=world.index,
-        segment_dir=tmp_path / "roomy", index_cache_bytes=100 * world.segment_bytes, shard_searcher=shards,
-        shard_budget_bytes=2.05 * world.segment_bytes,
-    )
+    roomy = world.service(shards, name="roomy", cache_segments=100)
     assert roomy.search_text("photos", "q0", k=5).hits
     assert shards.queries == []
 
 
-def test_a_segment_over_the_shard_budget_is_searched_in_the_search_function(world: World, tmp_path: Path) -> None:
+def test_a_segment_over_the_shard_budget_is_searched_in_the_search_function(world: World) -> None:
     """A segment written before compaction capped them cannot go to a shard: the search answers, not a 500."""
     shards = world.shard_searcher()
-    narrow = SearchService(
-        catalog=world.catalog, store=world.store, model_id=MODEL, text_encoder=TableEncoder,
-        image_encoder=lambda: pytest.fail("no image query"), max_image_bytes=1000, vector_index=world.index,
-        segment_dir=tmp_path / "narrow", index_cache_bytes=1.5 * world.segment_bytes, shard_searcher=shards,
-        shard_budget_bytes=0.5 * world.segment_bytes,
-    )
+    narrow = world.service(shards, name="narrow", shard_segments=0.5)
     whole = world.service(name="whole")
     assert ranking(narrow.search_text("photos", "q1", k=10)) == ranking(whole.search_text("photos", "q1", k=10))
     assert shards.queries == []
