@@ -200,12 +200,10 @@ def get_ingest_service():
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.encoders import OnnxImageEncoder
     from clipsearch.ingest import IngestService
-    from clipsearch.model_cache import VISION_TOWER_FILES, ModelCache
+    from clipsearch.model_cache import VISION_TOWER_FILES
 
     settings = get_settings()
-    files = ModelCache(get_object_store(), settings.model_cache_dir).model_files(
-        settings.model_id, VISION_TOWER_FILES
-    )
+    files = get_model_cache().model_files(settings.model_id, VISION_TOWER_FILES)
     encoder = OnnxImageEncoder.from_model_files(
         files, settings.onnx_threads or None, settings.max_image_pixels
     )
