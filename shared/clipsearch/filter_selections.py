@@ -1,16 +1,18 @@
 """Search filters as id selections: read from the catalog, and kept per dataset version for the next pages.
 
 A filter (key prefix, ingest-time range) becomes the selection of the matching live ids, which FAISS
-searches through: a filtered page holds k hits without fetching more and dropping. Reading the ids costs a
-catalog query (~4-5 ms of CPU for 10,000 of 100,000 ids, benchmarks/filtered_search.py), so `FilterSelections`
-keeps recent selections for the dataset version they were read for: the next page of the same folder, or
-the same folder asked again, skips the catalog. The search function (SearchService) and each shard searcher
-(ShardSearchService) keep their own.
+searches through: a filtered page holds k hits without fetching more and dropping. A folder prefix reads the
+catalog's folder index (a few rows of packed ids per folder, ~0.5 ms for 10,000 of 100,000 ids); a time range
+reads one index entry per image (~4-5 ms of CPU for 10,000), benchmarks/filtered_search.py. The folder index may
+still hold ids of deleted images: they are removed here with the snapshot's deleted ids, so a selection holds
+only ids live in the snapshot it serves. `FilterSelections` keeps recent selections for the dataset version they
+were read for: the next page of the same folder, or the same folder asked again, skips the catalog. The search
+function (SearchService) and each shard searcher (ShardSearchService) keep their own.
 
 Why a kept selection is never stale: every catalog change a search can see (ingest, deletion, compaction)
 bumps the dataset's `index_version`, and a selection is keyed by the version of the snapshot it is used
-with, read only after that snapshot existed. So it holds every deletion up to that version (a deleted image
-never comes back), and a newer version (new images) is another key, read anew. Older versions of a
+with, read only after that snapshot existed, less that snapshot's deleted ids. So it admits no image deleted up
+to that version (a deleted image never comes back), and a newer version (new images) is another key, read anew. Older versions of a
 dataset are dropped as soon as a newer one is stored.
 """
 
@@ -33,12 +35,14 @@ DEFAULT_SELECTION_CACHE_BYTES = 32 * 2**20
 Selection = IdSelection | None | bool  # None: no filter; False: no image matches
 
 
-def _matching_ids(catalog: SearchCatalog, dataset_id: int, dataset: str, image_filter: ImageFilter) -> np.ndarray:
+def _matching_ids(catalog: SearchCatalog, dataset_id: int, dataset: str, image_filter: ImageFilter,
+                  deleted_ids: np.ndarray) -> np.ndarray:
     # Every key of the dataset is under its prefix: without a folder, no key condition, so a time range is one
     # index-only scan (with the dataset's whole key range too, PostgreSQL read the table: 2x the CPU at 100k).
     key_prefix = dataset_prefix(dataset) + image_filter.key_prefix if image_filter.key_prefix else None
-    ids = catalog.filtered_image_ids(dataset_id, key_prefix, image_filter.since, image_filter.until)
-    return np.asarray(ids, dtype=np.int64)
+    ids = np.asarray(catalog.filtered_image_ids(dataset_id, key_prefix, image_filter.since, image_filter.until),
+                     dtype=np.int64)
+    return ids[~np.isin(ids, deleted_ids)] if len(deleted_ids) and len(ids) else ids
 
 
 class FilterSelections:
@@ -61,9 +65,11 @@ class FilterSelections:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def select(self, dataset_id: int, dataset: str, index_version: int, image_filter: ImageFilter) -> Selection:
+    def select(self, dataset_id: int, dataset: str, index_version: int, image_filter: ImageFilter,
+               deleted_ids: np.ndarray) -> Selection:
         """None without a filter; False when no image matches; else the selection of the matching live ids, for a
-        search of the snapshot at `index_version`, which must exist already."""
+        search of the snapshot at `index_version`, which must exist already, and whose deleted ids (those whose
+        vectors its segments still hold) are `deleted_ids`."""
         if not image_filter.active:
             return None
         key = (dataset_id, index_version, image_filter)
@@ -73,7 +79,7 @@ class FilterSelections:
                 self._kept.move_to_end(key)
                 return kept[0]
         # Read outside the lock: concurrent first uses of one filter may both read it, none waits on another.
-        ids = _matching_ids(self._catalog, dataset_id, dataset, image_filter)
+        ids = _matching_ids(self._catalog, dataset_id, dataset, image_filter, deleted_ids)
         selection = self._vector_index.selection(ids) if len(ids) else False
         self._keep(key, selection, BYTES_PER_SELECTED_ID * max(len(ids), 1))
         return selection

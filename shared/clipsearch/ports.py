@@ -186,8 +186,11 @@ class SearchCatalog(Protocol):
     def filtered_image_ids(
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
     ) -> np.ndarray:
-        """Ids (int64, in no particular order) of the indexed images whose key starts with `key_prefix` (any key
-        when None) and that were ingested in [since, until)."""
+        """Ids (int64, each once, in no particular order) of the indexed images whose key starts with `key_prefix`
+        (any key when None) and that were ingested in [since, until). The answer may also hold ids of images
+        deleted since their segment was written, whose vectors may still sit in live segments: the caller removes
+        them with the `deleted_image_ids` of its snapshot (a catalog may keep a folder's ids per segment, not per
+        image)."""
         ...
 
 

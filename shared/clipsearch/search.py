@@ -527,8 +527,9 @@ class SearchService:
         )
 
     def _filter_selection(self, dataset: Dataset, index: DatasetIndex, image_filter: ImageFilter) -> Selection:
-        """Kept for the snapshot's version, read after it existed: it holds every deletion the snapshot knows."""
-        return self._filter_selections.select(dataset.id, dataset.name, index.index_version, image_filter)
+        """Kept for the snapshot's version, read after it existed, less its deleted ids: it admits no deleted image."""
+        return self._filter_selections.select(dataset.id, dataset.name, index.index_version, image_filter,
+                                              index.deleted_ids)
 
     def _warm_up(self, encoder: Lazy) -> None:
         """On a cold start, fetches the model and opens its session while the catalog is read."""
@@ -677,7 +678,7 @@ class ShardSearchService:
         with self._lock:
             view = self._view(query)
         allowed = self._filter_selections.select(query.dataset_id, query.dataset, view.index_version,
-                                                 query.image_filter)
+                                                 query.image_filter, view.deleted_ids)
         if allowed is False:
             return []
         vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(1, -1)

@@ -12,6 +12,7 @@ from clipsearch.search_results import ImageFilter
 pytestmark = pytest.mark.unit
 
 FOLDER = ImageFilter(key_prefix="1")  # the fake's keys are datasets/<name>/<id>.jpg
+NOTHING_DELETED = np.empty(0, dtype=np.int64)
 
 
 class CountingCatalog(InMemorySearchCatalog):
@@ -41,18 +42,18 @@ def test_a_filter_is_read_once_per_version_and_again_after_any_change() -> None:
     row = published(catalog, "photos", [1, 10, 11, 2])
     selections = FilterSelections(catalog, InMemoryVectorIndex())
 
-    first = selections.select(row.id, row.name, row.index_version, FOLDER)
-    again = selections.select(row.id, row.name, row.index_version, FOLDER)
+    first = selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED)
+    again = selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED)
 
     assert selected(first) == {1, 10, 11} and again is first
     assert catalog.filter_reads == 1
 
     row = catalog.delete_images("photos", [10])  # a deletion bumps index_version
-    after_deletion = selections.select(row.id, row.name, row.index_version, FOLDER)
+    after_deletion = selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED)
     assert selected(after_deletion) == {1, 11}
 
     row = published(catalog, "photos", [12, 3])  # so does an ingest
-    after_ingest = selections.select(row.id, row.name, row.index_version, FOLDER)
+    after_ingest = selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED)
     assert selected(after_ingest) == {1, 11, 12}
     assert catalog.filter_reads == 3
     assert len(selections) == 1, "a newer version drops the older versions' selections"
@@ -63,9 +64,9 @@ def test_no_filter_reads_nothing_and_no_match_is_kept_as_false() -> None:
     row = published(catalog, "photos", [2, 3])
     selections = FilterSelections(catalog, InMemoryVectorIndex())
 
-    assert selections.select(row.id, row.name, row.index_version, ImageFilter()) is None
-    assert selections.select(row.id, row.name, row.index_version, FOLDER) is False
-    assert selections.select(row.id, row.name, row.index_version, FOLDER) is False
+    assert selections.select(row.id, row.name, row.index_version, ImageFilter(), NOTHING_DELETED) is None
+    assert selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED) is False
+    assert selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED) is False
     assert catalog.filter_reads == 1
 
 
@@ -74,10 +75,10 @@ def test_a_request_of_an_older_snapshot_reads_anew_and_keeps_nothing() -> None:
     old = published(catalog, "photos", [1, 10])
     new = published(catalog, "photos", [11])
     selections = FilterSelections(catalog, InMemoryVectorIndex())
-    selections.select(new.id, new.name, new.index_version, FOLDER)
+    selections.select(new.id, new.name, new.index_version, FOLDER, NOTHING_DELETED)
 
-    selections.select(old.id, old.name, old.index_version, FOLDER)
-    selections.select(old.id, old.name, old.index_version, FOLDER)
+    selections.select(old.id, old.name, old.index_version, FOLDER, NOTHING_DELETED)
+    selections.select(old.id, old.name, old.index_version, FOLDER, NOTHING_DELETED)
 
     assert catalog.filter_reads == 3
     assert len(selections) == 1
@@ -89,13 +90,33 @@ def test_the_least_recently_used_selections_go_beyond_the_byte_budget() -> None:
     # Room for two selections of 5 ids.
     selections = FilterSelections(catalog, InMemoryVectorIndex(), max_bytes=10 * BYTES_PER_SELECTED_ID)
     for row in rows[:2]:
-        selections.select(row.id, row.name, row.index_version, FOLDER)
-    selections.select(rows[0].id, rows[0].name, rows[0].index_version, FOLDER)  # d1 used last
-    selections.select(rows[2].id, rows[2].name, rows[2].index_version, FOLDER)  # d2 goes
+        selections.select(row.id, row.name, row.index_version, FOLDER, NOTHING_DELETED)
+    selections.select(rows[0].id, rows[0].name, rows[0].index_version, FOLDER, NOTHING_DELETED)  # d1 used last
+    selections.select(rows[2].id, rows[2].name, rows[2].index_version, FOLDER, NOTHING_DELETED)  # d2 goes
 
     assert len(selections) == 2 and selections.nbytes == 10 * BYTES_PER_SELECTED_ID
     reads = catalog.filter_reads
-    selections.select(rows[0].id, rows[0].name, rows[0].index_version, FOLDER)
+    selections.select(rows[0].id, rows[0].name, rows[0].index_version, FOLDER, NOTHING_DELETED)
     assert catalog.filter_reads == reads
-    selections.select(rows[1].id, rows[1].name, rows[1].index_version, FOLDER)
+    selections.select(rows[1].id, rows[1].name, rows[1].index_version, FOLDER, NOTHING_DELETED)
     assert catalog.filter_reads == reads + 1
+
+
+class FolderIndexCatalog(CountingCatalog):
+    """Answers a folder with the ids its segments were written with, deleted ones included, as a folder index may."""
+
+    def filtered_image_ids(self, dataset_id, key_prefix, since, until) -> np.ndarray:
+        self.filter_reads += 1
+        return np.array([1, 10, 11], dtype=np.int64)
+
+
+def test_the_snapshots_deleted_ids_never_enter_a_selection() -> None:
+    catalog = FolderIndexCatalog()
+    row = published(catalog, "photos", [1, 10, 11, 2])
+    selections = FilterSelections(catalog, InMemoryVectorIndex())
+
+    selection = selections.select(row.id, row.name, row.index_version, FOLDER, np.array([2, 10], dtype=np.int64))
+
+    assert selected(selection) == {1, 11}
+    assert selections.select(row.id, row.name, row.index_version + 1, FOLDER,
+                             np.array([1, 10, 11], dtype=np.int64)) is False
