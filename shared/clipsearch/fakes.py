@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from clipsearch.errors import DatasetDeleting, DatasetNotFound, ObjectNotFound
+from clipsearch.errors import DatasetDeleting, DatasetNotFound, ObjectNotFound, TransientError
 from clipsearch.ports import (
     Dataset,
     DatasetRemoval,
@@ -111,6 +111,10 @@ class InMemoryVectorIndex:
     def open(self, path: Path) -> InMemorySegment:
         return self.load(path.read_bytes())
 
+    def open_partial(self, read_range, size: int) -> None:
+        """Never: the fake's segments are only ever loaded whole."""
+        return None
+
     def read_vectors(self, data: bytes | Path) -> SegmentVectors:
         return self._content(data.read_bytes() if isinstance(data, Path) else data)
 
@@ -162,6 +166,12 @@ class InMemoryObjectStore:
             self.objects[key] = StoredObject(key, etag, bytes(data), dict(metadata or {}), content_type)
             self.modified[key] = datetime.now(UTC)
             return etag
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        data = self.get(key).data
+        if end > len(data):
+            raise TransientError(f"{key!r}: asked bytes {start}-{end - 1} of {len(data)}")
+        return data[start:end]
 
     def download_file(self, key: str, destination: Path) -> None:
         destination.write_bytes(self.get(key).data)

@@ -6,9 +6,12 @@ self-describing, so loading never needs the kind. Inner products on L2-normalize
 
 from __future__ import annotations
 
+import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -187,6 +190,171 @@ class _FilteredLists:
             return self._layout
 
 
+# How an IVF segment file lies (faiss 1.15's index_write.cpp, checked against the files `write` makes): "IxM2"
+# and an index header; the inner "IwSq" with its header, nlist and nprobe, its quantizer ("IxFI" + header +
+# centroids as a uint64 byte count and bytes), direct map and scalar quantizer fields; the inverted lists as
+# "ilar" nlist code_size "full" + their sizes (uint64 count, nlist uint64), then list 0's codes and ids
+# (n x code_size bytes, n x int64), list 1's, ... in list order; last the id map (uint64 count, int64 ids).
+_INDEX_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, 2 unused, is_trained, metric type (+ float arg if > 1)
+_UINT64 = struct.Struct("<Q")
+_IVF_KINDS = {b"IwSq"}  # the IVF kinds this adapter writes (IVF_SQ8)
+_FLAT_QUANTIZERS = {b"IxFI", b"IxF2", b"IxFl"}
+# The first read holds every field before the centroids; the second the rest of the header, whose fields
+# after the centroids take ~16 bytes per dimension (the scalar quantizer's ranges) plus 8 per list.
+_FIRST_READ_BYTES = 64 * 1024
+_HEADER_SLACK_BYTES = 64 * 1024
+# Probed lists closer than this in the file are fetched as one ranged GET; fetches run on this many threads.
+_COALESCE_GAP_BYTES = 256 * 1024
+_LIST_FETCH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class _IvfLayout:
+    """Where an IVF segment's inverted lists lie in its file, and the file's header and id map."""
+
+    header: bytes  # bytes [0, data_start), the list sizes included
+    sizes_at: int  # offset of the nlist uint64 list sizes in `header`
+    sizes: np.ndarray  # uint64 [nlist]
+    list_offsets: np.ndarray  # int64 [nlist]: where each list's codes start in the file
+    code_size: int
+    id_map: bytes  # the file's last 8 + 8 x ntotal bytes
+
+    @classmethod
+    def read(cls, read_range: Callable[[int, int], bytes], size: int) -> _IvfLayout | None:
+        first = read_range(0, min(size, _FIRST_READ_BYTES))
+        try:
+            return cls._parse(first, read_range, size)
+        except (struct.error, ValueError):  # not the layout above: a file written another way
+            return None
+
+    @classmethod
+    def _parse(cls, first: bytes, read_range: Callable[[int, int], bytes], size: int) -> _IvfLayout | None:
+        if first[:4] != b"IxM2":
+            return None
+        dim, ntotal, _, _, _, metric = _INDEX_HEADER.unpack_from(first, 4)
+        metric_arg = 4 if metric > 1 else 0
+        at = 4 + _INDEX_HEADER.size + metric_arg
+        if first[at:at + 4] not in _IVF_KINDS:
+            return None
+        at += 4 + _INDEX_HEADER.size + metric_arg
+        nlist, _ = struct.unpack_from("<QQ", first, at)
+        at += 16
+        if first[at:at + 4] not in _FLAT_QUANTIZERS:
+            return None
+        at += 4 + _INDEX_HEADER.size + metric_arg
+        centroids_end = at + 8 + 4 * _UINT64.unpack_from(first, at)[0]  # a count of float32
+        header_end = min(size, centroids_end + 16 * dim + 8 * nlist + _HEADER_SLACK_BYTES)
+        id_map_start = size - 8 - 8 * ntotal
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            rest = pool.submit(read_range, len(first), header_end) if header_end > len(first) else None
+            id_map = read_range(id_map_start, size)
+            header = first + rest.result() if rest is not None else first[:header_end]
+        lists_at = header.find(b"ilar" + _UINT64.pack(nlist), centroids_end)
+        if lists_at < 0:
+            return None
+        code_size = _UINT64.unpack_from(header, lists_at + 12)[0]
+        if header[lists_at + 20:lists_at + 24] != b"full" or _UINT64.unpack_from(header, lists_at + 24)[0] != nlist:
+            return None  # "sprs" (fewer than half the lists used) stores its sizes another way
+        sizes_at = lists_at + 32
+        sizes = np.frombuffer(header, dtype="<u8", count=nlist, offset=sizes_at)
+        data_start = sizes_at + 8 * nlist
+        list_bytes = sizes.astype(np.int64) * (code_size + 8)
+        # The sizes must account for every byte between them and the id map, and the id map for every vector.
+        if (int(sizes.sum()) != ntotal or data_start + int(list_bytes.sum()) != id_map_start
+                or _UINT64.unpack_from(id_map, 0)[0] != ntotal):
+            return None
+        offsets = data_start + np.concatenate(([0], np.cumsum(list_bytes)[:-1]))
+        return cls(header[:data_start], sizes_at, sizes.copy(), offsets.astype(np.int64), int(code_size), id_map)
+
+    def empty_index(self) -> faiss.Index:
+        """The segment with every list empty: trained, its ids and quantizer loaded, nothing to scan yet."""
+        skeleton = bytearray(self.header)
+        skeleton[self.sizes_at:] = bytes(len(self.header) - self.sizes_at)
+        skeleton += self.id_map
+        return faiss.deserialize_index(np.frombuffer(skeleton, dtype=np.uint8))
+
+
+class PartialFaissSegment(FaissSegment):
+    """An IVF segment whose inverted lists are fetched as searches probe them: a search fetches the lists
+    the quantizer picks for its query (at the index's nprobe, as the index itself picks them), adds them,
+    and searches, so it answers exactly as the whole segment would. A search admitting only some ids, a
+    range search and reading the vectors first fetch every list. Fetching, adding and searching run under
+    one lock: FAISS does not allow adding to lists while another thread scans them."""
+
+    def __init__(self, layout: _IvfLayout, read_range: Callable[[int, int], bytes], size: int) -> None:
+        super().__init__(layout.empty_index(), size)
+        self._layout = layout
+        self._read_range = read_range
+        self._inner_ivf = faiss.downcast_index(self._index.index)
+        self._fetched = layout.sizes == 0  # an empty list has nothing to fetch
+        self._fetch_lock = threading.Lock()
+        self.fetched_bytes = 0  # how much of the file the searches fetched so far
+
+    def search(
+        self, query: np.ndarray, k: int, selection: FaissIdSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        with self._fetch_lock:
+            if selection is not None and not selection.exclude:
+                self._fetch(np.arange(len(self._fetched)))
+            else:
+                with _one_faiss_thread():
+                    _, probed = self._inner_ivf.quantizer.search(query, self._inner_ivf.nprobe)
+                self._fetch(probed[0][probed[0] >= 0])
+            return super().search(query, k, selection)
+
+    def range_search(self, queries, min_score, selection=None):
+        with self._fetch_lock:
+            self._fetch(np.arange(len(self._fetched)))
+            return super().range_search(queries, min_score, selection)
+
+    def vectors(self) -> np.ndarray:
+        with self._fetch_lock:
+            self._fetch(np.arange(len(self._fetched)))
+            return super().vectors()
+
+    def _fetch(self, lists: np.ndarray) -> None:
+        missing = np.unique(lists[~self._fetched[lists]])
+        if not len(missing):
+            return
+        layout = self._layout
+        starts = layout.list_offsets[missing]
+        ends = starts + layout.sizes[missing].astype(np.int64) * (layout.code_size + 8)
+        runs: list[list[int]] = [[0]]  # positions in `missing` fetched by one ranged GET each
+        for position in range(1, len(missing)):
+            if starts[position] - ends[runs[-1][-1]] <= _COALESCE_GAP_BYTES:
+                runs[-1].append(position)
+            else:
+                runs.append([position])
+        spans = [(int(starts[run[0]]), int(ends[run[-1]])) for run in runs]
+        pieces = _fetch_pool().map(lambda span: self._read_range(*span), spans) if len(spans) > 1 else (
+            [self._read_range(*spans[0])])
+        invlists = self._inner_ivf.invlists
+        for run, (span_start, _), piece in zip(runs, spans, pieces):
+            for position in run:
+                list_number, count = int(missing[position]), int(layout.sizes[missing[position]])
+                codes_at = int(starts[position]) - span_start
+                ids_at = codes_at + count * layout.code_size
+                codes = np.frombuffer(piece, dtype=np.uint8, count=count * layout.code_size, offset=codes_at).copy()
+                ids = np.frombuffer(piece, dtype="<i8", count=count, offset=ids_at).astype(np.int64)
+                invlists.add_entries(list_number, count, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            self.fetched_bytes += len(piece)
+        self._fetched[missing] = True
+
+
+_fetch_threads: ThreadPoolExecutor | None = None
+_fetch_threads_guard = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """The threads fetching probed lists, shared by every partial segment (made on first use)."""
+    global _fetch_threads
+    with _fetch_threads_guard:
+        if _fetch_threads is None:
+            _fetch_threads = ThreadPoolExecutor(max_workers=_LIST_FETCH_THREADS, thread_name_prefix="ivf-lists")
+        return _fetch_threads
+
+
 class FaissVectorIndex:
     """Builds segments of any `IndexSpec` kind, loads them from bytes or memory-maps them from files."""
 
@@ -209,6 +377,14 @@ class FaissVectorIndex:
         """The segment file memory-mapped where FAISS can (flat codes and IVF lists): pages are read on
         demand and shared with the page cache, so a loaded segment costs about its size once."""
         return FaissSegment(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), path.stat().st_size)
+
+    def open_partial(self, read_range: Callable[[int, int], bytes], size: int) -> PartialFaissSegment | None:
+        """An IVF segment read in parts: its header and id map now (a few MB), each inverted list when a
+        search first probes it. None for other kinds, which are opened whole."""
+        layout = _IvfLayout.read(read_range, size)
+        if layout is None:
+            return None
+        return PartialFaissSegment(layout, read_range, size)
 
     def read_vectors(self, data: bytes | Path) -> SegmentVectors:
         """The ids and vectors a segment holds, for merging (decoded: approximate for compressed kinds)."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from s3transfer.manager import TransferManager
-from s3transfer.subscribers import BaseSubscriber
 
 from clipsearch.errors import ObjectNotFound, TransientError
 from clipsearch.ports import ObjectInfo, StoredObject
@@ -23,6 +22,11 @@ _DELETE_BATCH = 1000  # S3's DeleteObjects limit
 # 8 MiB parts, 26 s with 64 MiB parts, 9 s as one GET).
 _DOWNLOAD_CONNECTIONS = 8
 _MIN_PART_BYTES = 8 * 2**20
+# A part's body is written to the file as it streams in, this much at a time: memory stays bounded.
+_STREAM_CHUNK_BYTES = 2**20
+# botocore retries a failed request, not a body that breaks off while it streams: a part is fetched again
+# from its start this many times in all (as s3transfer did).
+_PART_ATTEMPTS = 5
 
 
 class S3ObjectStore:
@@ -65,18 +69,54 @@ class S3ObjectStore:
             )
         return _etag(response["ETag"])
 
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object (one ranged GET); TransientError if the object is shorter."""
+        with _translated(key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            data = response["Body"].read()
+        if len(data) != end - start:
+            raise TransientError(f"{key!r}: asked bytes {start}-{end - 1}, got {len(data)} bytes")
+        return data
+
     def download_file(self, key: str, destination: Path) -> None:
+        """The object into `destination` as equal parallel ranged GETs, each streamed to its place in the
+        file; on failure no file is left."""
         destination.parent.mkdir(parents=True, exist_ok=True)
         info = self.head(key)
         if info is None:
             raise ObjectNotFound(key)
         part_bytes = max(_MIN_PART_BYTES, -(-info.size // _DOWNLOAD_CONNECTIONS))
-        config = TransferConfig(
-            multipart_threshold=_MIN_PART_BYTES, multipart_chunksize=part_bytes, max_concurrency=_DOWNLOAD_CONNECTIONS
-        )
-        with _translated(key), TransferManager(self._client, config) as transfers:
-            transfers.download(self.bucket, key, str(destination), subscribers=[_KnownSize(info.size)]).result()
+        parts = [(start, min(start + part_bytes, info.size)) for start in range(0, info.size, part_bytes)]
+        descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(descriptor, info.size)
+            if len(parts) == 1:
+                self._download_part(key, descriptor, *parts[0])
+            else:
+                with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="s3-part") as pool:
+                    for done in [pool.submit(self._download_part, key, descriptor, *part) for part in parts]:
+                        done.result()
+        except BaseException:
+            os.close(descriptor)
+            destination.unlink(missing_ok=True)
+            raise
+        os.close(descriptor)
 
+    def _download_part(self, key: str, descriptor: int, start: int, end: int) -> None:
+        for attempt in range(1, _PART_ATTEMPTS + 1):
+            try:
+                with _translated(key):
+                    response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+                    position = start
+                    for chunk in response["Body"].iter_chunks(_STREAM_CHUNK_BYTES):
+                        os.pwrite(descriptor, chunk, position)
+                        position += len(chunk)
+                if position != end:
+                    raise TransientError(f"{key!r}: bytes {start}-{end - 1} ended at {position}")
+                return
+            except TransientError as error:
+                if attempt == _PART_ATTEMPTS or not _broke_off(error):
+                    raise
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         for start in range(0, len(keys), _DELETE_BATCH):
@@ -102,14 +142,10 @@ class S3ObjectStore:
         )
 
 
-class _KnownSize(BaseSubscriber):
-    """Tells the transfer the size the HEAD already gave, so it does not ask again."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    def on_queued(self, future, **kwargs) -> None:
-        future.meta.provide_transfer_size(self._size)
+def _broke_off(error: TransientError) -> bool:
+    """True when a body stopped short or its stream failed, which a new request may not repeat."""
+    cause = error.__cause__
+    return cause is None or isinstance(cause, BotoCoreError)
 
 
 def _etag(raw: str) -> str:
