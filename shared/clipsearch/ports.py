@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,10 @@ class ObjectStore(Protocol):
         metadata: Mapping[str, str] | None = None,
         content_type: str | None = None,
     ) -> str: ...
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object; TransientError when it holds fewer."""
+        ...
 
     def download_file(self, key: str, destination: Path) -> None: ...
 
@@ -413,6 +417,12 @@ class VectorIndex(Protocol):
     def load(self, data: bytes) -> SegmentSearcher: ...
 
     def open(self, path: Path) -> SegmentSearcher: ...
+
+    def open_partial(self, read_range: Callable[[int, int], bytes], size: int) -> SegmentSearcher | None:
+        """A segment of `size` bytes read through `read_range(start, end)` as searches need it (its header
+        now, the parts a query probes when it runs), answering as the whole segment would; None when its
+        format cannot be read in parts (it must then be opened whole)."""
+        ...
 
     def read_vectors(self, data: bytes | Path) -> SegmentVectors: ...
 

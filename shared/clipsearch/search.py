@@ -14,6 +14,14 @@ Segments are fetched into a scratch directory and opened memory-mapped, so a loa
 its file size once; the snapshots together stay under a byte budget, the least recently searched
 dataset dropped first.
 
+Cold start: when the segments a refresh must load hold at least `partial_load_min_bytes`, they are first
+opened in part (their headers, a few MB; each query then fetches the inverted lists it probes, answering
+exactly as the whole segments would), and after the first answer one background thread downloads them
+whole and swaps them into the snapshot. Until then a query fetches its own missing lists (a few ranged
+GETs, ~1-3 ms each against the whole download's seconds); a filtered query or a duplicates scan, which
+reads most lists, waits for the whole segments instead. A failed background download is logged and
+started again by the next query; a query that waits for it gets its error.
+
 Fan-out: given a ShardSearcher, a dataset whose segment objects together exceed that budget is never
 loaded here. Its snapshot is a shard plan (clipsearch.shards); a query is embedded once, every shard's
 top (offset + k) is asked in parallel, with the same deleted-id exclusion and filters, and the merged
@@ -27,8 +35,9 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -90,6 +99,9 @@ QUERY_THREADS = 2
 PARALLEL_SEARCH_MIN_BYTES = 32 * 2**20
 # A page shows its thumbnails at once; a short expiry limits what a copied URL gives away.
 THUMBNAIL_URL_SECONDS = 900
+# Segments to load that together hold at least this are opened in part first (see the module's doc): below
+# it, downloading them whole (~250 MB/s from S3 in parallel) costs about what the extra round trips do.
+PARTIAL_LOAD_MIN_BYTES = 32 * 2**20
 
 
 class QueryVector(Protocol):
@@ -122,6 +134,7 @@ class CacheListener(Protocol):
 class LoadedSegment:
     ref: SegmentRef
     segment: SegmentSearcher
+    complete: bool = True  # False: opened in part, its lists fetched as queries probe them
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,15 @@ class DatasetIndex:
     def nbytes(self) -> int:
         return sum(loaded.segment.nbytes for loaded in self.segments)
 
+    @property
+    def complete(self) -> bool:
+        """False while a segment is still opened in part."""
+        return all(loaded.complete for loaded in self.segments)
+
+    def with_loaded(self, replacements: Mapping[str, LoadedSegment]) -> DatasetIndex:
+        """The same snapshot with the segments of these ids replaced (the same vectors, loaded another way)."""
+        return replace(self, segments=tuple(replacements.get(loaded.ref.id, loaded) for loaded in self.segments))
+
     def is_current(self, dataset: Dataset) -> bool:
         """True when this snapshot is at least as new as the row a request read (a refresh may have
         read a newer version than the row that asked for it)."""
@@ -229,6 +251,21 @@ class SegmentLoader:
         with ThreadPoolExecutor(max_workers=min(self._threads, len(refs))) as pool:
             return {loaded.ref.id: loaded for loaded in pool.map(self._load, refs)}
 
+    def load_partial(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
+        """Each segment opened in part where its format allows (else whole), in parallel."""
+        sizes = {sized.ref.id: sized.nbytes for sized in self.sized(refs)}
+
+        def open_one(ref: SegmentRef) -> LoadedSegment:
+            read_range = _segment_reader(self._store, ref)
+            try:
+                partial = self._vector_index.open_partial(read_range, sizes[ref.id])
+            except ObjectNotFound as error:
+                raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
+            return self._load(ref) if partial is None else LoadedSegment(ref, partial, complete=False)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self._threads, len(refs)))) as pool:
+            return {loaded.ref.id: loaded for loaded in pool.map(open_one, refs)}
+
     def sized(self, refs: Sequence[SegmentRef]) -> list[SizedSegment]:
         """Each segment with its object's size (asked of the store once per segment, in parallel)."""
         missing = [ref for ref in refs if ref.id not in self._sizes]
@@ -254,6 +291,16 @@ class SegmentLoader:
             path.unlink(missing_ok=True)
 
 
+def _segment_reader(store: ObjectStore, ref: SegmentRef) -> Callable[[int, int], bytes]:
+    def read_range(start: int, end: int) -> bytes:
+        try:
+            return store.get_range(ref.object_key, start, end)
+        except ObjectNotFound as error:  # retired and removed after its grace period: the next refresh sees it
+            raise TransientError(f"segment {ref.object_key} disappeared while being read") from error
+
+    return read_range
+
+
 Snapshot = DatasetIndex | ShardedIndex
 
 
@@ -274,9 +321,11 @@ class SearchService:
         segment_load_threads: int = 8,
         shard_searcher: ShardSearcher | None = None,
         shard_budget_bytes: float = float("inf"),
+        partial_load_min_bytes: float = PARTIAL_LOAD_MIN_BYTES,
     ) -> None:
         """With a `shard_searcher`, a dataset over `index_cache_bytes` is searched by shards of at most
-        `shard_budget_bytes` each (what one shard searcher may hold); without one it is loaded here."""
+        `shard_budget_bytes` each (what one shard searcher may hold); without one it is loaded here.
+        Segments to load holding `partial_load_min_bytes` or more are opened in part first."""
         self._catalog = catalog
         self._store = store
         self._vector_index = vector_index
@@ -299,6 +348,17 @@ class SearchService:
         self._locks_guard = threading.Lock()
         self._cache_listener: CacheListener = _ignore_cache_lookup
         self._filter_selections = FilterSelections(catalog, vector_index)
+        self._partial_load_min_bytes = partial_load_min_bytes
+        # One thread downloads segments opened in part whole, so it never takes both cores from queries.
+        self._whole_loads = Lazy(lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-load"))
+        self._whole_load_futures: dict[str, Future] = {}
+
+    def wait_for_segments(self, timeout: float | None = None) -> bool:
+        """Waits until every segment opened in part has been loaded whole (or failed); True when none is left
+        loading. For benchmarks and tests: searches never need to."""
+        with self._locks_guard:
+            running = list(self._whole_load_futures.values())
+        return not wait_for_futures(running, timeout).not_done
 
     def listen_to_caches(self, listener: CacheListener) -> None:
         """From now on, `listener(cache, hit)` hears of each request's lookup of ENCODER_CACHE and INDEX_CACHE,
@@ -395,6 +455,8 @@ class SearchService:
             raise InvalidParameter("min_score", f"must be between {MIN_DUPLICATE_SCORE} and 1, got {min_score}")
         row = self._dataset(dataset)
         index = self._index(row)
+        if isinstance(index, DatasetIndex) and not index.complete:
+            index = self._whole_index(row, index)
         if isinstance(index, ShardedIndex):
             stored = index.vector_count
         else:
@@ -495,8 +557,12 @@ class SearchService:
                                   options.image_filter)
         else:
             allowed = self._filter_selection(dataset, index, options.image_filter)
+            if allowed is not None and allowed is not False and not index.complete:
+                index = self._whole_index(dataset, index)  # a filter reads lists the query does not probe
             if allowed is not False:
                 ranked = index.search(query, options.offset + k, allowed, self._query_threads.get())
+            if not index.complete:
+                self._load_whole_in_background(dataset.name)
         if options.min_score is not None:
             ranked = [(image_id, score) for image_id, score in ranked if score >= options.min_score]
         autocut_at = None
@@ -561,6 +627,39 @@ class SearchService:
                 self._evict_beyond_budget(keep=dataset.name)
             return refreshed
 
+    def _load_whole_in_background(self, name: str) -> Future:
+        """Starts downloading whole the segments the dataset's snapshot holds in part, unless that runs already;
+        a previous attempt's failure is logged and the download started again."""
+        with self._locks_guard:
+            running = self._whole_load_futures.get(name)
+            if running is not None and not running.done():
+                return running
+            if running is not None and running.exception() is not None:
+                logger.error("dataset %s: loading its segments whole failed, trying again: %s", name,
+                             running.exception())
+            future = self._whole_loads.get().submit(self._load_whole, name)
+            self._whole_load_futures[name] = future
+            return future
+
+    def _load_whole(self, name: str) -> None:
+        with self._locks_guard:
+            snapshot = self._indexes.get(name)
+        if not isinstance(snapshot, DatasetIndex) or snapshot.complete:
+            return
+        whole = self._segments.load([loaded.ref for loaded in snapshot.segments if not loaded.complete])
+        with self._locks_guard:
+            # The snapshot may have been refreshed meanwhile: the newest gets the whole segments it shares.
+            latest = self._indexes.get(name)
+            if isinstance(latest, DatasetIndex) and latest.dataset_id == snapshot.dataset_id:
+                self._indexes[name] = latest.with_loaded(whole)
+        logger.info("dataset %s: %d segments loaded whole", name, len(whole))
+
+    def _whole_index(self, dataset: Dataset, index: DatasetIndex) -> DatasetIndex:
+        """The snapshot with every segment loaded whole, waiting for the background download (its error raised)."""
+        self._load_whole_in_background(dataset.name).result()
+        current = self._index(dataset)
+        return current if isinstance(current, DatasetIndex) and current.complete else index
+
     def _cached(self, dataset: Dataset) -> Snapshot | None:
         with self._locks_guard:
             cached = self._indexes.get(dataset.name)
@@ -609,7 +708,9 @@ class SearchService:
                     return ShardedIndex(dataset.id, dataset.name, dataset.index_version, shards)
         kept = {loaded.ref.id: loaded for loaded in previous.segments} if isinstance(previous, DatasetIndex) else {}
         missing = [ref for ref in refs if ref.id not in kept]
-        loaded = self._segments.load(missing)
+        in_part = (self._partial_load_min_bytes < float("inf") and missing
+                   and sum(sized.nbytes for sized in self._segments.sized(missing)) >= self._partial_load_min_bytes)
+        loaded = self._segments.load_partial(missing) if in_part else self._segments.load(missing)
         logger.info(
             "dataset %s: index_version %s -> %s, %d segments (%d loaded, %d retired), %d deleted ids",
             dataset.name, previous.index_version if previous else None, dataset.index_version,
