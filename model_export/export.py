@@ -12,6 +12,7 @@ from typing import Any
 from clipsearch.model_files import MODEL_FORMAT
 from model_export.checkpoint import Checkpoint
 from model_export.errors import ExportError
+from model_export.optimize import optimize_offline, saved_optimization
 from model_export.options import QUANTIZATIONS, ExportOptions
 from model_export.publish import check_output_dir, checksums, publish, staging_directory
 from model_export.quantize import best_quantization
@@ -38,6 +39,9 @@ def _build(checkpoint: Checkpoint, options: ExportOptions, staging: Path) -> dic
     quantized = options.quantization == "int8"
     fp32_dir = staging / ".fp32" if quantized else staging
     opset = export_towers(checkpoint.model, fp32_dir, options.opset)
+    # fp32 graphs ship as exported here, so they are optimized before their parity is measured; int8 ones
+    # are optimized as each candidate is written, and the fp32 reference stays as exported.
+    optimized = () if quantized else _optimize_graphs(fp32_dir)
 
     texts = text_samples(checkpoint.tokenizer_json)
     images = image_samples(checkpoint.preprocess, options.sample_photos)
@@ -50,7 +54,9 @@ def _build(checkpoint: Checkpoint, options: ExportOptions, staging: Path) -> dic
 
     weight_type = None
     if quantized:
-        weight_type, parity["int8_vs_fp32"] = _quantize_in_place(staging, fp32_dir, fp32, texts, images, options)
+        weight_type, optimized, parity["int8_vs_fp32"] = _quantize_in_place(
+            staging, fp32_dir, fp32, texts, images, options
+        )
 
     (staging / "tokenizer.json").write_text(checkpoint.tokenizer_json, encoding="utf-8")
     (staging / "preprocess.json").write_text(json.dumps(checkpoint.preprocess, indent=2) + "\n", encoding="utf-8")
@@ -65,6 +71,7 @@ def _build(checkpoint: Checkpoint, options: ExportOptions, staging: Path) -> dic
         "opset": opset,
         "quantization": options.quantization,
         "quantization_weight_type": weight_type,
+        "graph_optimization": {**saved_optimization(), "graphs": list(optimized)},
         "files": checksums(staging),
         "parity": parity,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -80,8 +87,9 @@ def _quantize_in_place(
     texts: TextSamples,
     images: ImageSamples,
     options: ExportOptions,
-) -> tuple[str, dict[str, Any]]:
-    """Replace the fp32 graphs by the best-measured int8 ones; return its weight type and the int8 figures."""
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """Replace the fp32 graphs by the best-measured int8 ones; return its weight type, the graphs optimized
+    offline and the int8 figures."""
     candidates_dir = staging / ".candidates"
     best, candidates = best_quantization(fp32_dir, candidates_dir, fp32, texts, images, options.threads)
     for graph in (TEXT_GRAPH, VISION_GRAPH):
@@ -95,4 +103,8 @@ def _quantize_in_place(
         **best.figures,
         "candidates": {candidate.weight_type: candidate.figures for candidate in candidates},
     }
-    return best.weight_type, figures
+    return best.weight_type, best.optimized_graphs, figures
+
+
+def _optimize_graphs(directory: Path) -> tuple[str, ...]:
+    return tuple(graph for graph in (TEXT_GRAPH, VISION_GRAPH) if optimize_offline(directory / graph))

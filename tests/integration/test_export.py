@@ -112,6 +112,17 @@ def test_tiny_export_writes_the_model_directory(tiny_model_dir: Path) -> None:
     parity = manifest["parity"]["onnx_vs_torch"]
     assert parity["text"]["min_cosine"] >= 0.99999
     assert parity["image"]["min_cosine"] >= 0.99999
+    assert_optimized_offline(tiny_model_dir, manifest)
+
+
+def assert_optimized_offline(model_dir: Path, manifest: dict) -> None:
+    """The graphs ship with onnxruntime's fusions saved (its own operators), as the manifest says."""
+    assert manifest["graph_optimization"] == {
+        "level": "extended", "onnxruntime": ort.__version__, "graphs": ["text/model.onnx", "vision/model.onnx"]
+    }
+    for graph in manifest["graph_optimization"]["graphs"]:
+        domains = {node.domain for node in onnx.load(str(model_dir / graph)).graph.node}
+        assert "com.microsoft" in domains, graph
 
 
 def test_graphs_have_the_contracted_inputs_and_outputs(tiny_model_dir: Path) -> None:
@@ -183,7 +194,8 @@ def test_int8_export_holds_only_int8_graphs_and_records_parity(tiny_int8: tuple[
     for graph in ("text/model.onnx", "vision/model.onnx"):
         assert sha256(out / graph) == manifest["files"][graph]
         ops = {node.op_type for node in onnx.load(str(out / graph)).graph.node}
-        assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+        assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}, graph
+    assert_optimized_offline(out, manifest)
 
 
 def test_exports_a_local_checkpoint_directory(tmp_path: Path) -> None:
