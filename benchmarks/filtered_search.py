@@ -63,6 +63,7 @@ VARIANTS = [
     ("since/until (10%)", "filteru", {"since": (INGEST_BASE + timedelta(seconds=30_000)).isoformat(),
                                       "until": (INGEST_BASE + timedelta(seconds=40_000)).isoformat()}),
     ("prefix f3/img0001 (100 images)", "filteru", {"prefix": "f3/img0001"}),
+    ("prefix f3 (10%, ends inside a folder name)", "filteru", {"prefix": "f3"}),
     ("unfiltered (clustered folders)", "filterc", {}),
     ("prefix f3/ (10%, = clusters)", "filterc", {"prefix": "f3/"}),
 ]
@@ -295,8 +296,9 @@ def _handler():
 
 def _parts(count: int) -> dict[str, dict[str, float]]:
     """Each filtered variant's parts, timed alone (p50 ms, and mean CPU ms of the PostgreSQL backend and of
-    this process for the catalog): the catalog's id query as the search function asks it, the former form
-    (LIKE, int8[] as text in a transaction), the index scan alone (count(*)), the selection's build, the kept
+    this process for the catalog): the catalog's id query as the search function asks it (a folder prefix: the
+    folder index), the key range over the images' rows it replaced for folders, the form before that (LIKE,
+    int8[] as text in a transaction), the key range's index scan alone (count(*)), the selection's build, the kept
     selection's lookup, the segment search with it; next to the text tower and the unfiltered segment search."""
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -340,17 +342,21 @@ def _parts(count: int) -> dict[str, dict[str, float]]:
         selection = vector_index.selection(ids)
         segment.search(rounds[0], K, selection)  # the segment's list layout, read once
         kept = FilterSelections(catalog, vector_index)
-        kept.select(row.id, dataset, row.index_version, image_filter)
+        deleted = np.array(sorted(catalog.deleted_image_ids(row.id)), dtype=np.int64)
+        kept.select(row.id, dataset, row.index_version, image_filter, deleted)
         parts[label] = {
             "matching ids": float(len(ids)),
             **_catalog_costs("catalog id query", backend, count,
                              lambda: catalog.filtered_image_ids(row.id, key_prefix, since, until)),
+            **_catalog_costs("key-range id query", backend, count,
+                             lambda: _key_range_ids(database, row.id, key_prefix, since, until)),
             **_catalog_costs("former id query", backend, count,
                              lambda: _former_filtered_ids(database, row.id, former_prefix, since, until)),
             **_catalog_costs("index scan alone", backend, count,
                              lambda: _count_matching(database, row.id, key_prefix, since, until)),
             "selection build": _p50(lambda _: vector_index.selection(ids), rounds),
-            "kept selection lookup": _p50(lambda _: kept.select(row.id, dataset, row.index_version, image_filter),
+            "kept selection lookup": _p50(lambda _: kept.select(row.id, dataset, row.index_version, image_filter,
+                                                                      deleted),
                                           rounds),
             "faiss search": _p50(lambda query: segment.search(query, K, selection), rounds),
         }
@@ -397,6 +403,16 @@ def _former_filtered_ids(database, dataset_id: int, key_prefix: str, since, unti
     with database.transaction() as connection:
         found = connection.execute(f"SELECT array_agg(id) AS ids FROM images WHERE {where}", params).fetchone()
     return np.asarray(found["ids"] or [], dtype=np.int64)
+
+
+def _key_range_ids(database, dataset_id: int, key_prefix: str | None, since, until) -> np.ndarray:
+    """The catalog query before the folder index (migration 005): a key range over the images' rows."""
+    from clipsearch.adapters.postgres_catalog import _image_rows_query
+
+    query, params = _image_rows_query(dataset_id, key_prefix, since, until)
+    with database.read() as connection, connection.cursor(binary=True) as cursor:
+        packed = cursor.execute(query, params).fetchone()["ids"]
+    return np.frombuffer(packed or b"", dtype=">i8").astype(np.int64)
 
 
 def _count_matching(database, dataset_id: int, key_prefix: str | None, since, until) -> int:
@@ -499,6 +515,12 @@ def _print(child: dict, recall: dict, segment_rows: list[dict], kinds: dict) -> 
                 print(f"| {label} | {text} | {use if variant_filter else '-'} | {row['p50']:.2f} | {row['p99']:.2f} | "
                       f"{row['p50'] / base['p50']:.2f}x | {row['cpu_p50']:.2f} | {row['cpu_p50'] / base['cpu_p50']:.2f}x"
                       f" | {recall[label]:.3f} | {counts[label][0]} / {counts[label][1]:.1f} |")
+    print("\nthe catalog's id query of a first use (timed alone; wall p50, and mean CPU of PostgreSQL + this process):")
+    for label, parts in child["parts"].items():
+        if "catalog id query" in parts:
+            print(f"  {label}: {parts['catalog id query']:.3f} ms ({parts['catalog id query server CPU']:.3f} + "
+                  f"{parts['catalog id query client CPU']:.3f} ms CPU) for {parts['matching ids']:.0f} ids; the key range "
+                  f"over the images' rows {parts['key-range id query']:.3f} ms")
     print("\nparts, timed alone (p50 ms):")
     for label, parts in child["parts"].items():
         print(f"  {label}: " + ", ".join(f"{name} {value:.3f}" if name != "matching ids" else f"{name} {value:.0f}"

@@ -199,16 +199,16 @@ class PostgresCatalog:
         self, dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
     ) -> np.ndarray:
         """A folder prefix alone reads the folder index (migration 005); a time range, alone or with a prefix, the
-        images' filter indexes (migration 004). Either way the ids come packed by the server into one bytea of
-        big-endian int64 (cheaper for it than an int8[]), read in binary, in one round trip outside a transaction.
+        images' filter indexes (migration 004). Either way the ids come packed by the server as bytea of big-endian
+        int64 (cheaper for it than an int8[]), read in binary, in one round trip outside a transaction.
         From the folder index they may hold ids of images deleted since their segment was written: see the port."""
         if key_prefix and since is None and until is None and _prefix_upper_bound(key_prefix) is not None:
             query, params = _folder_index_query(dataset_id, key_prefix)
         else:
             query, params = _image_rows_query(dataset_id, key_prefix, since, until)
         with self._database.read() as connection, connection.cursor(binary=True) as cursor:
-            packed = cursor.execute(query, params).fetchone()
-        return np.frombuffer(b"".join(part or b"" for part in packed.values()), dtype=">i8").astype(np.int64)
+            packed = cursor.execute(query, params).fetchall()
+        return np.frombuffer(b"".join(row["ids"] or b"" for row in packed), dtype=">i8").astype(np.int64)
 
     def remove_dataset(self, name: str) -> DatasetRemoval:
         validate_dataset_name(name)
@@ -641,102 +641,8 @@ def _image_rows_query(
     return f"SELECT string_agg(int8send(id), ''::bytea) AS ids FROM images WHERE {' AND '.join(conditions)}", params
 
 
-def _folder_index_query(dataset_id: int, key_prefix: str) -> tuple[str, dict]:
-    """The ids under `key_prefix`: the rows of every folder that starts with it (a key range on the folder index, one
-    row per folder and segment) plus, when the prefix ends inside a name, the files of its own folder whose name
-    starts with the rest. Those are read as key ranges on the images' keys between the subfolders the folder rows
-    name (`a/b` reads [a/b, a/b/) and [a/b0, a/bc/) and [a/bc0, a/c) when a/b/ and a/bc/ are folders): a file of a
-    subfolder is never read twice, however many images the subfolders hold."""
-    folder = key_prefix[: key_prefix.rfind("/") + 1]
-    params = {"dataset": dataset_id, "prefix": key_prefix, "upper": _prefix_upper_bound(key_prefix),
-              "folder_length": len(folder)}
-    in_range = "dataset_id = %(dataset)s AND folder >= %(prefix)s AND folder < %(upper)s"
-    query = f"SELECT (SELECT string_agg(ids, ''::bytea) FROM image_folders WHERE {in_range}) AS folders"
-    if folder == key_prefix:
-        return query, params
-    # A subfolder `c/` is skipped from `c/` to `c0`, the least string above every key under it ('0' follows '/').
-    return (
-        "WITH children AS ("
-        "  SELECT DISTINCT left(folder, %(folder_length)s + strpos(substr(folder, %(folder_length)s + 1), '/'))"
-        "  AS child FROM image_folders WHERE " + in_range + "),"
-        " gaps AS ("
-        "  SELECT coalesce(lag(left(child, -1) || '0') OVER (ORDER BY child), %(prefix)s) AS low, child AS high"
-        "  FROM children"
-        "  UNION ALL SELECT coalesce(max(left(child, -1) || '0'), %(prefix)s), %(upper)s FROM children)"
-        f" {query}, (SELECT string_agg(int8send(i.id), ''::bytea) FROM gaps g CROSS JOIN LATERAL ("
-        "  SELECT id FROM images WHERE dataset_id = %(dataset)s AND status = 'indexed'"
-        "  AND object_key COLLATE \"C\" >= g.low AND object_key COLLATE \"C\" < g.high"
-        "  AND strpos(substr(object_key, %(folder_length)s + 1), '/') = 0) i) AS files",
-        params,
-    )
-
-
-def _prefix_upper_bound(prefix: str) -> str | None:
-    """The least string above every string that starts with `prefix`, in code point order (which is the
-    byte order of UTF-8, COLLATE "C"): its last character raised by one, dropping maximal ones; None
-    when there is none."""
-    characters = list(prefix)
-    while characters:
-        last = ord(characters.pop())
-        if last < sys.maxunicode:
-            following = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1  # surrogates are not characters
-            return "".join(characters) + chr(following)
-    return None
-
-
-def _image_rows_query(
-    dataset_id: int, key_prefix: str | None, since: datetime | None, until: datetime | None
-) -> tuple[str, list]:
-    """Migration 004's index-only scans: a key range, not LIKE (which re-checked every row). 10k of 100k ids
-    (benchmarks/filtered_search.py): PostgreSQL 3.8 ms + client 0.8 ms of CPU, the index scan alone 2.6 ms."""
-    conditions, params = ["dataset_id = %s", "status = 'indexed'"], [dataset_id]
-    if key_prefix:
-        conditions.append("object_key COLLATE \"C\" >= %s")
-        params.append(key_prefix)
-        upper = _prefix_upper_bound(key_prefix)
-        if upper is not None:
-            conditions.append("object_key COLLATE \"C\" < %s")
-            params.append(upper)
-    if since is not None:
-        conditions.append("created_at >= %s")
-        params.append(since)
-    if until is not None:
-        conditions.append("created_at < %s")
-        params.append(until)
-    return f"SELECT string_agg(int8send(id), ''::bytea) AS ids FROM images WHERE {' AND '.join(conditions)}", params
-
-
-def _folder_index_query(dataset_id: int, key_prefix: str) -> tuple[str, dict]:
-    """The ids under `key_prefix`: the rows of every folder that starts with it (a key range on the folder index, one
-    row per folder and segment) plus, when the prefix ends inside a name, the files of its own folder whose name
-    starts with the rest. Those are read as key ranges on the images' keys between the subfolders the folder rows
-    name (`a/b` reads [a/b, a/b/) and [a/b0, a/bc/) and [a/bc0, a/c) when a/b/ and a/bc/ are folders): a file of a
-    subfolder is never read twice, however many images the subfolders hold."""
-    folder = key_prefix[: key_prefix.rfind("/") + 1]
-    params = {"dataset": dataset_id, "prefix": key_prefix, "upper": _prefix_upper_bound(key_prefix),
-              "folder_length": len(folder)}
-    in_range = "dataset_id = %(dataset)s AND folder >= %(prefix)s AND folder < %(upper)s"
-    query = f"SELECT (SELECT string_agg(ids, ''::bytea) FROM image_folders WHERE {in_range}) AS folders"
-    if folder == key_prefix:
-        return query, params
-    # A subfolder `c/` is skipped from `c/` to `c0`, the least string above every key under it ('0' follows '/').
-    return (
-        "WITH children AS ("
-        "  SELECT DISTINCT left(folder, %(folder_length)s + strpos(substr(folder, %(folder_length)s + 1), '/'))"
-        "  AS child FROM image_folders WHERE " + in_range + "),"
-        " gaps AS ("
-        "  SELECT coalesce(lag(left(child, -1) || '0') OVER (ORDER BY child), %(prefix)s) AS low, child AS high"
-        "  FROM children"
-        "  UNION ALL SELECT coalesce(max(left(child, -1) || '0'), %(prefix)s), %(upper)s FROM children)"
-        f" {query}, (SELECT string_agg(int8send(i.id), ''::bytea) FROM gaps g CROSS JOIN LATERAL ("
-        "  SELECT id FROM images WHERE dataset_id = %(dataset)s AND status = 'indexed'"
-        "  AND object_key COLLATE \"C\" >= g.low AND object_key COLLATE \"C\" < g.high"
-        "  AND strpos(substr(object_key, %(folder_length)s + 1), '/') = 0) i) AS files",
-        params,
-    )
-
-
-def _key_range(column: str, dataset_id: int, key_prefix: str) -> tuple[str, list]:
-    upper = _prefix_upper_bound(key_prefix)
-    condition = f"dataset_id = %s AND {column} >= %s" + (f" AND {column} < %s" if upper is not None else "")
-    return condition, [dataset_id, key_prefix] + ([upper] if upper is not None else [])
+def _folder_index_query(dataset_id: int, key_prefix: str) -> tuple[str, list]:
+    """The ids under `key_prefix` from the folder index: migration 005's image_ids_under."""
+    folder_length = key_prefix.rfind("/") + 1
+    return ("SELECT ids FROM image_ids_under(%s, %s, %s, %s) AS ids",
+            [dataset_id, key_prefix, _prefix_upper_bound(key_prefix), folder_length])
