@@ -99,9 +99,11 @@ QUERY_THREADS = 2
 PARALLEL_SEARCH_MIN_BYTES = 32 * 2**20
 # A page shows its thumbnails at once; a short expiry limits what a copied URL gives away.
 THUMBNAIL_URL_SECONDS = 900
-# Segments to load that together hold at least this are opened in part first (see the module's doc): below
-# it, downloading them whole (~250 MB/s from S3 in parallel) costs about what the extra round trips do.
-PARTIAL_LOAD_MIN_BYTES = 32 * 2**20
+# Segments to load that together hold at least this are opened in part first (see the module's doc). Below
+# it a cold start downloads them whole while the query's model loads (~0.5-1 s; ~240 MB/s from the local
+# store here): the whole download is then off the first answer's path, fetching probed lists would not be
+# (100k vectors, 55 MB: first answer after the model either way, +0.24 s with lists fetched, load 5).
+PARTIAL_LOAD_MIN_BYTES = 128 * 2**20
 
 
 class QueryVector(Protocol):

@@ -268,9 +268,10 @@ class _IvfLayout:
 
     def empty_index(self) -> faiss.Index:
         """The segment with every list empty: trained, its ids and quantizer loaded, nothing to scan yet."""
-        skeleton = bytearray(self.header)
-        skeleton[self.sizes_at:] = bytes(len(self.header) - self.sizes_at)
-        skeleton += self.id_map
+        # As an IndexIDMap ("IxMp", the same layout), not IndexIDMap2: that one builds a hash map of every id
+        # at load, which only reconstructing a vector by id needs.
+        no_sizes = bytes(len(self.header) - self.sizes_at)
+        skeleton = b"".join((b"IxMp", self.header[4:self.sizes_at], no_sizes, self.id_map))
         return faiss.deserialize_index(np.frombuffer(skeleton, dtype=np.uint8))
 
 
