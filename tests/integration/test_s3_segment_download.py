@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from clipsearch.adapters.s3_store import S3ObjectStore
+from botocore.exceptions import ResponseStreamingError
 from clipsearch.errors import ObjectNotFound
 
 pytestmark = pytest.mark.integration
@@ -55,3 +56,31 @@ def test_a_missing_object_is_object_not_found(s3_client, bucket: str, tmp_path: 
     with pytest.raises(ObjectNotFound):
         S3ObjectStore(s3_client, bucket).download_file("indexes/photos/segments/gone.faiss", tmp_path / "gone")
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_part_whose_body_breaks_off_is_fetched_again(s3_client, bucket: str, tmp_path: Path) -> None:
+    data = os.urandom(20 * 2**20)
+    s3_client.put_object(Bucket=bucket, Key="indexes/photos/segments/flaky.faiss", Body=data)
+    broken: list[str] = []
+
+    class BreaksOnce:
+        """A body that fails after its first chunk, as a reset connection does mid-stream."""
+
+        def __init__(self, body) -> None:
+            self._body = body
+
+        def iter_chunks(self, size: int):
+            iterator = self._body.iter_chunks(size)
+            yield next(iterator)
+            raise ResponseStreamingError(error="connection reset by peer")
+
+    def break_the_first_part(parsed, **_) -> None:
+        if not broken and "Body" in parsed:
+            broken.append(parsed.get("ContentRange", ""))
+            parsed["Body"] = BreaksOnce(parsed["Body"])
+
+    s3_client.meta.events.register("after-call.s3.GetObject", break_the_first_part)
+
+    S3ObjectStore(s3_client, bucket).download_file("indexes/photos/segments/flaky.faiss", tmp_path / "flaky.faiss")
+
+    assert len(broken) == 1 and (tmp_path / "flaky.faiss").read_bytes() == data
