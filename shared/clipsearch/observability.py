@@ -7,20 +7,26 @@ function Logger's level and handler (Powertools' `copy_config_to_registered_logg
 the function's JSON with its ids; afterwards the logger gets its own configuration back. Scoping it to
 the invocation keeps processes that load a handler next to other work (the CLI's in-process
 reconciliation, the local stack, the test suite) from having their logging rerouted for good.
+
+Where tracing is off (outside Lambda, or POWERTOOLS_TRACE_DISABLED), the Tracer gets a provider that
+records nothing: Powertools' own Tracer imports the X-Ray SDK even then, whose recorder builds two
+botocore X-Ray clients as it imports (~0.3 s of a search function's cold start, on no request's behalf).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.tracing.base import BaseProvider, BaseSegment
 
 METRICS_NAMESPACE = "clipsearch"  # template.yaml's POWERTOOLS_METRICS_NAMESPACE
 RUNTIME_LOGGER = "clipsearch"
@@ -45,10 +51,14 @@ class FunctionTelemetry:
     def for_function(cls, function: str) -> FunctionTelemetry:
         """`function` is the short name (search, preprocess, ...): the logger's and the tracer's service is
         clipsearch-<function>, the metrics' `service` dimension <function>."""
+        service = f"clipsearch-{function}"
+        tracer = Tracer(service=service) if tracing_enabled() else Tracer(
+            service=service, disabled=True, provider=NoTracing()
+        )
         return cls(
-            logger=Logger(service=f"clipsearch-{function}"),
+            logger=Logger(service=service),
             metrics=Metrics(namespace=METRICS_NAMESPACE, service=function),
-            tracer=Tracer(service=f"clipsearch-{function}"),
+            tracer=tracer,
         )
 
     def record_query(self, kind: str, took_ms: float) -> None:
@@ -57,6 +67,49 @@ class FunctionTelemetry:
 
     def record_cache_lookup(self, cache: str, hit: bool) -> None:
         self.metrics.add_metric(name=CACHE_HIT_METRICS[cache], unit=MetricUnit.Count, value=1 if hit else 0)
+
+
+def tracing_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Powertools' own rule: traced inside Lambda (LAMBDA_TASK_ROOT set) unless POWERTOOLS_TRACE_DISABLED is
+    true or SAM's or Chalice's local emulation runs the function."""
+    env = os.environ if environ is None else environ
+    if env.get("POWERTOOLS_TRACE_DISABLED", "false").lower() in ("1", "y", "yes", "t", "true", "on"):
+        return False
+    return bool(env.get("LAMBDA_TASK_ROOT")) and not (env.get("AWS_SAM_LOCAL") or env.get("AWS_CHALICE_CLI_MODE"))
+
+
+class _NoSegment(BaseSegment):
+    def close(self, end_time: int | None = None) -> None: ...
+
+    def add_subsegment(self, subsegment) -> None: ...
+
+    def remove_subsegment(self, subsegment) -> None: ...
+
+    def put_annotation(self, key: str, value) -> None: ...
+
+    def put_metadata(self, key: str, value, namespace: str = "default") -> None: ...
+
+    def add_exception(self, exception: BaseException, stack, remote: bool = False) -> None: ...
+
+
+class NoTracing(BaseProvider):
+    """A tracing provider that records nothing and imports nothing: the Tracer's when tracing is off."""
+
+    @contextmanager
+    def in_subsegment(self, name=None, **kwargs) -> Iterator[BaseSegment]:
+        yield _NoSegment()
+
+    @asynccontextmanager
+    async def in_subsegment_async(self, name=None, **kwargs) -> AsyncIterator[BaseSegment]:
+        yield _NoSegment()
+
+    def put_annotation(self, key: str, value) -> None: ...
+
+    def put_metadata(self, key: str, value, namespace: str = "default") -> None: ...
+
+    def patch(self, modules) -> None: ...
+
+    def patch_all(self) -> None: ...
 
 
 def observed_handler(

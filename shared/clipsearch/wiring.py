@@ -5,23 +5,53 @@ Handlers call these factories; tests build services from adapters directly.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from clipsearch.adapters.s3_store import S3ObjectStore
-from clipsearch.aws import aws_client
 from clipsearch.config import Settings
 
 if TYPE_CHECKING:
     from clipsearch.adapters.postgres_connection import Database
+    from clipsearch.adapters.s3_store import S3ObjectStore
+
+# Adapters (boto3, psycopg, faiss, onnxruntime) are imported inside the factories: the search function's
+# init thread starts before any of them is imported, and each function imports only what it uses.
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-@lru_cache(maxsize=1)
+# The GIL switch interval while the search function starts. Its init threads download, hash and map files in
+# many short calls that each release the GIL and must win it back from the imports running beside them, a
+# wait of up to the interval every time: hashing the 64 MB text graph beside one busy Python thread took
+# 0.56-0.83 s with CPython's 5 ms and 0.195 s with 0.5 ms (0.17 s alone; 2 shared cores).
+STARTING_SWITCH_INTERVAL_S = 0.0005
+
+
+def once(factory: Callable[[], T]) -> Callable[[], T]:
+    """An execution environment's one instance: built by the first caller while concurrent callers wait
+    (the search function's init threads and its first request ask together), cached afterwards.
+    `cache_clear` forgets it (tests)."""
+    cached = lru_cache(maxsize=1)(factory)
+    building = threading.Lock()
+
+    @functools.wraps(factory)
+    def get() -> T:
+        with building:
+            return cached()
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    get.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    return get
+
+
+@once
 def get_settings() -> Settings:
     return Settings.from_env()
 
@@ -32,12 +62,16 @@ def service_client(service: str, settings: Settings):
     Services without a clipsearch setting (Secrets Manager) take botocore's own endpoint configuration,
     e.g. AWS_ENDPOINT_URL_SECRETS_MANAGER; unset, that is AWS.
     """
+    from clipsearch.aws import aws_client
+
     endpoint = {"s3": settings.s3_endpoint_url, "sqs": settings.sqs_endpoint_url,
                 "lambda": settings.lambda_endpoint_url}.get(service)
     return aws_client(service, settings.region, endpoint)
 
 
 def build_object_store(settings: Settings) -> S3ObjectStore:
+    from clipsearch.adapters.s3_store import S3ObjectStore
+
     return S3ObjectStore(service_client("s3", settings), settings.bucket)
 
 
@@ -54,12 +88,12 @@ def build_database(settings: Settings) -> Database:
     return Database(from_secret)
 
 
-@lru_cache(maxsize=1)
+@once
 def get_object_store() -> S3ObjectStore:
     return build_object_store(get_settings())
 
 
-@lru_cache(maxsize=1)
+@once
 def get_database() -> Database:
     return build_database(get_settings())
 
@@ -68,14 +102,14 @@ def get_database() -> Database:
 # Imports inside the factories: the datasets function never pays for onnxruntime or faiss.
 
 
-@lru_cache(maxsize=1)
+@once
 def get_model_cache():
     from clipsearch.model_cache import ModelCache
 
     return ModelCache(get_object_store(), get_settings().model_cache_dir)
 
 
-@lru_cache(maxsize=1)
+@once
 def get_search_text_encoder():
     """The search function's text encoder (Lazy): built by the first request that needs it, or earlier
     by start_search_function. Its files are requested before onnxruntime and the tokenizer are imported,
@@ -99,7 +133,7 @@ def get_search_text_encoder():
     return Lazy(build)
 
 
-@lru_cache(maxsize=1)
+@once
 def get_search_service():
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -128,24 +162,51 @@ def get_search_service():
 
 
 def start_search_function() -> None:
-    """What a search function does as it starts (Lambda's init phase, before its first request): a
-    daemon thread fetches the text model and opens its session (onnxruntime releases the GIL meanwhile)
-    while the handler's other modules import, so a cold start waits for the slower of the two instead of
-    their sum. A failure is logged and left to the first request, which builds again and reports it."""
+    """What a search function does as it starts (Lambda's init phase, before its first request), ordered
+    for the first text query, whose path is the text model's: build the S3 client, request the model's
+    files (a daemon thread downloads them and opens the session, onnxruntime releasing the GIL meanwhile),
+    import onnxruntime and the tokenizer while they download, then leave the handler's other imports to
+    overlap the download and the session. A second daemon thread builds the search service and opens the
+    catalog connection meanwhile. Python work on one thread slows the others' (one GIL), so what the
+    model's path needs comes first, before anything competes with it. A failure is logged and left to the
+    first request, which builds again and reports it."""
     from clipsearch.config import ConfigurationError
 
     try:
         get_settings()
-    except ConfigurationError:
+        get_model_cache()
+    except Exception as error:  # noqa: BLE001  (the first request reports it)
+        if not isinstance(error, ConfigurationError):
+            logger.warning("starting the search function failed: %s", error)
         return
-    threading.Thread(target=_build_text_encoder, name="init-text-model", daemon=True).start()
+    normal_interval = sys.getswitchinterval()
+    sys.setswitchinterval(STARTING_SWITCH_INTERVAL_S)
+    both_done = threading.Barrier(2, action=lambda: sys.setswitchinterval(normal_interval))
+    threading.Thread(target=_build_text_encoder, args=(both_done,), name="init-text-model", daemon=True).start()
+    import clipsearch.encoders  # noqa: F401  (the session's runtime, needed once the files arrive)
+    import clipsearch.query_cache  # noqa: F401
+
+    threading.Thread(target=_open_catalog, args=(both_done,), name="init-catalog", daemon=True).start()
 
 
-def _build_text_encoder() -> None:
+def _build_text_encoder(done: threading.Barrier) -> None:
     try:
         get_search_text_encoder().get()
     except Exception as error:  # noqa: BLE001  (any failure here is the first request's to report)
         logger.warning("loading the text model during init failed: %s", error)
+    finally:
+        done.wait()
+
+
+def _open_catalog(done: threading.Barrier) -> None:
+    try:
+        get_search_service()
+        with get_database().read():
+            pass  # connected: the first request's statements find the connection open
+    except Exception as error:  # noqa: BLE001  (any failure here is the first request's to report)
+        logger.warning("opening the catalog during init failed: %s", error)
+    finally:
+        done.wait()
 
 
 def build_shard_searcher(settings: Settings):
@@ -154,13 +215,15 @@ def build_shard_searcher(settings: Settings):
         return None
     from clipsearch.adapters.lambda_shards import LambdaShardSearcher
 
+    from clipsearch.aws import aws_client
+
     # One attempt, and an answer within 20 s (a cold shard maps ~1.5 GB of segments): a shard that cannot
     # answer in time fails the search as a 503 before the search function's own 29 s timeout, not after.
     client = aws_client("lambda", settings.region, settings.lambda_endpoint_url, max_attempts=1, timeouts=(2, 20))
     return LambdaShardSearcher(client, settings.shard_function)
 
 
-@lru_cache(maxsize=1)
+@once
 def get_shard_search_service():
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -176,7 +239,7 @@ def get_shard_search_service():
     )
 
 
-@lru_cache(maxsize=1)
+@once
 def get_dataset_service():
     """The datasets function's and the deletion worker's: both queue deletion tasks."""
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -194,7 +257,7 @@ def get_dataset_service():
 # --- ingestion and maintenance functions ----------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
+@once
 def get_ingest_service():
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -217,7 +280,7 @@ def get_ingest_service():
     )
 
 
-@lru_cache(maxsize=1)
+@once
 def get_message_visibility():
     """Hands the preprocessing function's transient failures back sooner than the queue's visibility timeout."""
     from clipsearch.adapters.sqs_queue import SqsMessageVisibility
@@ -225,7 +288,7 @@ def get_message_visibility():
     return SqsMessageVisibility(service_client("sqs", get_settings()))
 
 
-@lru_cache(maxsize=1)
+@once
 def get_compaction_service():
     from clipsearch.adapters.faiss_index import FaissVectorIndex
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
@@ -241,7 +304,7 @@ def get_compaction_service():
     return CompactionService(get_object_store(), PostgresCatalog(get_database()), policy, FaissVectorIndex())
 
 
-@lru_cache(maxsize=1)
+@once
 def get_reconcile_service():
     from clipsearch.adapters.postgres_catalog import PostgresCatalog
     from clipsearch.adapters.sqs_queue import SqsQueue

@@ -106,3 +106,56 @@ def test_tracing_is_off_outside_lambda(telemetry) -> None:
     """Inside (LAMBDA_TASK_ROOT set) it is on: tests/integration/test_observability.py runs the functions so,
     in their own processes, because an enabled Tracer patches boto3 for the whole process."""
     assert telemetry.tracer.disabled
+
+
+@pytest.mark.parametrize("environment", [
+    {},
+    {"LAMBDA_TASK_ROOT": "/var/task"},
+    {"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": "true"},
+    {"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": "0"},
+    {"LAMBDA_TASK_ROOT": "/var/task", "AWS_SAM_LOCAL": "true"},
+    {"LAMBDA_TASK_ROOT": "/var/task", "AWS_CHALICE_CLI_MODE": "true"},
+    {"POWERTOOLS_TRACE_DISABLED": "false"},
+])
+def test_tracing_is_on_exactly_where_powertools_would_trace(environment, monkeypatch) -> None:
+    from aws_lambda_powertools import Tracer
+    from clipsearch.observability import tracing_enabled
+
+    for name in ("LAMBDA_TASK_ROOT", "POWERTOOLS_TRACE_DISABLED", "AWS_SAM_LOCAL", "AWS_CHALICE_CLI_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tracing_enabled() is not bool(Tracer._is_tracer_disabled())
+
+
+_TELEMETRY_IMPORTS = """
+import json, sys
+from clipsearch.observability import FunctionTelemetry, observed_handler
+telemetry = FunctionTelemetry.for_function("search")
+handler = observed_handler(telemetry)(lambda event, context: {"statusCode": 200})
+class Context:
+    function_name, memory_limit_in_mb, aws_request_id = "clipsearch-search", 512, "request-1"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-search"
+answer = handler({}, Context())
+print(json.dumps({"xray": "aws_xray_sdk.core" in sys.modules, "disabled": telemetry.tracer.disabled,
+                  "answer": answer}))
+"""
+
+
+@pytest.mark.parametrize("in_lambda", [False, True])
+def test_the_x_ray_sdk_is_imported_only_where_tracing_is_on(in_lambda: bool) -> None:
+    """Off, a handler runs with a provider that records nothing; on, with Powertools' X-Ray provider."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {name: value for name, value in os.environ.items() if name != "LAMBDA_TASK_ROOT"}
+    environment.update({"POWERTOOLS_METRICS_DISABLED": "true", "AWS_REGION": "us-east-1"})
+    if in_lambda:
+        environment["LAMBDA_TASK_ROOT"] = "/var/task"
+    result = subprocess.run([sys.executable, "-c", _TELEMETRY_IMPORTS], env=environment, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["answer"] == {"statusCode": 200}
+    assert outcome["xray"] is in_lambda and outcome["disabled"] is not in_lambda
