@@ -86,6 +86,26 @@ class PreparedImage:
     thumbnail: bytes | None = None
 
 
+@dataclass(frozen=True)
+class _ResizeTarget:
+    """An image's size, the size the model's resize gives it (shortest side to `size`), and the crop's corner."""
+
+    width: int
+    height: int
+    new_width: int
+    new_height: int
+    left: int
+    top: int
+
+
+@dataclass(frozen=True)
+class _BoxReduced:
+    """An image after an integer box reduction, and where the original image's edges fall in it."""
+
+    image: Image.Image
+    box: tuple[float, float, float, float]
+
+
 class ImagePreprocessor:
     """Equal to transformers' CLIPImageProcessor (within 1e-5) on fully decoded images, plus EXIF orientation.
 
@@ -112,8 +132,9 @@ class ImagePreprocessor:
     def prepare(self, source: bytes | Path, name: str, thumbnail_side: int | None = None) -> PreparedImage:
         """Raise InvalidImage (ImageTooLarge for size limits) naming `name` and the reason.
 
-        `thumbnail_side`: also make a WebP thumbnail of that longest side from the image decoded here
-        (drafted JPEGs keep at least twice the model's input size), so ingestion decodes each image once.
+        `thumbnail_side`: also make a WebP thumbnail of that longest side from the image decoded here (a
+        drafted JPEG keeps that longest side) and from the box reduction the model's input starts from, so
+        ingestion decodes each image once and walks a large one in full once.
         """
         thumbnail = None
         try:
@@ -127,9 +148,11 @@ class ImagePreprocessor:
                     if orientation in SWAPPING_ORIENTATIONS:
                         width, height = height, width
                 converted = _to_l_or_rgb(image)
+                target = self._target(*converted.size)
+                reduced = self._box_reduced(converted, target) if thumbnail_side else None
                 if thumbnail_side:
-                    thumbnail = _thumbnail(image, converted, thumbnail_side, name)
-                cropped = self._resize_and_crop(converted).convert("RGB")
+                    thumbnail = _thumbnail(image, reduced.image if reduced else converted, thumbnail_side, name)
+                cropped = self._resize_and_crop(converted, target, reduced).convert("RGB")
         except InvalidImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -150,29 +173,53 @@ class ImagePreprocessor:
             raise ImageTooLarge(name, f"{width}x{height} is over the limit of {self.max_pixels} pixels")
 
     def _draft(self, image: Image.Image, thumbnail_side: int) -> None:
-        """Both sides stay at least the thumbnail's longest side, so the thumbnail needs no other decoding."""
+        """The shortest side stays at least `draft_factor` times the model's input and the longest at least the
+        thumbnail's, so the thumbnail needs no other decoding. JPEG scales are 1/2, 1/4 and 1/8: a photo is
+        drafted only when both sides are at least twice what they must keep."""
         if self.draft_factor is None or image.format != "JPEG":
             return
-        wanted = max(math.ceil(self.draft_factor * self.config.size), thumbnail_side)
-        if min(image.size) >= 2 * wanted:
-            image.draft(None, (wanted, wanted))
+        shortest = math.ceil(self.draft_factor * self.config.size)
+        longest = max(shortest, thumbnail_side)
+        wanted = (longest, shortest) if image.width >= image.height else (shortest, longest)
+        if image.width >= 2 * wanted[0] and image.height >= 2 * wanted[1]:
+            image.draft(None, wanted)
 
-    def _resize_and_crop(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
+    def _target(self, width: int, height: int) -> _ResizeTarget:
         size, crop = self.config.size, self.config.crop_size
         # As transformers' get_resize_output_image_size(default_to_square=False): the long side is floored.
         if width <= height:
             new_width, new_height = size, int(size * height / width)
         else:
             new_width, new_height = int(size * width / height), size
-        left, top = (new_width - crop) // 2, (new_height - crop) // 2
-        if max(new_width, new_height) <= MAX_RESIZED_ASPECT * size:
+        return _ResizeTarget(width, height, new_width, new_height, (new_width - crop) // 2, (new_height - crop) // 2)
+
+    def _box_reduced(self, image: Image.Image, target: _ResizeTarget) -> _BoxReduced | None:
+        """The integer box reduction that the model's resize makes first (Pillow's `reducing_gap`), made here
+        once so that the thumbnail starts from it too: a large PNG or WebP is then walked in full only once."""
+        if self.draft_factor is None or max(target.new_width, target.new_height) > MAX_RESIZED_ASPECT * self.config.size:
+            return None
+        factor_x = int(target.width / target.new_width / BOX_REDUCTION_GAP) or 1
+        factor_y = int(target.height / target.new_height / BOX_REDUCTION_GAP) or 1
+        if factor_x == factor_y == 1:
+            return None
+        return _BoxReduced(image.reduce((factor_x, factor_y)),
+                           (0.0, 0.0, target.width / factor_x, target.height / factor_y))
+
+    def _resize_and_crop(self, image: Image.Image, target: _ResizeTarget,
+                         reduced: _BoxReduced | None = None) -> Image.Image:
+        crop = self.config.crop_size
+        left, top = target.left, target.top
+        if reduced is not None:  # the same pixels as Pillow's own reduction inside resize(reducing_gap=...)
+            resized = reduced.image.resize((target.new_width, target.new_height), self._resample, box=reduced.box)
+            return resized.crop((left, top, left + crop, top + crop))
+        if max(target.new_width, target.new_height) <= MAX_RESIZED_ASPECT * self.config.size:
             # reducing_gap: an integer box reduction (Image.reduce) first, while the result stays at least
             # BOX_REDUCTION_GAP times the target; a JPEG already drafted below that is not reduced again.
             gap = None if self.draft_factor is None else BOX_REDUCTION_GAP
-            resized = image.resize((new_width, new_height), self._resample, reducing_gap=gap)
+            resized = image.resize((target.new_width, target.new_height), self._resample, reducing_gap=gap)
             return resized.crop((left, top, left + crop, top + crop))
-        x_scale, y_scale = width / new_width, height / new_height
+        # Past MAX_RESIZED_ASPECT, resize only the cropped window (see the constant).
+        x_scale, y_scale = target.width / target.new_width, target.height / target.new_height
         window = (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)
         return image.resize((crop, crop), self._resample, box=window)
 

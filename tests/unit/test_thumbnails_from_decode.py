@@ -73,3 +73,26 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped() -> None:
 def test_a_small_image_is_not_enlarged() -> None:
     thumb = thumbnail_of(encoded(halves((200, 100)), "WEBP"))
     assert thumb.size == (200, 100)
+
+
+def test_a_large_png_shares_its_box_reduction_with_the_model_input_and_keeps_the_same_pixels() -> None:
+    data = encoded(halves((3840, 2160)), "PNG", compress_level=1)
+    preprocessor = ImagePreprocessor(CONFIG)
+    with_thumbnail = preprocessor.prepare(data, "wallpaper", thumbnail_side=320)
+    without = preprocessor.prepare(data, "wallpaper")
+    np.testing.assert_array_equal(with_thumbnail.pixel_values, without.pixel_values)
+    thumb = Image.open(io.BytesIO(with_thumbnail.thumbnail)).convert("RGB")
+    assert thumb.size == (320, 180)
+    left, right = np.asarray(thumb)[90, 40], np.asarray(thumb)[90, 280]
+    assert left[0] > 200 > left[2] and right[2] > 200 > right[0]
+
+
+def test_a_photo_is_drafted_as_without_a_thumbnail_when_its_longest_side_still_makes_one() -> None:
+    """1280x960: DCT-scaled to 320x240 either way (the thumbnail once asked for both sides of at least 320)."""
+    data = encoded(halves((1280, 960)), "JPEG", quality=90)
+    preprocessor = ImagePreprocessor(CONFIG)
+    with_thumbnail = preprocessor.prepare(data, "photo", thumbnail_side=320)
+    without = preprocessor.prepare(data, "photo")
+    np.testing.assert_array_equal(with_thumbnail.pixel_values, without.pixel_values)
+    assert (with_thumbnail.width, with_thumbnail.height) == (1280, 960)
+    assert Image.open(io.BytesIO(with_thumbnail.thumbnail)).size == (320, 240)
