@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -44,6 +45,19 @@ class LambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, self.deadline_epoch_ms - int(time.time() * 1000))
+
+
+TRACE_ID_VARIABLE = "_X_AMZN_TRACE_ID"
+
+
+def unsampled_trace_id() -> str:
+    """An X-Ray trace header for one invocation, as Lambda's runtime sets it before each event, not sampled.
+
+    Without it the X-Ray SDK believes init never ended and logs "Subsegment ... discarded" for every AWS
+    call (two log lines per ingested image, each written by the instance and copied by the supervisor).
+    Not sampled: nothing is sent to an X-Ray daemon, as for the unsampled majority of invocations in AWS.
+    """
+    return f"Root=1-{int(time.time()):08x}-{secrets.token_hex(12)};Parent={secrets.token_hex(8)};Sampled=0"
 
 
 def _error(kind: str, error: BaseException) -> dict:
@@ -74,6 +88,7 @@ def serve(handler_name: str, requests, replies) -> None:
     reply({"ready": True})
     for line in requests:
         request = json.loads(line)
+        os.environ[TRACE_ID_VARIABLE] = unsampled_trace_id()
         context = LambdaContext(
             function_name=os.environ["AWS_LAMBDA_FUNCTION_NAME"],
             memory_limit_in_mb=int(os.environ["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"]),

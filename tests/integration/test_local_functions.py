@@ -157,6 +157,17 @@ def test_an_instance_is_warm_between_events_and_a_handler_error_does_not_end_it(
     assert host.instances(probe) == 1
 
 
+def test_each_invocation_gets_its_own_unsampled_trace_header_as_lambdas_runtime_sets_it(template, host):
+    """Without one, the X-Ray SDK logged "Subsegment ... discarded" for every AWS call (two lines per image)."""
+    probe = template.functions["Probe"]
+    headers = [host.invoke(probe, {})["environment"]["_X_AMZN_TRACE_ID"] for _ in range(2)]
+    assert headers[0] != headers[1]
+    for header in headers:
+        root, parent, sampled = header.split(";")
+        assert root.startswith("Root=1-") and len(root) == len("Root=1-") + 8 + 1 + 24
+        assert parent.startswith("Parent=") and sampled == "Sampled=0"
+
+
 def test_a_timed_out_invocation_fails_like_lambdas_and_the_instance_is_replaced(template, host):
     probe = template.functions["Probe"]
     before = host.invoke(probe, {})
