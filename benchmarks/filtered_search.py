@@ -9,7 +9,9 @@ HTTP API v2 text queries, unfiltered and filtered, interleaved, each with a cach
 cache answers the tower) and with a new one (the tower runs); each filtered query once as a first use (the
 function's kept filter selections cleared, so the catalog is asked) and once repeated (the next page of the
 same folder). It also times the filter's parts alone: the catalog's id query (wall, PostgreSQL backend CPU,
-client CPU) against the former form and the index scan alone, the selection's build, the kept lookup, FAISS.
+client CPU; a folder prefix reads the folder index of migration 005) against the key range over the images' rows
+it replaced, the form before that and the key range's index scan alone, the selection's build, the kept lookup,
+FAISS; and prints the first use's catalog query apart.
 This process then scores the handler's answers against exact filtered search on the float vectors, and
 compares the segment's filtered search with FAISS's own selector on the plain probe (the former way).
 
