@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import urllib3
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.httpsession import get_cert_path
 
 from clipsearch.errors import ObjectNotFound, TransientError
 from clipsearch.ports import ObjectInfo, StoredObject
@@ -27,12 +31,22 @@ _STREAM_CHUNK_BYTES = 2**20
 # botocore retries a failed request, not a body that breaks off while it streams: a part is fetched again
 # from its start this many times in all (as s3transfer did).
 _PART_ATTEMPTS = 5
+# Ranged reads (get_range): presigned URLs valid 15 minutes, reused for 10; connections, retries, timeouts.
+_PRESIGNED_EXPIRY_SECONDS = 900
+_PRESIGNED_REUSE_SECONDS = 600
+_RANGE_CONNECTIONS = 16
+_RANGE_RETRIES = 4
+_RANGE_CONNECT_TIMEOUT_SECONDS = 5
+_RANGE_READ_TIMEOUT_SECONDS = 20
 
 
 class S3ObjectStore:
     def __init__(self, client, bucket: str) -> None:
         self._client = client
         self.bucket = bucket
+        self._presigned: dict[str, tuple[str, float]] = {}  # key -> (presigned GET URL, when it was signed)
+        self._presigned_lock = threading.Lock()
+        self._pool: urllib3.PoolManager | None = None
 
     def get(self, key: str) -> StoredObject:
         with _translated(key):
@@ -70,13 +84,51 @@ class S3ObjectStore:
         return _etag(response["ETag"])
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the object (one ranged GET); TransientError if the object is shorter."""
-        with _translated(key):
-            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-            data = response["Body"].read()
+        """Bytes [start, end) of the object; TransientError if the object is shorter.
+
+        A plain GET of a presigned URL (kept for a few minutes per key) over a urllib3 pool, not a botocore
+        call: a cold query fetches ~25 small ranges per segment, and botocore's request pipeline costs
+        ~4.4 ms of CPU per ranged GET against ~1.4 ms this way (57 KB ranges from SeaweedFS, load 8)."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        for fresh in (False, True):
+            try:
+                response = self._range_pool().request(
+                    "GET", self._presigned_get(key, fresh), headers=headers, preload_content=True)
+            except urllib3.exceptions.HTTPError as error:
+                raise TransientError(f"object store unreachable for {key!r}: {error}") from error
+            if response.status == 403 and not fresh:  # the URL expired (or its credentials rotated): sign again
+                continue
+            break
+        if response.status == 404:
+            raise ObjectNotFound(key)
+        if response.status not in (200, 206):
+            raise TransientError(f"object store error on {key!r}: HTTP {response.status}")
+        data = response.data
+        if response.status == 200:  # a store that ignored the range sent the whole object
+            data = data[start:end]
         if len(data) != end - start:
             raise TransientError(f"{key!r}: asked bytes {start}-{end - 1}, got {len(data)} bytes")
         return data
+
+    def _presigned_get(self, key: str, fresh: bool) -> str:
+        now = time.monotonic()
+        with self._presigned_lock:
+            url, signed_at = self._presigned.get(key, ("", -_PRESIGNED_REUSE_SECONDS))
+            if fresh or now - signed_at >= _PRESIGNED_REUSE_SECONDS:
+                url = self.presigned_url(key, _PRESIGNED_EXPIRY_SECONDS)
+                self._presigned[key] = (url, now)
+            return url
+
+    def _range_pool(self) -> urllib3.PoolManager:
+        with self._presigned_lock:
+            if self._pool is None:
+                self._pool = urllib3.PoolManager(
+                    maxsize=_RANGE_CONNECTIONS, ca_certs=get_cert_path(True),
+                    retries=urllib3.Retry(total=_RANGE_RETRIES, backoff_factor=0.05,
+                                          status_forcelist=(500, 502, 503, 504), allowed_methods=["GET"]),
+                    timeout=urllib3.Timeout(connect=_RANGE_CONNECT_TIMEOUT_SECONDS, read=_RANGE_READ_TIMEOUT_SECONDS),
+                )
+            return self._pool
 
     def download_file(self, key: str, destination: Path) -> None:
         """The object into `destination` as equal parallel ranged GETs, each streamed to its place in the
