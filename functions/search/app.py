@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from clipsearch.wiring import get_search_service, start_search_function
 
-start_search_function()  # before the imports below: the text model loads while they run
+start_search_function()  # first: the text model and the catalog get ready while the imports below run
 
 from aws_lambda_powertools.logging import correlation_paths  # noqa: E402
 from clipsearch.http.routes import search_api  # noqa: E402
