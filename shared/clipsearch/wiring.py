@@ -32,6 +32,7 @@ T = TypeVar("T")
 # wait of up to the interval every time: hashing the 64 MB text graph beside one busy Python thread took
 # 0.56-0.83 s with CPython's 5 ms and 0.195 s with 0.5 ms (0.17 s alone; 2 shared cores).
 STARTING_SWITCH_INTERVAL_S = 0.0005
+_NORMAL_SWITCH_INTERVAL_S = sys.getswitchinterval()  # restored after init (a second start cannot take 0.5 ms for it)
 
 
 def once(factory: Callable[[], T]) -> Callable[[], T]:
@@ -179,9 +180,8 @@ def start_search_function() -> None:
         if not isinstance(error, ConfigurationError):
             logger.warning("starting the search function failed: %s", error)
         return
-    normal_interval = sys.getswitchinterval()
     sys.setswitchinterval(STARTING_SWITCH_INTERVAL_S)
-    both_done = threading.Barrier(2, action=lambda: sys.setswitchinterval(normal_interval))
+    both_done = threading.Barrier(2, action=lambda: sys.setswitchinterval(_NORMAL_SWITCH_INTERVAL_S))
     threading.Thread(target=_build_text_encoder, args=(both_done,), name="init-text-model", daemon=True).start()
     import clipsearch.encoders  # noqa: F401  (the session's runtime, needed once the files arrive)
     import clipsearch.query_cache  # noqa: F401

@@ -55,3 +55,10 @@ def test_init_failures_are_left_to_the_first_request(stack: SearchStack, monkeyp
     assert sys.getswitchinterval() == pytest.approx(0.005)
     status, body = stack.call(stack.search, "search_text", dataset="photos", body={"query": "a dog"})
     assert status == 503 and body["error"]["code"] == "unavailable"
+
+
+def test_a_second_start_during_the_first_still_restores_the_normal_interval(stack: SearchStack) -> None:
+    wiring.start_search_function()  # the stack fixture's import started one already
+    wiring.start_search_function()
+    wait_for_init()
+    assert sys.getswitchinterval() == pytest.approx(0.005)
