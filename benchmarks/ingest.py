@@ -7,9 +7,12 @@ is OnnxImageEncoder.embed_images over the files' bytes already in memory (decode
 in one process, with the encoder's defaults; and as one single-threaded encoder per core, each on its share of the
 files, as the local stack runs its preprocessing instances; the faster is the reference): everything but the
 object store, the queue and the catalog.
-End to end is a fresh local stack (`clipsearch local up`), then `clipsearch ingest DIR` timed from its start
-(hashing, uploads, S3 notifications, queue, preprocess function instances, segment writes, commits) until
-the catalog counts every image indexed. It also times decoding alone per format, which bounds large
+End to end is a fresh local stack (`clipsearch local up`) warmed by an untimed ingest of 64 other photos into
+another dataset (so that, as in model-only, the measured images meet instances with their model sessions open),
+then `clipsearch ingest DIR` timed from its start (hashing, uploads, S3 notifications, queue, preprocess function
+instances, thumbnails, segment writes, commits) until the catalog counts every image indexed. CPU time per image
+is printed for each part of the stack and for model-only (process CPU time: other load on the machine does not
+count in it), with their ratio, the throughput ratio the stack reaches when both keep the cores busy. It also times decoding alone per format, which bounds large
 PNG/WebP files (no reduced-size decoding exists for them, unlike JPEG's DCT scaling).
 
     .venv/bin/python benchmarks/ingest.py [--photos 900] [--large 120] [--preprocess-concurrency N] [--onnx-threads N]
@@ -41,6 +44,8 @@ WALLPAPER_SIZES = ((2560, 1440), (3840, 2160), (3440, 1440), (2880, 1800))
 LARGE_FORMATS = (("PNG", ".png", {"compress_level": 6}), ("WEBP", ".webp", {"quality": 90}),
                  ("JPEG", ".jpg", {"quality": 92}))
 CLI = [str(Path(sys.executable).with_name("clipsearch"))]  # the console script a user runs
+# Enough messages for every preprocessing instance to get a batch and open its model session before timing.
+WARM_UP_IMAGES = 64
 
 
 def make_images(folder: Path, photos: int, large: int, seed: int = 0) -> dict[str, list[Path]]:
@@ -90,11 +95,12 @@ def measure_model_only(model_dir: Path, groups: dict[str, list[str]], threads: i
               for name, paths in groups.items()}
     everything = [item for items in loaded.values() for item in items]
     encoder.embed_images(everything[: encoder.batch_size * 2])  # warm-up: session creation, first runs
-    figures = {"all": 0.0}
+    figures = {"all": 0.0, "cpu ms": float("inf")}
     for _ in range(2):  # the better of two passes: this machine's speed moves with its neighbours
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results = encoder.embed_images(everything)
         figures["all"] = max(figures["all"], len(everything) / (time.perf_counter() - started))
+        figures["cpu ms"] = min(figures["cpu ms"], 1000 * (time.process_time() - cpu_started) / len(everything))
         if not all(hasattr(result, "vector") for result in results):
             raise RuntimeError("model-only run failed on some images")
     for name, items in loaded.items():
@@ -121,13 +127,14 @@ def _lane(model_dir: Path, paths: list[str], barrier, results) -> None:
     items = [ImageInput(Path(path).name, Path(path).read_bytes()) for path in paths]
     encoder.embed_images(items[: encoder.batch_size * 2])
     barrier.wait()
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     encoder.embed_images(items)
-    results.put((started, time.time(), len(items)))
+    results.put((started, time.time(), len(items), time.process_time() - cpu_started))
 
 
-def measure_lanes(model_dir: Path, paths: list[str], lanes: int) -> float:
-    """img/s of `lanes` processes with one ONNX thread each, the files split between them, started together."""
+def measure_lanes(model_dir: Path, paths: list[str], lanes: int) -> tuple[float, float]:
+    """img/s of `lanes` processes with one ONNX thread each, the files split between them, started together,
+    and their CPU milliseconds per image (all their threads: decoding and inference)."""
     context = get_context("spawn")
     barrier, results = context.Barrier(lanes), context.Queue()
     processes = [context.Process(target=_lane, args=(model_dir, paths[lane::lanes], barrier, results))
@@ -137,7 +144,9 @@ def measure_lanes(model_dir: Path, paths: list[str], lanes: int) -> float:
     spans = [results.get(timeout=3600) for _ in processes]
     for process in processes:
         process.join()
-    return sum(count for _, _, count in spans) / (max(end for _, end, _ in spans) - min(start for start, _, _ in spans))
+    images = sum(span[2] for span in spans)
+    return (images / (max(span[1] for span in spans) - min(span[0] for span in spans)),
+            1000 * sum(span[3] for span in spans) / images)
 
 
 def in_child(function, *args):
@@ -153,13 +162,26 @@ def run_cli(arguments: list[str], home: Path, timeout: float) -> dict:
     return json.loads(completed.stdout)
 
 
-def end_to_end(model_dir: Path, folder: Path, home: Path, up_options: list[str]) -> tuple[dict, float, dict]:
-    """`local up` (not timed), then `clipsearch ingest` timed; the stack is stopped afterwards. Also returns
-    the CPU seconds each part of the path used meanwhile."""
+def make_warm_up(folder: Path, photos: list[Path], count: int) -> Path:
+    """Copies of the first photos, re-encoded so that none equals a measured file (the stack would skip it)."""
+    folder.mkdir(parents=True)
+    for position, path in enumerate(photos[:count]):
+        with Image.open(path) as image:
+            image.convert("RGB").rotate(180).save(folder / f"warm-up-{position:03d}.jpg", "JPEG", quality=90)
+    return folder
+
+
+def end_to_end(model_dir: Path, folder: Path, home: Path, up_options: list[str],
+               warm_up: Path) -> tuple[dict, float, dict, int]:
+    """`local up` and a warm-up ingest into another dataset (not timed: as model-only, the measured part runs on
+    warm instances with their model sessions open), then `clipsearch ingest` timed; the stack is stopped
+    afterwards. Also returns the CPU seconds each part of the path used meanwhile."""
     import resource
 
     run_cli(["local", "up", "--model-dir", str(model_dir), *up_options], home, 600)
     try:
+        run_cli(["ingest", str(warm_up), "--dataset", "warmup"], home, 600)
+        log_offset = (home / "logs" / "stack.log").stat().st_size
         before, cli_before = stack_cpu_seconds(home), resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         report = run_cli(["ingest", str(folder), "--dataset", "bench"], home, 3600)
@@ -168,7 +190,7 @@ def end_to_end(model_dir: Path, folder: Path, home: Path, up_options: list[str])
         cpu = {part: after.get(part, 0.0) - before.get(part, 0.0) for part in after}
         cpu["clipsearch ingest (CLI: hashing, uploads, polling)"] = (
             cli_after.ru_utime + cli_after.ru_stime - cli_before.ru_utime - cli_before.ru_stime)
-        return report, seconds, cpu
+        return report, seconds, cpu, log_offset
     finally:
         subprocess.run([*CLI, "local", "down", "--home", str(home)], capture_output=True, timeout=300, cwd=REPO)
 
@@ -198,8 +220,10 @@ def stack_cpu_seconds(home: Path) -> dict[str, float]:
             ancestor = processes[ancestor][1]
         if ancestor not in roots:
             continue
-        if "function_runtime" in command:
-            part = "function instances (fetch, decode, embed, segments, commits)"
+        if "function_runtime" in command and _function_directory(pid) == "preprocess":
+            part = "preprocess instances (fetch, decode, embed, thumbnail, commit)"
+        elif "function_runtime" in command:
+            part = f"{_function_directory(pid)} instances (datasets: the CLI's progress polls)"
         elif "weed" in command.split(" ")[0]:
             part = "SeaweedFS (object store)"
         elif "postgres" in command:
@@ -210,12 +234,24 @@ def stack_cpu_seconds(home: Path) -> dict[str, float]:
     return totals
 
 
-def handler_breakdown(log_file: Path) -> dict[str, float]:
-    """Seconds summed over the preprocess function's invocations, from the ingest metrics in the stack log."""
+def _function_directory(pid: int) -> str:
+    """The function a local instance runs: its working directory is the function's code (functions/<name>)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).name
+    except OSError:
+        return "gone"
+
+
+def handler_breakdown(log_file: Path, offset: int) -> dict[str, float]:
+    """Seconds summed over the preprocess function's invocations, from the ingest metrics in the stack log
+    after `offset` (its size when the timed ingest started)."""
     totals: dict[str, float] = {}
     if not log_file.exists():
         return totals
-    for line in log_file.read_text(errors="replace").splitlines():
+    with log_file.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    for line in lines:
         start = line.find("{")
         if start < 0 or '"_aws"' not in line:
             continue
@@ -261,15 +297,16 @@ def main() -> None:
               f"{total_bytes / 2**20:.0f} MiB, {megapixels:.2f} MP mean", flush=True)
         model = in_child(measure_model_only, args.model,
                          {name: [str(path) for path in paths] for name, paths in groups.items()}, args.threads)
-        lanes = measure_lanes(args.model, [str(path) for path in files], os.cpu_count() or 1)
+        lanes, lanes_cpu_ms = measure_lanes(args.model, [str(path) for path in files], os.cpu_count() or 1)
         print(f"model-only: {model['all']:.1f} img/s with one {args.threads or 'all-core'}-thread session, "
-              f"{lanes:.1f} img/s as {os.cpu_count()} one-thread processes (the better one is the reference)",
-              flush=True)
-        model["one session"], model["lanes"] = model["all"], lanes
+              f"{lanes:.1f} img/s as {os.cpu_count()} one-thread processes (the better one is the reference); "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        model["one session"], model["lanes"], model["lanes cpu ms"] = model["all"], lanes, lanes_cpu_ms
         model["all"] = max(model["all"], lanes)
+        warm_up = make_warm_up(Path(scratch) / "warm-up", groups["photo"], WARM_UP_IMAGES)
         home = Path(scratch) / "stack"
-        report, seconds, cpu = end_to_end(args.model, folder, home, up_options)
-        breakdown = handler_breakdown(home / "logs" / "stack.log")
+        report, seconds, cpu, log_offset = end_to_end(args.model, folder, home, up_options, warm_up)
+        breakdown = handler_breakdown(home / "logs" / "stack.log", log_offset)
 
     rate = len(files) / seconds
     print(f"\nmodel {args.model.name}; local stack options: {' '.join(up_options) or '(defaults)'}")
@@ -286,10 +323,13 @@ def main() -> None:
           f"{seconds * (os.cpu_count() or 1):.0f} CPU-seconds available; load average at the end "
           f"{os.getloadavg()[0]:.1f}), and per image:")
     for part, used in sorted(cpu.items(), key=lambda item: -item[1]):
-        print(f"  {part:<62}{used:>8.1f} s{1000 * used / len(files):>8.1f} ms")
+        print(f"  {part:<66}{used:>8.1f} s{1000 * used / len(files):>8.1f} ms")
     total = sum(cpu.values())
-    print(f"  {'all parts':<62}{total:>8.1f} s{1000 * total / len(files):>8.1f} ms   "
-          f"(model-only: {1000 * (os.cpu_count() or 1) / model['all']:.1f} ms of the cores per image)")
+    stack_ms, lanes_ms = 1000 * total / len(files), model["lanes cpu ms"]
+    print(f"  {'all parts':<66}{total:>8.1f} s{stack_ms:>8.1f} ms")
+    print(f"\nCPU ms per image (process CPU time, so other load on the machine does not count): model-only "
+          f"{lanes_ms:.1f} as one-thread processes, {model['cpu ms']:.1f} as one session; the stack {stack_ms:.1f}; "
+          f"model-only / stack = {lanes_ms / stack_ms:.0%} (the throughput ratio when both keep the cores busy)")
     if breakdown:
         print("\npreprocess function, seconds summed over invocations: "
               + ", ".join(f"{name} {value:.1f}" for name, value in breakdown.items()))
