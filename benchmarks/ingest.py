@@ -223,7 +223,8 @@ def stack_cpu_seconds(home: Path) -> dict[str, float]:
         if "function_runtime" in command and _function_directory(pid) == "preprocess":
             part = "preprocess instances (fetch, decode, embed, thumbnail, commit)"
         elif "function_runtime" in command:
-            part = f"{_function_directory(pid)} instances (datasets: the CLI's progress polls)"
+            name = _function_directory(pid)
+            part = f"{name} instances" + (" (the CLI's progress polls)" if name == "datasets" else "")
         elif "weed" in command.split(" ")[0]:
             part = "SeaweedFS (object store)"
         elif "postgres" in command:
