@@ -17,9 +17,9 @@ dataset dropped first.
 Cold start: when the segments a refresh must load hold at least `partial_load_min_bytes`, they are first
 opened in part (their headers, a few MB; each query then fetches the inverted lists it probes, answering
 exactly as the whole segments would), and after the first answer one background thread downloads them
-whole and swaps them into the snapshot. Until then a query fetches its own missing lists (a few ranged
-GETs, ~1-3 ms each against the whole download's seconds); a filtered query or a duplicates scan, which
-reads most lists, waits for the whole segments instead. A failed background download is logged and
+whole and swaps them into the snapshot. Until then a query fetches its own missing lists (~25 ranged GETs,
+~2 MB, per 200k-vector segment, against the whole download's seconds); a filtered query or a duplicates
+scan, which reads most lists, waits for the whole segments instead. A failed background download is logged and
 started again by the next query; a query that waits for it gets its error.
 
 Fan-out: given a ShardSearcher, a dataset whose segment objects together exceed that budget is never
