@@ -76,7 +76,7 @@ def test_a_small_image_is_not_enlarged() -> None:
 
 
 def test_a_large_png_shares_its_box_reduction_with_the_model_input_and_keeps_the_same_pixels() -> None:
-    data = encoded(halves((3840, 2160)), "PNG", compress_level=1)
+    data = encoded(halves((2560, 1440)), "PNG", compress_level=1)
     preprocessor = ImagePreprocessor(CONFIG)
     with_thumbnail = preprocessor.prepare(data, "wallpaper", thumbnail_side=320)
     without = preprocessor.prepare(data, "wallpaper")
