@@ -37,6 +37,9 @@ class Settings:
     deletion_queue_url: str | None = None  # the dataset deletion worker's queue
     model_cache_dir: Path = Path("/tmp/clipsearch/models")
     onnx_threads: int = 0  # 0: onnxruntime's default (all visible cores)
+    # The search function's text tower: its workers spin at most this long between operators, and stop
+    # when a query's run ends (encoders.create_session); 0: they sleep between operators.
+    text_spin_microseconds: int = 0
     max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
     # Query images (the search function, per request) get a lower cap: phones store 12 MP (binned 48-200 MP
     # sensors) or 24 MP by default, and a 6 MiB request body holds a JPEG of ~12-25 MP at usual quality; a
@@ -116,6 +119,7 @@ class Settings:
             deletion_queue_url=env.get("CLIPSEARCH_DELETION_QUEUE_URL") or None,
             model_cache_dir=Path(env.get("CLIPSEARCH_MODEL_CACHE_DIR") or defaults.model_cache_dir),
             onnx_threads=number("CLIPSEARCH_ONNX_THREADS", defaults.onnx_threads),
+            text_spin_microseconds=number("CLIPSEARCH_TEXT_SPIN_MICROSECONDS", defaults.text_spin_microseconds),
             max_image_pixels=number("CLIPSEARCH_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
             max_query_image_pixels=number(
                 "CLIPSEARCH_MAX_QUERY_IMAGE_PIXELS", defaults.max_query_image_pixels

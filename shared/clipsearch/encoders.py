@@ -57,9 +57,13 @@ class ImageEmbedding:
     thumbnail: bytes | None = None
 
 
-def create_session(graph: Path, threads: int | None = None, spinning: bool = False) -> ort.InferenceSession:
-    """A CPU session with every graph optimization, denormals flushed to zero, and no spin-waiting unless
-    `spinning` (benchmarks/search.py measures it for the text tower)."""
+def create_session(
+    graph: Path, threads: int | None = None, spinning: bool = False, spin_microseconds: int = 0
+) -> ort.InferenceSession:
+    """A CPU session with every graph optimization and denormals flushed to zero. Its worker threads sleep
+    between operators unless `spinning`; with `spin_microseconds` they spin at most that long between
+    operators and stop spinning when a run ends, so a session that runs one short graph per request
+    (the text tower) takes its second core only while it runs."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -67,7 +71,11 @@ def create_session(graph: Path, threads: int | None = None, spinning: bool = Fal
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     # Spinning threads steal the cores that decode workers and other processes need. On 2 shared cores,
     # int8 ViT-B/32 image tower, median of 4 interleaved runs: 19.6 -> 25.8 img/s at batch 8 without it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    spins = spinning or spin_microseconds > 0
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spins else "0")
+    if spin_microseconds > 0:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_microseconds))
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -98,10 +106,12 @@ class _OnceSession:
         return self._session
 
 
-def _loader(files: ModelFiles, graph: str, threads: int | None) -> Callable[[], ort.InferenceSession]:
+def _loader(
+    files: ModelFiles, graph: str, threads: int | None, spin_microseconds: int = 0
+) -> Callable[[], ort.InferenceSession]:
     def load() -> ort.InferenceSession:
         files.verify([graph])
-        session = create_session(files.directory / graph, threads)
+        session = create_session(files.directory / graph, threads, spin_microseconds=spin_microseconds)
         dim = session.get_outputs()[0].shape[-1]
         if dim != files.embedding_dim:
             raise ModelFilesInvalid(
@@ -126,11 +136,12 @@ class OnnxTextEncoder:
 
     @classmethod
     def from_model_files(
-        cls, files: ModelFiles, threads: int | None = None, open_now: bool = False
+        cls, files: ModelFiles, threads: int | None = None, open_now: bool = False, spin_microseconds: int = 0
     ) -> OnnxTextEncoder:
         """Loads the tokenizer now and the text graph on first use (or now, with `open_now`, while the
-        tokenizer loads: onnxruntime releases the GIL); never touches the vision graph."""
-        load = _loader(files, TEXT_GRAPH, threads)
+        tokenizer loads: onnxruntime releases the GIL); never touches the vision graph. `spin_microseconds`:
+        as create_session's."""
+        load = _loader(files, TEXT_GRAPH, threads, spin_microseconds)
         if not open_now:
             return cls(files.tokenizer(), load)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-session") as pool:

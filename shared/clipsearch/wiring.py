@@ -128,8 +128,10 @@ def get_search_text_encoder():
 
             files = downloading.result()
         # The template gives the search function 2 threads (one new query: 8.5 vs 10.2 ms p50 on one thread,
-        # quiet machine, benchmarks/search.py); unset, one. Their workers never spin (encoders.create_session).
-        return CachedTextEncoder(OnnxTextEncoder.from_model_files(files, settings.onnx_threads or 1, open_now=True))
+        # quiet machine, benchmarks/search.py); unset, one.
+        return CachedTextEncoder(OnnxTextEncoder.from_model_files(
+            files, settings.onnx_threads or 1, open_now=True, spin_microseconds=settings.text_spin_microseconds
+        ))
 
     return Lazy(build)
 
