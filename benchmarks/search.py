@@ -812,11 +812,17 @@ def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
     }
     tokenizer = files.tokenizer()
     token_ids = [tokenizer.encode(_new_text(number)).ids[np.newaxis, :] for number in range(count)]
+    # Spin modes: workers asleep between operators, spinning unbounded, or (the function's setting) spinning at
+    # most `settings.text_spin_microseconds` and stopped when a run ends.
+    spin_modes = {"off": {}, "on": {"spinning": True},
+                  f"{settings.text_spin_microseconds} us, stopped after each run": {
+                      "spin_microseconds": settings.text_spin_microseconds}}
     sessions = {
-        (threads, spinning): create_session(files.directory / TEXT_GRAPH, threads, spinning)
-        for threads in (1, 2) for spinning in (False, True)
+        (threads, mode): create_session(files.directory / TEXT_GRAPH, threads, **options)
+        for threads in (1, 2) for mode, options in spin_modes.items()
+        if threads > 1 or mode == "off"
     }
-    timings: dict[tuple[int, bool], list[float]] = {variant: [] for variant in sessions}
+    timings: dict[tuple[int, str], list[float]] = {variant: [] for variant in sessions}
     for session in sessions.values():
         session.run([TEXT_OUTPUT], {TEXT_INPUT: token_ids[0]})
     for start in range(0, count, 10):
@@ -826,9 +832,10 @@ def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
                 session.run([TEXT_OUTPUT], {TEXT_INPUT: ids})
                 timings[variant].append((time.perf_counter() - started) * 1000)
     function_threads = settings.onnx_threads or 1  # as clipsearch.wiring builds the text tower
-    for (threads, spinning), durations in timings.items():
-        used = " (the function's)" if (threads, spinning) == (function_threads, False) else ""
-        label = f"text tower, {threads} thread{'s' if threads > 1 else ''}, spinning {'on' if spinning else 'off'}"
+    function_mode = "off" if function_threads == 1 or not settings.text_spin_microseconds else list(spin_modes)[2]
+    for (threads, mode), durations in timings.items():
+        used = " (the function's)" if (threads, mode) == (function_threads, function_mode) else ""
+        label = f"text tower, {threads} thread{'s' if threads > 1 else ''}, spinning {mode}"
         parts[f"{label}{used} p50 ms"] = float(np.percentile(durations, 50))
     return parts
 
