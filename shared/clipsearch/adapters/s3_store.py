@@ -169,6 +169,7 @@ class S3ObjectStore:
             except TransientError as error:
                 if attempt == _PART_ATTEMPTS or not _broke_off(error):
                     raise
+
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         for start in range(0, len(keys), _DELETE_BATCH):
