@@ -999,6 +999,7 @@ def _environment(endpoint: str, database_url: str, model_dir: Path, scratch: Pat
         "CLIPSEARCH_MODEL_CACHE_DIR": str(scratch / "model-cache"),
         # template.yaml's SearchFunction setting (its 3008 MB hold ~2 vCPUs); unset, the text tower runs on one thread
         "CLIPSEARCH_ONNX_THREADS": os.environ.get("CLIPSEARCH_ONNX_THREADS", "2"),
+        **{name: os.environ[name] for name in ("CLIPSEARCH_TEXT_SPIN_MICROSECONDS",) if name in os.environ},
         "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
         "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
