@@ -561,6 +561,8 @@ class SearchService:
             allowed = self._filter_selection(dataset, index, options.image_filter)
             if allowed is not None and allowed is not False and not index.complete:
                 index = self._whole_index(dataset, index)  # a filter reads lists the query does not probe
+                # The whole snapshot may be newer than the partial one: its own deleted ids, its own selection.
+                allowed = self._filter_selection(dataset, index, options.image_filter)
             if allowed is not False:
                 ranked = index.search(query, options.offset + k, allowed, self._query_threads.get())
             if not index.complete:

@@ -195,3 +195,30 @@ def test_a_partial_segment_admitting_only_some_ids_reads_every_list_and_agrees(w
         found = partial.search(query[None, :], 10, allowed)
         assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
     assert partial.fetched_bytes > 0
+
+
+def test_a_failed_list_read_adds_nothing_and_the_next_search_answers_exactly(world, monkeypatch) -> None:
+    _, store, _ = world
+    monkeypatch.setattr(faiss_index, "_COALESCE_GAP_BYTES", 0)  # one ranged GET per list
+    key = "indexes/photos/segments/s0.faiss"
+    data = store.objects[key].data
+    reads = {"lists": 0}
+    header_reads = 2  # the header, then the id map
+
+    def read_range(start: int, end: int) -> bytes:
+        reads["lists"] += 1
+        if reads["lists"] == header_reads + 3:  # one list's read breaks, after others arrived
+            raise TransientError(f"{key}: connection reset")
+        return data[start:end]
+
+    index = FaissVectorIndex()
+    partial = index.open_partial(read_range, len(data))
+    whole = index.load(data)
+    with pytest.raises(TransientError):
+        partial.search(QUERIES[0][None, :], 50)
+
+    found = partial.search(QUERIES[0][None, :], 50)
+
+    expected = whole.search(QUERIES[0][None, :], 50)
+    assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
+    assert len(set(np.ravel(found[1]).tolist())) == 50

@@ -328,7 +328,9 @@ class PartialFaissSegment(FaissSegment):
             else:
                 runs.append([position])
         spans = [(int(starts[run[0]]), int(ends[run[-1]])) for run in runs]
-        pieces = _fetch_pool().map(lambda span: self._read_range(*span), spans) if len(spans) > 1 else (
+        # Every piece is in hand before any list is added: a failed read leaves no list half-added, so the
+        # next search fetches the same lists again without adding any twice.
+        pieces = list(_fetch_pool().map(lambda span: self._read_range(*span), spans)) if len(spans) > 1 else (
             [self._read_range(*spans[0])])
         invlists = self._inner_ivf.invlists
         for run, (span_start, _), piece in zip(runs, spans, pieces):

@@ -95,7 +95,11 @@ class S3ObjectStore:
                 response = self._range_pool().request(
                     "GET", self._presigned_get(key, fresh), headers=headers, preload_content=True)
             except urllib3.exceptions.HTTPError as error:
-                raise TransientError(f"object store unreachable for {key!r}: {error}") from error
+                # Not str(error): urllib3 quotes the presigned URL, whose query holds the signature and token.
+                reason = getattr(error, "reason", None) or error
+                raise TransientError(
+                    f"object store unreachable for {key!r}: {type(reason).__name__}"
+                ) from None
             if response.status == 403 and not fresh:  # the URL expired (or its credentials rotated): sign again
                 continue
             break
@@ -142,7 +146,9 @@ class S3ObjectStore:
         descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(descriptor, info.size)
-            if len(parts) == 1:
+            if not parts:  # an empty object: the empty file is all of it
+                pass
+            elif len(parts) == 1:
                 self._download_part(key, descriptor, *parts[0])
             else:
                 with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="s3-part") as pool:
