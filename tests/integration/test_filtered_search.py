@@ -12,8 +12,7 @@ import faiss
 import numpy as np
 import pytest
 from clipsearch.adapters.faiss_index import FaissVectorIndex
-from clipsearch.adapters.postgres_catalog import PostgresCatalog, migrate
-from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.postgres_catalog import PostgresCatalog
 from clipsearch.datasets import image_key, segment_key
 from clipsearch.encoders import OnnxTextEncoder
 from clipsearch.model_files import ModelFiles
@@ -100,14 +99,6 @@ def test_a_folder_of_other_subjects_fills_k_through_the_search_function(stack: S
     expected = {image_key(dataset, relatives[position])
                 for position in far[np.argsort(-(vectors[far] @ query), kind="stable")[:K]]}
     assert len(set(keys) & expected) >= 9
-
-
-@pytest.fixture
-def catalog(database_url: str):
-    database = Database(database_url)
-    migrate(database)
-    yield PostgresCatalog(database)
-    database.close()
 
 
 def test_a_prefix_matches_its_characters_literally(catalog: PostgresCatalog) -> None:

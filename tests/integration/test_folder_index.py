@@ -26,14 +26,6 @@ PREFIXES = ["", "a", "a/", "a/b", "a/b/", "a/b.", "a/b.jpg", "a/bc", "a/bc/", "a
             "r", "root", "root.jpg", "rootx/", "é", "a/bc/d/6.jpgx", "nowhere/", "a/b/1.jpg"]
 
 
-@pytest.fixture
-def catalog(database_url: str):
-    database = Database(database_url)
-    migrate(database)
-    yield PostgresCatalog(database)
-    database.close()
-
-
 def index_batch(catalog: PostgresCatalog, dataset_id: int, relatives: list[str], segment_id: str,
                 etag: str = "e1", dataset: str = DATASET) -> dict[str, int]:
     claims = catalog.claim_images(dataset_id, [
