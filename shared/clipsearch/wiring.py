@@ -6,6 +6,7 @@ Handlers call these factories; tests build services from adapters directly.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 import threading
@@ -183,12 +184,25 @@ def start_search_function() -> None:
             logger.warning("starting the search function failed: %s", error)
         return
     sys.setswitchinterval(STARTING_SWITCH_INTERVAL_S)
-    both_done = threading.Barrier(2, action=lambda: sys.setswitchinterval(_NORMAL_SWITCH_INTERVAL_S))
+    collecting = gc.isenabled()
+    # Imports make many objects and few cycles: collections during them are wasted work. Cold start at 100k,
+    # process CPU, 3 alternated runs beside other load: 2.47-2.74 s with this, 2.88-3.22 s without.
+    gc.disable()
+    both_done = threading.Barrier(2, action=lambda: _after_start(collecting))
     threading.Thread(target=_build_text_encoder, args=(both_done,), name="init-text-model", daemon=True).start()
     import clipsearch.encoders  # noqa: F401  (the session's runtime, needed once the files arrive)
     import clipsearch.query_cache  # noqa: F401
 
     threading.Thread(target=_open_catalog, args=(both_done,), name="init-catalog", daemon=True).start()
+
+
+def _after_start(collecting: bool) -> None:
+    """Both init threads are done: the switch interval back to normal, and the collector back on, with what
+    init built (modules, the model session, the service) frozen out of its future full collections."""
+    sys.setswitchinterval(_NORMAL_SWITCH_INTERVAL_S)
+    if collecting:
+        gc.freeze()
+        gc.enable()
 
 
 def _build_text_encoder(done: threading.Barrier) -> None:

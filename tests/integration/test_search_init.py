@@ -1,8 +1,10 @@
 """The search function's init phase: the text model and the search service with its catalog connection are
-ready before the first request, and the GIL switch interval it shortens meanwhile is restored."""
+ready before the first request, and the GIL switch interval it shortens and the garbage collector it pauses
+meanwhile are restored."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 
@@ -30,6 +32,7 @@ def test_init_readies_the_text_model_and_the_service_then_restores_the_switch_in
     wait_for_init()  # started as the stack fixture imported the search function
 
     assert sys.getswitchinterval() == pytest.approx(normal_interval)
+    assert gc.isenabled() and gc.get_freeze_count() > 0  # what init built is out of the collector's way
     assert wiring.get_search_text_encoder().ready
     assert wiring.get_search_service.cache_info().currsize == 1
     service = wiring.get_search_service()
@@ -52,7 +55,7 @@ def test_init_failures_are_left_to_the_first_request(stack: SearchStack, monkeyp
         wiring.start_search_function()
         wait_for_init()
     assert "opening the catalog during init failed" in caplog.text
-    assert sys.getswitchinterval() == pytest.approx(0.005)
+    assert sys.getswitchinterval() == pytest.approx(0.005) and gc.isenabled()
     status, body = stack.call(stack.search, "search_text", dataset="photos", body={"query": "a dog"})
     assert status == 503 and body["error"]["code"] == "unavailable"
 
@@ -61,4 +64,4 @@ def test_a_second_start_during_the_first_still_restores_the_normal_interval(stac
     wiring.start_search_function()  # the stack fixture's import started one already
     wiring.start_search_function()
     wait_for_init()
-    assert sys.getswitchinterval() == pytest.approx(0.005)
+    assert sys.getswitchinterval() == pytest.approx(0.005) and gc.isenabled()
