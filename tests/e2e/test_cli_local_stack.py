@@ -219,7 +219,7 @@ def test_added_photos_appear_in_results(cli: Cli, photos: Path, seed_eval_dir: P
     assert found["results"][0]["score"] > 0.999
 
 
-def test_restart_keeps_the_dataset_searchable(cli: Cli):
+def test_restart_keeps_the_dataset_searchable(cli: Cli, photos: Path):
     before = cli.json("search", "text", "a ship at sea", "--dataset", DATASET, "-k", "4")
     stopped = cli.run("local", "down")
     assert stopped.returncode == 0, stopped.stderr
@@ -231,7 +231,7 @@ def test_restart_keeps_the_dataset_searchable(cli: Cli):
     assert cli.json("dataset", "show", DATASET)["counts"]["indexed"] == 101
 
 
-def test_sync_finds_nothing_missing_after_events(cli: Cli):
+def test_sync_finds_nothing_missing_after_events(cli: Cli, photos: Path):
     report = cli.json("sync", "--dataset", DATASET)
     assert report["scanned"] == 101
     assert report["enqueued"] == 0
@@ -265,7 +265,7 @@ def test_documented_errors_reach_the_user_as_one_line(cli: Cli, photos: Path, tm
     assert "no local stack is running" in _single_error_line(elsewhere.run("datasets"))
 
 
-def test_delete_dataset_needs_confirmation_then_removes_it(cli: Cli):
+def test_delete_dataset_needs_confirmation_then_removes_it(cli: Cli, photos: Path):
     refused = _single_error_line(cli.run("dataset", "delete", DATASET))
     assert "--yes" in refused
     assert _keys_under(cli, f"indexes/{DATASET}/")  # the dataset's segments, until the delete
