@@ -20,7 +20,9 @@ exactly as the whole segments would), and after the first answer one background 
 whole and swaps them into the snapshot. Until then a query fetches its own missing lists (~25 ranged GETs,
 ~2 MB, per 200k-vector segment, against the whole download's seconds); a filtered query or a duplicates
 scan, which reads most lists, waits for the whole segments instead. A failed background download is logged and
-started again by the next query; a query that waits for it gets its error.
+started again by the next query; a query that waits for it gets its error. In Lambda the environment is
+frozen between requests, so the download advances only while requests run (a thawed connection that was
+reset fails the attempt, and the next query starts it again).
 
 Fan-out: given a ShardSearcher, a dataset whose segment objects together exceed that budget is never
 loaded here. Its snapshot is a shard plan (clipsearch.shards); a query is embedded once, every shard's
