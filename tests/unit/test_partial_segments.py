@@ -155,7 +155,9 @@ def test_a_failed_whole_download_is_started_again_by_the_next_query(world) -> No
     third = ranking(partial.search_text("photos", "q2", k=10))
 
     assert len(store.ranges) == reads  # whole at last
-    assert len(store.downloads) == 4  # both, one failing (the attempt fails whole), then both again
+    # One download failed (the attempt fails whole: the other may or may not have started), then both again.
+    assert store.failures == 0 and len(store.downloads) in (3, 4)
+    assert sorted(store.downloads[-2:]) == ["indexes/photos/segments/s0.faiss", "indexes/photos/segments/s1.faiss"]
     whole = service(world, partial_load_min_bytes=float("inf"))
     assert [first, second, third] == [ranking(whole.search_text("photos", f"q{n}", k=10)) for n in range(3)]
 
