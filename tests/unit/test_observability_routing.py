@@ -88,6 +88,28 @@ def test_overlapping_invocations_give_the_configuration_back_after_the_last(tele
     assert (RUNTIME.level, list(RUNTIME.handlers), RUNTIME.propagate) == before
 
 
+def test_a_runtime_logger_that_checked_its_level_before_the_invocation_follows_the_routing(telemetry) -> None:
+    """The routing empties the level caches under `clipsearch` only: one filled before the invocation, with
+    the process's own level (WARNING here), must not keep answering from it, neither during nor after."""
+    child = logging.getLogger("clipsearch.search.cache_probe")
+    own_level = RUNTIME.level
+    RUNTIME.setLevel(logging.WARNING)
+    try:
+        assert not child.isEnabledFor(logging.INFO)  # now in its cache
+
+        @observed_handler(telemetry)
+        def handler(event, context):
+            child.info("answered from the cache?")
+            return None
+
+        handler({}, LambdaContext())
+
+        assert [line["message"] for line in lines(telemetry)] == ["answered from the cache?"]
+        assert RUNTIME.level == logging.WARNING and not child.isEnabledFor(logging.INFO)
+    finally:
+        RUNTIME.setLevel(own_level)
+
+
 def test_a_failing_invocation_is_logged_with_its_ids_and_raised(telemetry) -> None:
     @observed_handler(telemetry, correlation_id_path="id")
     def handler(event, context):
