@@ -501,12 +501,15 @@ def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
     build_dir = tmp_path / "build"
     ca_bundle = tmp_path / "global-bundle.pem"
     ca_bundle.write_bytes(_self_signed_ca_pem("test RDS root"))
+    # infra/Makefile compiles the bytecode with a python3.13; on a machine without one it would refuse to build.
+    lambda_python = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "infra" / "Makefile"),
+                                    "print-lambda-python"], capture_output=True, text=True).stdout.strip()
     result = _run(
         [
             str(SAM_VENV / "bin" / "sam"), "build", "--template-file", str(TEMPLATE), "--base-dir", str(REPO),
             "--build-dir", str(build_dir), "--cache-dir", str(tmp_path / "cache"),
         ],
-        {**_sam_env(), "RDS_CA_BUNDLE": str(ca_bundle)},
+        {**_sam_env(), "RDS_CA_BUNDLE": str(ca_bundle), **({} if lambda_python else {"BYTECODE": "none"})},
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -516,7 +519,7 @@ def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
     assert packaged_bundle.read_bytes() == ca_bundle.read_bytes()
     layer = build_dir / "ClipsearchLayer" / "python"
     assert (layer / "clipsearch" / "__init__.py").is_file()
-    assert not list(layer.rglob("__pycache__"))
+    _assert_layer_bytecode(layer, compiled=bool(lambda_python))
     packaged = {path.name.removesuffix(".py") for path in layer.iterdir()}
     assert not packaged & set(NOT_IN_LAYER), f"tools in the layer: {sorted(packaged & set(NOT_IN_LAYER))}"
     distributions = {canonicalize_name(path.name.split("-")[0]) for path in layer.glob("*.dist-info")}
@@ -529,6 +532,20 @@ def test_sam_build_packages_a_layer_that_fits_lambda(tmp_path: Path):
         assert (function_dir / "app.py").is_file()
         assert layer_bytes + _tree_bytes(function_dir) < LAMBDA_UNZIPPED_LIMIT, f"{name}: {layer_bytes} bytes of layer"
     _assert_layer_dependencies_complete(layer)
+
+
+def _assert_layer_bytecode(layer: Path, compiled: bool) -> None:
+    """The runtime's bytecode only (none of the build machine's Python): the dependencies' pycs in place of their
+    sources, clipsearch's beside its kept sources (tests/infra/test_layer_bytecode.py checks they load)."""
+    pycs = list(layer.rglob("*.pyc"))
+    if not compiled:
+        assert not pycs and not list(layer.rglob("__pycache__"))
+        return
+    assert {path.relative_to(layer).parts[0] for path in layer.rglob("__pycache__")} == {"clipsearch"}
+    assert all(".cpython-313." in path.name for path in pycs if path.parent.name == "__pycache__")
+    assert not [path for path in layer.rglob("*.py") if path.relative_to(layer).parts[0] != "clipsearch"]
+    assert (layer / "numpy" / "__init__.pyc").is_file()
+    assert (layer / "clipsearch" / "__pycache__" / "__init__.cpython-313.pyc").is_file()
 
 
 def _self_signed_ca_pem(name: str) -> bytes:
