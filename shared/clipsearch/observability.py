@@ -194,7 +194,24 @@ def _set_level(runtime: logging.Logger, level: int) -> None:
     if runtime.level == level:
         return
     runtime.level = level
-    prefix = f"{runtime.name}."
-    for name, each in list(logging.root.manager.loggerDict.items()):
-        if (name == runtime.name or name.startswith(prefix)) and isinstance(each, logging.Logger):
+    registered = logging.root.manager.loggerDict
+    for name in _runtime_logger_names(runtime.name):
+        each = registered.get(name)
+        if isinstance(each, logging.Logger):  # else a placeholder for a logger not created yet
             each._cache.clear()
+
+
+_runtime_names_seen: tuple[int, list[str]] = (0, [])  # (names in the logging registry, those under clipsearch)
+
+
+def _runtime_logger_names(runtime: str) -> list[str]:
+    """`runtime` and the names under it in the logging registry, looked for again only when a name was added
+    (names are never removed, so the count tells; a placeholder becoming a logger keeps its name)."""
+    global _runtime_names_seen
+    registered = logging.root.manager.loggerDict
+    count, names = _runtime_names_seen
+    if count != len(registered):
+        prefix = f"{runtime}."
+        names = [name for name in list(registered) if name == runtime or name.startswith(prefix)]
+        _runtime_names_seen = (len(registered), names)
+    return names

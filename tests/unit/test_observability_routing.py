@@ -110,6 +110,30 @@ def test_a_runtime_logger_that_checked_its_level_before_the_invocation_follows_t
         RUNTIME.setLevel(own_level)
 
 
+def test_a_logger_created_where_a_placeholder_stood_follows_the_routing_too(telemetry) -> None:
+    """A logger made after an invocation in place of a registry placeholder (its child came first) adds no name
+    to the registry: its level cache must be emptied all the same."""
+    suffix = uuid.uuid4().hex[:8]
+    logging.getLogger(f"clipsearch.placeholder_{suffix}.child")  # leaves a placeholder for its parent
+
+    @observed_handler(telemetry)
+    def handler(event, context):
+        logging.getLogger(f"clipsearch.placeholder_{suffix}").info("routed")
+        return None
+
+    own_level = RUNTIME.level
+    RUNTIME.setLevel(logging.WARNING)
+    try:
+        handler({}, LambdaContext())  # the registry's names seen with the placeholder
+        parent = logging.getLogger(f"clipsearch.placeholder_{suffix}")
+        assert not parent.isEnabledFor(logging.INFO)  # now in its cache
+        handler({}, LambdaContext())
+    finally:
+        RUNTIME.setLevel(own_level)
+
+    assert [line["message"] for line in lines(telemetry)] == ["routed", "routed"]
+
+
 def test_a_failing_invocation_is_logged_with_its_ids_and_raised(telemetry) -> None:
     @observed_handler(telemetry, correlation_id_path="id")
     def handler(event, context):
