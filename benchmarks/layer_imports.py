@@ -64,7 +64,8 @@ print(json.dumps({"import_cpu_s": cpu, "compiled": len(compiled), "compiled_samp
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                           f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result
 
 
@@ -111,22 +112,35 @@ def child_environment(build: Path, runtime: Path) -> dict[str, str]:
     }
 
 
-def import_once(python: str, build: Path, runtime: Path) -> dict:
+def child_command(python: str, build: Path, runtime: Path, docker_image: str | None, *options: str) -> dict:
+    """How to start the importing interpreter: here, or in the Lambda image with Lambda's read-only mounts."""
+    if docker_image is None:
+        return {"command": [python, *options, "-c", CHILD, *INIT_MODULES], "cwd": build / "task",
+                "env": child_environment(build, runtime)}
+    mounts = [f"{build / 'layer'}:/opt:ro", f"{build / 'task'}:/var/task:ro", f"{runtime}:/var/bench-runtime:ro"]
+    return {"command": ["docker", "run", "--rm", "--network", "none", *(part for mount in mounts for part in ("-v", mount)),
+                     "-e", "PYTHONPATH=/var/task:/opt/python:/var/bench-runtime", "-w", "/var/task",
+                     "--entrypoint", python, docker_image, *options, "-c", CHILD, *INIT_MODULES],
+            "cwd": None, "env": None}
+
+
+def import_once(python: str, build: Path, runtime: Path, docker_image: str | None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
-    result = run([python, "-c", CHILD, *INIT_MODULES], cwd=build / "task", env=child_environment(build, runtime))
+    result = run(**child_command(python, build, runtime, docker_image))
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    # In a container the child is not ours: only its own measurement of the imports counts.
+    measured["process_cpu_s"] = None if docker_image else (
+        (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
     measured["wall_s"] = wall
     return measured
 
 
-def importtime_by_package(python: str, build: Path, runtime: Path) -> dict[str, float]:
+def importtime_by_package(python: str, build: Path, runtime: Path, docker_image: str | None) -> dict[str, float]:
     """Self import time (seconds) per top-level package, from one `-X importtime` run."""
-    result = run([python, "-X", "importtime", "-c", CHILD, *INIT_MODULES], cwd=build / "task",
-                 env=child_environment(build, runtime))
+    result = run(**child_command(python, build, runtime, docker_image, "-X", "importtime"))
     totals: dict[str, float] = defaultdict(float)
     for line in result.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
@@ -151,12 +165,17 @@ def main() -> int:
     parser.add_argument("--python", help="an interpreter of the runtime's version (default: the Makefile's choice)")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "layer_imports")
     parser.add_argument("--reuse", action="store_true", help="keep the builds of an earlier run in --work")
+    parser.add_argument("--docker-image", help="import in this image instead (e.g. sam local's "
+                        "public.ecr.aws/lambda/python:3.13-x86_64, never pulled), layer and task mounted read-only; "
+                        "--python is then the image's interpreter (default /usr/bin/python3.13)")
     args = parser.parse_args()
 
-    python = lambda_python(args.python)
+    host_python = lambda_python(None if args.docker_image else args.python)
+    python = (args.python or "/usr/bin/python3.13") if args.docker_image else host_python
     print(f"CPU: {cpu_description()}")
     print(f"load average: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
-    print(f"interpreter: {python}")
+    print(f"interpreter: {python}" + (f" in {args.docker_image} (read-only mounts, no network)" if args.docker_image
+                                       else " (PYTHONDONTWRITEBYTECODE=1 stands for Lambda's read-only mounts)"))
     without, with_bytecode = args.work / "without-bytecode", args.work / "with-bytecode"
     if not (args.reuse and (with_bytecode / "layer" / "python").is_dir()):
         for build in (without, with_bytecode):
@@ -167,10 +186,10 @@ def main() -> int:
         built = time.perf_counter() - started
         shutil.copytree(without, with_bytecode)
         started = time.perf_counter()
-        make("layer-bytecode", REPO / "shared", with_bytecode / "layer", f"LAMBDA_PYTHON={python}")
-        make("function-bytecode", REPO / "functions" / "search", with_bytecode / "task", f"LAMBDA_PYTHON={python}")
+        make("layer-bytecode", REPO / "shared", with_bytecode / "layer", f"LAMBDA_PYTHON={host_python}")
+        make("function-bytecode", REPO / "functions" / "search", with_bytecode / "task", f"LAMBDA_PYTHON={host_python}")
         print(f"layer build {built:.1f} s wall; the Makefile's compile steps {time.perf_counter() - started:.1f} s wall")
-    runtime = lambda_runtime_boto3(args.work, python)
+    runtime = lambda_runtime_boto3(args.work, host_python)
 
     print(f"\nsizes (Lambda's limit for function + layers: {LAMBDA_UNZIPPED_LIMIT:,} bytes unzipped)")
     sizes = {}
@@ -188,11 +207,11 @@ def main() -> int:
 
     pyc_counts = {build: count_files(build, "*.pyc") for build in (without, with_bytecode)}
     results: dict[str, list[dict]] = {"without bytecode": [], "with bytecode": []}
-    import_once(python, with_bytecode, runtime)  # page cache warm for both: the files are read either way
-    import_once(python, without, runtime)
+    import_once(python, with_bytecode, runtime, args.docker_image)  # page cache warm for both: read either way
+    import_once(python, without, runtime, args.docker_image)
     for _ in range(args.rounds):
         for label, build in (("without bytecode", without), ("with bytecode", with_bytecode)):
-            results[label].append(import_once(python, build, runtime))
+            results[label].append(import_once(python, build, runtime, args.docker_image))
     assert pyc_counts == {build: count_files(build, "*.pyc") for build in (without, with_bytecode)}, "a run wrote bytecode"
 
     print(f"\nimporting the search function ({args.rounds} alternated rounds, {results['with bytecode'][0]['python']}, "
@@ -200,18 +219,19 @@ def main() -> int:
     medians = {}
     for label, runs in results.items():
         imports = [run_["import_cpu_s"] for run_ in runs]
-        process = [run_["process_cpu_s"] for run_ in runs]
+        process = [run_["process_cpu_s"] for run_ in runs if run_["process_cpu_s"] is not None]
         walls = [run_["wall_s"] for run_ in runs]
         compiled = sorted({run_["compiled"] for run_ in runs})
         medians[label] = statistics.median(imports)
+        process_cpu = f", whole process CPU {statistics.median(process):.3f} s" if process else ""
+        example = f" e.g. {runs[0]['compiled_sample'][:2]}" if runs[0]["compiled"] else ""
         print(f"  {label:17} import CPU median {statistics.median(imports):.3f} s (range {min(imports):.3f}-"
-              f"{max(imports):.3f}), whole process CPU {statistics.median(process):.3f} s, wall "
-              f"{statistics.median(walls):.3f} s; source files compiled per run: {compiled}"
-              + (f" e.g. {runs[0]['compiled_sample'][:2]}" if runs[0]["compiled"] else ""))
+              f"{max(imports):.3f}){process_cpu}, wall {statistics.median(walls):.3f} s; "
+              f"source files compiled per run: {compiled}{example}")
     print(f"  ratio without / with bytecode (import CPU): {medians['without bytecode'] / medians['with bytecode']:.2f}x")
 
     print("\n-X importtime, self seconds per top-level package (one run each), the 12 largest without bytecode")
-    breakdown = {label: importtime_by_package(python, build, runtime)
+    breakdown = {label: importtime_by_package(python, build, runtime, args.docker_image)
                  for label, build in (("without bytecode", without), ("with bytecode", with_bytecode))}
     print(f"  {'package':24} {'without':>9} {'with':>9}")
     for name, seconds in sorted(breakdown["without bytecode"].items(), key=lambda item: -item[1])[:12]:

@@ -88,8 +88,10 @@ def import_with(python: str, search_path: list[Path], modules: list[str], cwd: P
 
 def pyc_header(python: str, pyc: Path) -> tuple[bytes, bytes, int]:
     """(the pyc's magic number, the interpreter's, the pyc's flags)."""
-    magic = subprocess.run([python, "-c", "import importlib.util, sys; sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"],
-                           capture_output=True, text=True, check=True).stdout
+    magic = subprocess.run(
+        [python, "-c", "import importlib.util, sys; sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"],
+        capture_output=True, text=True, check=True,
+    ).stdout
     data = pyc.read_bytes()
     return data[:4], bytes.fromhex(magic), int.from_bytes(data[4:8], "little")
 
@@ -128,7 +130,8 @@ def test_layer_pycs_load_unzipped_without_their_sources(lambda_python: str, tmp_
     assert {name: found["value"] for name, found in loaded["modules"].items()} == dict.fromkeys(modules, "built")
     # Tracebacks name the files where Lambda puts them (code loaded beside its source names the source).
     assert loaded["modules"]["dependency.inner"]["code_file"] == "/opt/python/dependency/inner.py"
-    assert loaded["modules"]["clipsearch.sub.mod"]["code_file"] == str(shipped / "python" / "clipsearch" / "sub" / "mod.py")
+    kept_source = shipped / "python" / "clipsearch" / "sub" / "mod.py"
+    assert loaded["modules"]["clipsearch.sub.mod"]["code_file"] == str(kept_source)
 
 
 def test_function_package_ships_its_handlers_bytecode(lambda_python: str, tmp_path: Path):
