@@ -235,8 +235,10 @@ def build_shard_searcher(settings: Settings):
 
     # One attempt, and an answer within 20 s (a cold shard maps ~1.5 GB of segments): a shard that cannot
     # answer in time fails the search as a 503 before the search function's own 29 s timeout, not after.
-    client = aws_client("lambda", settings.region, settings.lambda_endpoint_url, max_attempts=1, timeouts=(2, 20))
-    return LambdaShardSearcher(client, settings.shard_function)
+    return LambdaShardSearcher.connecting_on_first_use(
+        lambda: aws_client("lambda", settings.region, settings.lambda_endpoint_url, max_attempts=1, timeouts=(2, 20)),
+        settings.shard_function,
+    )
 
 
 @once

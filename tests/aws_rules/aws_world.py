@@ -112,7 +112,7 @@ class AwsWorld:
     @contextmanager
     def run_as(self, who: str, **extra_environment: str) -> Iterator[CallLog]:
         """The function's deployed environment and its user's keys; every AWS call it makes is logged."""
-        from clipsearch import wiring
+        from clipsearch import aws, wiring
 
         environment = dict(self.roles[who].environment) if who in self.roles else {}
         key_id, secret = self.keys[who]
@@ -129,9 +129,9 @@ class AwsWorld:
         for name, value in environment.items():
             self.monkeypatch.setenv(name, value)
         log = CallLog()
-        boto3.setup_default_session()  # the default session caches the credentials it first found
-        boto3.DEFAULT_SESSION.events.register("provide-client-params", CallLog.remember_params)
-        boto3.DEFAULT_SESSION.events.register("after-call", log.record)
+        aws.forget_session()  # the process's session caches the credentials it first found
+        aws.aws_session().register("provide-client-params", CallLog.remember_params)
+        aws.aws_session().register("after-call", log.record)
         _clear_wiring(wiring)
         try:
             yield log
@@ -139,7 +139,7 @@ class AwsWorld:
             if wiring.get_database.cache_info().currsize:
                 wiring.get_database().close()
             _clear_wiring(wiring)
-            boto3.DEFAULT_SESSION = None
+            aws.forget_session()
 
 
 def _clear_wiring(wiring) -> None:
