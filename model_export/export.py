@@ -12,6 +12,7 @@ from typing import Any
 from clipsearch.model_files import MODEL_FORMAT
 from model_export.checkpoint import Checkpoint
 from model_export.errors import ExportError
+from model_export.fusion import FUSED_GRAPHS, TowerShape, fuse_attention
 from model_export.optimize import optimize_offline, saved_optimization
 from model_export.options import QUANTIZATIONS, ExportOptions
 from model_export.publish import check_output_dir, checksums, publish, staging_directory
@@ -39,12 +40,14 @@ def _build(checkpoint: Checkpoint, options: ExportOptions, staging: Path) -> dic
     quantized = options.quantization == "int8"
     fp32_dir = staging / ".fp32" if quantized else staging
     opset = export_towers(checkpoint.model, fp32_dir, options.opset)
-    # fp32 graphs ship as exported here, so they are optimized before their parity is measured; int8 ones
-    # are optimized as each candidate is written, and the fp32 reference stays as exported.
-    optimized = () if quantized else _optimize_graphs(fp32_dir)
-
     texts = text_samples(checkpoint.tokenizer_json)
     images = image_samples(checkpoint.preprocess, options.sample_photos)
+    # Fused before anything is measured: the parity check below is the fused fp32 graphs' own.
+    fusion = _fuse_graphs(checkpoint, fp32_dir, texts, images)
+    # fp32 graphs ship as exported here, so they are optimized before their parity is measured; int8 ones
+    # are optimized as each candidate is written, and the fp32 reference stays as exported (and fused).
+    optimized = () if quantized else _optimize_graphs(fp32_dir)
+
     log.info("checking ONNX against PyTorch on %d texts and %d images", len(texts.token_ids), len(images.pixel_values))
     fp32 = onnx_embeddings(fp32_dir, texts, images, options.threads)
     parity: dict[str, Any] = {
@@ -72,6 +75,7 @@ def _build(checkpoint: Checkpoint, options: ExportOptions, staging: Path) -> dic
         "quantization": options.quantization,
         "quantization_weight_type": weight_type,
         "graph_optimization": {**saved_optimization(), "graphs": list(optimized)},
+        "graph_fusion": fusion,
         "files": checksums(staging),
         "parity": parity,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -104,6 +108,17 @@ def _quantize_in_place(
         "candidates": {candidate.weight_type: candidate.figures for candidate in candidates},
     }
     return best.weight_type, best.optimized_graphs, figures
+
+
+def _fuse_graphs(
+    checkpoint: Checkpoint, directory: Path, texts: TextSamples, images: ImageSamples
+) -> dict[str, dict[str, int] | None]:
+    """Each graph in FUSED_GRAPHS -> its fused operator counts (None: left unfused, see fusion.fuse_attention)."""
+    configs = {TEXT_GRAPH: checkpoint.model.config.text_config, VISION_GRAPH: checkpoint.model.config.vision_config}
+    probes = {TEXT_GRAPH: {"input_ids": texts.padded}, VISION_GRAPH: {"pixel_values": images.pixel_values[:8]}}
+    return {
+        graph: fuse_attention(directory / graph, TowerShape.of(configs[graph]), probes[graph]) for graph in FUSED_GRAPHS
+    }
 
 
 def _optimize_graphs(directory: Path) -> tuple[str, ...]:

@@ -43,7 +43,12 @@ class QuantizedCandidate:
 # 11% of the int8 tower's time (72 of 680 ms per batch of 8, one AVX2 core, onnxruntime profile), as fp32 Conv
 # 6% (40 ms). The token embedding is compressed apart (compress_embedding_tables). Random ViT-B/32 vs fp32
 # on 110 seed-eval photos: image min cosine 0.999734 -> 0.999751, top-10 neighbour overlap 0.9934 -> 0.9953.
-QUANTIZED_OPS = ["MatMul"]
+# A fused Attention (model_export.fusion) becomes QAttention: int8 packed QKV weights fed by one quantization
+# of the layer's input.
+QUANTIZED_OPS = ["MatMul", "Attention"]
+# Shape inference cannot type the outputs of onnxruntime's own operators (Attention, QuickGelu), so the
+# quantizer is told that every tensor it cannot type is float.
+_QUANTIZER_OPTIONS = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
 def _quantize_towers(fp32_dir: Path, target_dir: Path, weight_type: QuantType) -> tuple[str, ...]:
@@ -51,7 +56,7 @@ def _quantize_towers(fp32_dir: Path, target_dir: Path, weight_type: QuantType) -
     for graph in (TEXT_GRAPH, VISION_GRAPH):
         (target_dir / graph).parent.mkdir(parents=True, exist_ok=True)
         quantize_dynamic(fp32_dir / graph, target_dir / graph, weight_type=weight_type,
-                         op_types_to_quantize=QUANTIZED_OPS)
+                         op_types_to_quantize=QUANTIZED_OPS, extra_options=_QUANTIZER_OPTIONS)
     compress_embedding_tables(target_dir / TEXT_GRAPH)
     return tuple(graph for graph in (TEXT_GRAPH, VISION_GRAPH) if optimize_offline(target_dir / graph))
 
