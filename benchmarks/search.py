@@ -767,9 +767,12 @@ def _warm_text_stages(function, text, count: int, first: int) -> dict:
         setattr(owner, method, wrapped(label, getattr(owner, method)))
     per_stage: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for *_, label in _STAGES}
     totals: tuple[list[float], list[float]] = ([], [])
+    collections = _CollectorPauses()
     try:
+        collections.start()
         for number in range(count):
             query.clear()
+            collections.next_query()
             text(_new_text(first + number))
             for label, (walls, cpus) in per_stage.items():
                 wall, cpu = query.get(label, (0.0, 0.0))
@@ -778,14 +781,63 @@ def _warm_text_stages(function, text, count: int, first: int) -> dict:
             totals[0].append(sum(wall for wall, _ in query.values()) * 1000)
             totals[1].append(sum(cpu for _, cpu in query.values()) * 1000)
     finally:
+        collections.stop()
         for owner, method, original in originals:
             setattr(owner, method, original)
+    slowest = sorted(range(count), key=lambda number: -totals[0][number])[:_SLOWEST_SHOWN]
     return {
         "stages_ms": {
             label: (float(np.median(walls)), float(np.median(cpus))) for label, (walls, cpus) in per_stage.items()
         },
         "handler_ms": (float(np.median(totals[0])), float(np.median(totals[1]))),
+        # The tail: the slowest queries' stages and the collector's pauses inside each, to tell what made them slow.
+        "slowest": [
+            {"handler_ms": (totals[0][number], totals[1][number]),
+             "stages_ms": {label: (walls[number], cpus[number]) for label, (walls, cpus) in per_stage.items()},
+             "gc_ms": collections.per_query[number]}
+            for number in slowest
+        ],
+        "gc": collections.summary(count),
     }
+
+
+_SLOWEST_SHOWN = 4
+
+
+class _CollectorPauses:
+    """The garbage collector's pauses while queries run: per query, the ms spent in each generation's collections."""
+
+    def __init__(self) -> None:
+        self.per_query: list[dict[int, float]] = []
+        self._started: float | None = None
+        self._pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def start(self) -> None:
+        gc.callbacks.append(self._heard)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._heard)
+
+    def next_query(self) -> None:
+        self.per_query.append({})
+
+    def _heard(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None and self.per_query:
+            pause = (time.perf_counter() - self._started) * 1000
+            generation = info["generation"]
+            self._pauses[generation].append(pause)
+            self.per_query[-1][generation] = self.per_query[-1].get(generation, 0.0) + pause
+            self._started = None
+
+    def summary(self, count: int) -> dict[str, tuple[int, float, float]]:
+        """Per generation: collections per 100 queries, median and longest pause (ms)."""
+        return {
+            f"generation {generation}": (len(pauses) * 100 / count, float(np.median(pauses)) if pauses else 0.0,
+                                         max(pauses, default=0.0))
+            for generation, pauses in self._pauses.items()
+        }
 
 
 def _warm_text_parts(dataset: str, count: int) -> dict[str, float]:
@@ -1077,6 +1129,7 @@ def _print_size(row: dict) -> None:
         print(f"  {'stage':46}{'wall':>8}{'CPU':>8}")
         for name, (wall, cpu) in ours["stages"]["stages_ms"].items():
             print(f"  {name:46}{wall:8.3f}{cpu:8.3f}")
+        _print_tail(ours["stages"])
     print("parts of a warm text query, timed alone (ms):")
     for name, value in ours.get("parts", {}).items():
         print(f"  {name:56}{value:10.3f}")
@@ -1093,6 +1146,22 @@ def _print_size(row: dict) -> None:
     for name, value in row["scans"].items():
         print(f"  {name:28}{value:10.3f}")
     sys.stdout.flush()
+
+
+def _print_tail(stages: dict) -> None:
+    """The slowest of the staged queries, stage by stage (ms wall / process CPU), and the collector's pauses."""
+    if "slowest" not in stages:
+        return
+    print("  garbage collections during those queries (per 100 queries, median pause ms, longest pause ms): " + "; ".join(
+        f"{generation} {per_100:.0f}, {median:.2f}, {longest:.2f}"
+        for generation, (per_100, median, longest) in stages["gc"].items()))
+    print("  the slowest of those queries (ms wall / CPU; the stages that took over 1 ms; gc = collector pauses in it):")
+    for query in stages["slowest"]:
+        wall, cpu = query["handler_ms"]
+        parts = [f"{name.split(' (')[0]} {stage_wall:.1f}/{stage_cpu:.1f}"
+                 for name, (stage_wall, stage_cpu) in query["stages_ms"].items() if stage_wall >= 1.0]
+        collected = ", ".join(f"gen{generation} {pause:.1f}" for generation, pause in sorted(query["gc_ms"].items()))
+        print(f"    {wall:6.1f} / {cpu:5.1f}: {'; '.join(parts)}; gc: {collected or 'none'}")
 
 
 # Issue 8's targets, by size: (text p50 ms, text p99 ms, cold start s, peak RSS MB, recall@10); None: no target.

@@ -70,3 +70,12 @@ def test_handed_out_vectors_cannot_be_changed_by_a_caller():
 def test_a_bound_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         CachedTextEncoder(CountingEncoder(), max_entries=0)
+
+
+def test_remembered_answers_only_for_a_text_embedded_before_and_counts_only_its_hits():
+    tower = CountingEncoder()
+    cached = CachedTextEncoder(tower)
+    assert cached.remembered("a cat") is None and (cached.hits, cached.misses) == (0, 0)
+    first = cached.embed_text("a cat")
+    assert cached.remembered("a cat") is first and tower.calls == ["a cat"]
+    assert (cached.hits, cached.misses) == (1, 1)

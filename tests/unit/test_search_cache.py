@@ -107,3 +107,43 @@ def test_the_cache_budget_follows_the_function_memory_size() -> None:
     assert derived.index_cache_bytes == (3008 - SEARCH_RUNTIME_RESERVE_MB) * 2**20
     explicit = Settings.from_env({**base, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008", "CLIPSEARCH_INDEX_CACHE_MB": "500"})
     assert explicit.index_cache_bytes == 500 * 2**20
+
+
+def test_a_new_text_is_embedded_on_the_callers_thread_while_another_reads_the_row(world) -> None:
+    """The short catalog read goes to a query thread, the long tower run stays: the caller is not woken by
+    another thread's result. A remembered text has no tower run to overlap: its row is read on the caller's."""
+    import threading
+
+    from clipsearch.query_cache import CachedTextEncoder
+
+    _, store, index, tmp_path = world
+    threads: dict[str, list[str]] = {"tower": [], "row": []}
+
+    class RecordingEncoder(KeywordEncoder):
+        def embed_text(self, text: str) -> Embedding:
+            threads["tower"].append(threading.current_thread().name)
+            return super().embed_text(text)
+
+    class RecordingCatalog(InMemorySearchCatalog):
+        def get_dataset(self, name: str):
+            threads["row"].append(threading.current_thread().name)
+            return super().get_dataset(name)
+
+    catalog = RecordingCatalog()
+    add_dataset((catalog, store, index, tmp_path), "photos", 100)
+    search = SearchService(
+        catalog=catalog, store=store, model_id=MODEL, text_encoder=lambda: CachedTextEncoder(RecordingEncoder()),
+        image_encoder=lambda: pytest.fail("no image query here"), max_image_bytes=1000,
+        vector_index=index, segment_dir=tmp_path / "segments",
+    )
+    caller = threading.current_thread().name
+    search.search_text("photos", "e1")  # cold: the model is built on a warm-up thread
+    threads["tower"].clear()
+    threads["row"].clear()
+
+    new = [hit.image_id for hit in search.search_text("photos", "e2", k=1).hits]
+    assert threads["tower"] == [caller] and len(threads["row"]) == 1 and threads["row"][0] != caller
+    threads["row"].clear()
+    repeated = [hit.image_id for hit in search.search_text("photos", "e2", k=1).hits]
+    assert threads["tower"] == [caller] and threads["row"] == [caller]
+    assert new == repeated == [102]
