@@ -219,7 +219,8 @@ class DatasetIndex:
         """The k best live (image id, score) pairs, ties broken by id: a segment holding deleted vectors
         searches through the exclusion (the others without, which is faster); `allowed`, holding only
         live ids, replaces it in every segment; an id found in two segments counts once. With a `pool`,
-        the segments are searched on its threads (FAISS releases the GIL): 1M vectors are 5 segments."""
+        the segments are searched on this thread and one of its threads (FAISS releases the GIL): 1M
+        vectors are 5 segments."""
 
         def search_segment(segment: tuple[LoadedSegment, int]) -> tuple[np.ndarray, np.ndarray]:
             loaded, deleted_count = segment
@@ -227,8 +228,16 @@ class DatasetIndex:
             return loaded.segment.search(vector, k, selection)
 
         segments = list(zip(self.segments, self.deleted_per_segment))
-        parallel = pool is not None and len(segments) > 1 and self.nbytes >= PARALLEL_SEARCH_MIN_BYTES
-        answers = pool.map(search_segment, segments) if parallel else map(search_segment, segments)
+        if pool is not None and len(segments) > 1 and self.nbytes >= PARALLEL_SEARCH_MIN_BYTES:
+            # This thread searches too, beside one pool thread, both taking the next segment from one iterator
+            # (its `next` is atomic under the GIL): one hand-over per query, and this thread waits only for
+            # the other's last segment, instead of sleeping until two pool threads have done them all.
+            remaining = iter(segments)
+            helper = pool.submit(lambda: [search_segment(segment) for segment in remaining])
+            answers = [search_segment(segment) for segment in remaining]
+            answers += helper.result()
+        else:
+            answers = [search_segment(segment) for segment in segments]
         candidates: list[tuple[float, int]] = []
         for scores, ids in answers:
             candidates.extend(zip(scores.tolist(), ids.tolist()))

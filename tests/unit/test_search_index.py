@@ -149,3 +149,34 @@ def test_lazy_builds_once_under_concurrent_first_use() -> None:
     for thread in threads:
         thread.join()
     assert len(builds) == 1 and len({id(value) for value in values}) == 1
+
+
+def test_segments_searched_on_the_callers_thread_and_one_pool_thread_rank_as_one_after_another(monkeypatch) -> None:
+    """With a pool (segments over PARALLEL_SEARCH_MIN_BYTES, lowered here), the caller and one pool thread share
+    the segments: the same hits and scores as searching them in turn, and one task handed to the pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import clipsearch.search as search_module
+
+    vectors = clustered(1000, seed=5)
+    ids = np.arange(1, 1001)
+    segments = [segment(f"s{number}", ids[start:start + 200], vectors[start:start + 200])
+                for number, start in enumerate(range(0, 1000, 200))]
+    deleted = {int(ids[3]), int(ids[450]), int(ids[999])}
+    index = DatasetIndex.build(DATASET, segments, deleted, INDEX)
+    queries = vectors[[3, 77, 450, 901]]
+
+    class CountingPool(ThreadPoolExecutor):
+        tasks = 0
+
+        def submit(self, *args, **kwargs):
+            CountingPool.tasks += 1
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "PARALLEL_SEARCH_MIN_BYTES", 0)
+    with CountingPool(max_workers=2) as pool:
+        shared = [index.search(query[None], 10, pool=pool) for query in queries]
+    in_turn = [index.search(query[None], 10) for query in queries]
+
+    assert shared == in_turn and CountingPool.tasks == len(queries)
+    assert all(image_id not in deleted for hits in shared for image_id, _ in hits)
