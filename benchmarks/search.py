@@ -107,7 +107,9 @@ def main() -> int:
             baseline = None
             for dataset, index_type, recall, baseline_file, search_threads in prepared:
                 statistics_before = _catalog_statistics(database)
+                maintenance_before = _catalog_maintenance(database)
                 ours = _run_child("service", environment, dataset, args, Path(scratch))
+                ours["catalog_maintenance"] = _maintenance_during(maintenance_before, _catalog_maintenance(database))
                 if baseline_file is not None:
                     baseline = _run_child("baseline", environment, dataset, args, Path(scratch), baseline_file)
                     baseline_file.unlink()
@@ -202,6 +204,24 @@ def _catalog_statistics(database) -> str:
     analyzed = row["last_analyze"] or row["last_autoanalyze"]
     return (f"images: {row['n_live_tup']:,} live rows, planner estimate {max(row['reltuples'], 0):,.0f}, "
             f"{'analyzed at ' + analyzed.strftime('%H:%M:%S') if analyzed else 'never analyzed'}")
+
+
+def _catalog_maintenance(database) -> dict[str, tuple[int, int]]:
+    """Per table, how many times autovacuum has vacuumed and analyzed it: a run during the search process takes
+    a core from the measured function (after the harness's bulk insert of `images`, a vacuum of 1M rows)."""
+    with database.read() as connection:
+        rows = connection.execute(
+            "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+            " WHERE relname IN ('images', 'datasets', 'segments', 'image_folders')"
+        ).fetchall()
+    return {row["relname"]: (row["autovacuum_count"], row["autoanalyze_count"]) for row in rows}
+
+
+def _maintenance_during(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    runs = [f"{table}: {after[table][0] - vacuums} vacuum, {after[table][1] - analyzes} analyze"
+            for table, (vacuums, analyzes) in sorted(before.items())
+            if table in after and after[table] != (vacuums, analyzes)]
+    return "; ".join(runs) or "none"
 
 
 def _id_base(size: int, layout: str) -> int:
@@ -1114,6 +1134,8 @@ def _print_size(row: dict) -> None:
         print(f"{label + ' (' + unit + ')':26}{ours[key]:12.2f}{baseline[key]:12.2f}{ratio:9.1f}x")
     print(f"recall@10 vs exact search (the segment as the function opens it): {row['recall']:.4f}")
     print(f"catalog statistics when the search process started: {row.get('catalog_statistics', '-')}")
+    print(f"autovacuum runs while the search process ran (they compete with it for the cores): "
+          f"{ours.get('catalog_maintenance', '-')}")
     for name, value in row.get("search_threads", {}).items():
         print(f"  {name:56}{value:10.3f}")
     if ours.get("whole_segments_s") is not None:
