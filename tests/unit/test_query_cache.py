@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from clipsearch.query_cache import CachedTextEncoder
-from clipsearch.search import TextQueryEncoder
+from clipsearch.search import RememberingTextEncoder, TextQueryEncoder
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +74,7 @@ def test_a_bound_below_one_is_refused():
 
 def test_remembered_answers_only_for_a_text_embedded_before_and_counts_only_its_hits():
     tower = CountingEncoder()
-    cached = CachedTextEncoder(tower)
+    cached: RememberingTextEncoder = CachedTextEncoder(tower)  # a type checker holds it to the protocol
     assert cached.remembered("a cat") is None and (cached.hits, cached.misses) == (0, 0)
     first = cached.embed_text("a cat")
     assert cached.remembered("a cat") is first and tower.calls == ["a cat"]
