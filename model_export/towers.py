@@ -37,11 +37,12 @@ class ImageEmbedsOnnxConfig(CLIPVisionModelOnnxConfig):
         return {"image_embeds": {0: "batch_size"}}
 
 
-# Traced with transformers' plain ("eager") attention rather than scaled_dot_product_attention: the same
-# arithmetic, but its ONNX subgraph (scores = Q.K^T * scale + mask) is the one onnxruntime's CLIP attention
-# fusion recognises (model_export.fusion); the SDPA trace scales Q and K apart and slices a mask, and matches
-# nothing.
-ATTENTION_IMPLEMENTATION = "eager"
+# The text tower is traced with transformers' plain ("eager") attention rather than
+# scaled_dot_product_attention: the same arithmetic, but its ONNX subgraph (scores = Q.K^T * scale + mask) is
+# the one onnxruntime's CLIP attention fusion recognises (model_export.fusion); the SDPA trace scales Q and K
+# apart and slices a mask, and matches nothing. The vision tower is not fused (no gain measured), so it keeps
+# the default trace and exports exactly as before.
+FUSABLE_ATTENTION = "eager"
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModelWithProjection:
@@ -49,7 +50,7 @@ def text_tower(clip: CLIPModel) -> CLIPTextModelWithProjection:
     # disagree with the top-level one (it defaults to 512), and random models have no directory at all.
     config = copy.deepcopy(clip.config.text_config)
     config.projection_dim = clip.config.projection_dim
-    config._attn_implementation = ATTENTION_IMPLEMENTATION
+    config._attn_implementation = FUSABLE_ATTENTION
     tower = CLIPTextModelWithProjection(config)
     tower.text_model.load_state_dict(clip.text_model.state_dict())
     tower.text_projection.load_state_dict(clip.text_projection.state_dict())
@@ -59,7 +60,6 @@ def text_tower(clip: CLIPModel) -> CLIPTextModelWithProjection:
 def vision_tower(clip: CLIPModel) -> CLIPVisionModelWithProjection:
     config = copy.deepcopy(clip.config.vision_config)
     config.projection_dim = clip.config.projection_dim
-    config._attn_implementation = ATTENTION_IMPLEMENTATION
     tower = CLIPVisionModelWithProjection(config)
     tower.vision_model.load_state_dict(clip.vision_model.state_dict())
     tower.visual_projection.load_state_dict(clip.visual_projection.state_dict())
