@@ -12,7 +12,10 @@ and the median CPU time of this process (both threads' work) per run; the ratio 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
+import tempfile
 import statistics
 import sys
 import time
@@ -72,6 +75,39 @@ def text_rounds(models: dict[str, Path], threads: int, rounds: int) -> dict[tupl
     return {key: (statistics.median(w) * 1e3, statistics.median(c) * 1e3) for key, (w, c) in samples.items()}
 
 
+def text_profile(directory: Path, tokenizer: ClipTokenizer, runs: int = 60) -> tuple[collections.Counter, float]:
+    """Kernel milliseconds per run by operator type (onnxruntime profile, one thread, 12-token query)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="text-tower-profile-")) / "profile")
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    session = ort.InferenceSession(str(directory / TEXT_GRAPH), options, providers=["CPUExecutionProvider"])
+    ids = tokenizer.encode(QUERIES[1]).ids[None].astype(np.int64)
+    for _ in range(runs):
+        session.run(None, {"input_ids": ids})
+    profile = Path(session.end_profiling())
+    per_operator: collections.Counter = collections.Counter()
+    for event in json.loads(profile.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_operator[event["args"]["op_name"]] += event["dur"] / runs / 1e3
+    profile.unlink()
+    profile.parent.rmdir()
+    return per_operator, sum(per_operator.values())
+
+
+def print_profiles(models: dict[str, Path]) -> None:
+    tokenizer = ClipTokenizer.from_file(next(iter(models.values())) / "tokenizer.json")
+    profiles = {label: text_profile(directory, tokenizer) for label, directory in models.items()}
+    print("\ntext tower kernel time by operator, 12 tokens, 1 thread (onnxruntime profile, ms per run)")
+    for label, (per_operator, total) in profiles.items():
+        top = ", ".join(f"{name} {ms:.2f}" for name, ms in per_operator.most_common(6))
+        print(f"{label}: total {total:.2f} ms in {len(per_operator)} operator types; {top}")
+    print(f"new/old kernel total: {profiles['new'][1] / profiles['old'][1]:.3f}")
+
+
 def image_rounds(models: dict[str, Path], threads: int, rounds: int) -> dict[tuple[str, int], tuple[float, float]]:
     sessions = {label: create_session(directory / VISION_GRAPH, threads) for label, directory in models.items()}
     pixels = np.random.default_rng(0).standard_normal((max(IMAGE_BATCHES), 3, 224, 224)).astype(np.float32)
@@ -110,6 +146,7 @@ def main() -> None:
         (old_wall, old_cpu), (new_wall, new_cpu) = text[("old", length)], text[("new", length)]
         print(f"{length:3d} tokens             | {old_wall:11.2f} | {new_wall:11.2f} | {new_wall / old_wall:7.3f} "
               f"| {old_cpu:10.2f} | {new_cpu:10.2f} | {new_cpu / old_cpu:7.3f}")
+    print_profiles(models)
 
     if not args.no_vision:
         image = image_rounds(models, args.threads, max(1, args.rounds // 2))

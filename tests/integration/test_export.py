@@ -113,6 +113,16 @@ def test_tiny_export_writes_the_model_directory(tiny_model_dir: Path) -> None:
     assert parity["text"]["min_cosine"] >= 0.99999
     assert parity["image"]["min_cosine"] >= 0.99999
     assert_optimized_offline(tiny_model_dir, manifest)
+    assert_text_attention_fused(tiny_model_dir, manifest, "Attention")
+
+
+def assert_text_attention_fused(model_dir: Path, manifest: dict, operator: str) -> None:
+    """The text tower ships with one fused attention operator per layer (model_export.fusion); vision as exported."""
+    assert set(manifest["graph_fusion"]) == {"text/model.onnx"}
+    assert manifest["graph_fusion"]["text/model.onnx"]["Attention"] == 2  # the tiny CLIP's layers
+    text_ops = [node.op_type for node in onnx.load(str(model_dir / "text/model.onnx")).graph.node]
+    assert text_ops.count(operator) == 2
+    assert "Softmax" not in text_ops
 
 
 def assert_optimized_offline(model_dir: Path, manifest: dict) -> None:
@@ -196,6 +206,7 @@ def test_int8_export_holds_only_int8_graphs_and_records_parity(tiny_int8: tuple[
         ops = {node.op_type for node in onnx.load(str(out / graph)).graph.node}
         assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}, graph
     assert_optimized_offline(out, manifest)
+    assert_text_attention_fused(out, manifest, "QAttention")
 
 
 def test_exports_a_local_checkpoint_directory(tmp_path: Path) -> None:
