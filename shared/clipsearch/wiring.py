@@ -59,7 +59,7 @@ def get_settings() -> Settings:
 
 
 def service_client(service: str, settings: Settings):
-    """The functions' boto3 client for `service`, pointed at the local endpoint when one is configured.
+    """The functions' client for `service` (clipsearch.aws), pointed at the local endpoint when one is configured.
 
     Services without a clipsearch setting (Secrets Manager) take botocore's own endpoint configuration,
     e.g. AWS_ENDPOINT_URL_SECRETS_MANAGER; unset, that is AWS.

@@ -1,4 +1,4 @@
-"""S3ObjectStore: one bucket over boto3, with S3 errors translated into domain errors."""
+"""S3ObjectStore: one bucket over a botocore S3 client, with S3 errors translated into domain errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ingestion queue over boto3 (sending, and the visibility of delivered messages), SQS errors as domain errors."""
+"""The ingestion queue over botocore (sending, and the visibility of delivered messages), SQS errors as domain errors."""
 
 from __future__ import annotations
 
