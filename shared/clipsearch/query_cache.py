@@ -30,20 +30,13 @@ class CachedTextEncoder:
         self.hits = 0
         self.misses = 0
 
-    def remembered(self, text: str) -> TextQuery | None:
-        """The embedding of a text embedded before (a hit), else None (nothing counted: `embed_text` will)."""
+    def embed_text(self, text: str) -> TextQuery:
         with self._lock:
             cached = self._embeddings.get(text)
             if cached is not None:
                 self._embeddings.move_to_end(text)
                 self.hits += 1
-            return cached
-
-    def embed_text(self, text: str) -> TextQuery:
-        cached = self.remembered(text)
-        if cached is not None:
-            return cached
-        with self._lock:
+                return cached
             self.misses += 1
         embedding = self._encoder.embed_text(text)  # outside the lock: other texts are not held up
         embedding.vector.flags.writeable = False

@@ -120,12 +120,6 @@ class TextQueryEncoder(Protocol):
     def embed_text(self, text: str) -> TextQuery: ...
 
 
-class RememberingTextEncoder(TextQueryEncoder, Protocol):
-    """A text encoder that can tell a text it embedded before (clipsearch.query_cache); search_text asks it first."""
-
-    def remembered(self, text: str) -> TextQuery | None: ...  # a text embedded before, without embedding it
-
-
 class ImageQueryEncoder(Protocol):
     def embed_image(self, data: bytes, name: str) -> QueryVector: ...  # raises InvalidImage, ImageTooLarge
 
@@ -353,8 +347,7 @@ class SearchService:
         self._shard_searcher = shard_searcher
         self._shard_budget_bytes = shard_budget_bytes
         self._fan_out = Lazy(lambda: ThreadPoolExecutor(max_workers=FAN_OUT_THREADS, thread_name_prefix="fan-out"))
-        # A query's own parallel work (its text embedding beside the catalog read, its segments' searches);
-        # a task here never waits for another task here.
+        # A query's own parallel work (a share of its segments' searches); a task here never waits for another here.
         self._query_threads = Lazy(lambda: ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="query"))
         self.model_id = model_id
         # A Lazy given as is: the search function starts building it during init, and `ready` must say so.
@@ -394,23 +387,12 @@ class SearchService:
             raise InvalidRequest("query is empty")
         validate_dataset_name(dataset)  # a bad name is refused before the text tower runs
         self._warm_up(self._text_encoder)
-        # getattr, not isinstance with the runtime-checkable protocol: that costs ~20 us per query.
-        remember = getattr(self._text_encoder.get(), "remembered", None) if self._text_encoder.ready else None
-        remembered = remember(query) if remember is not None else None
-        if remembered is not None:  # a repeated text: no tower run to read the row beside
-            row = self._dataset(dataset)
-            self._prefetch_index(row)
-            return self._search(row, remembered.vector, k, presign, options, truncated=remembered.truncated)
-        # A query thread reads the dataset's row (and starts refreshing a stale snapshot) while this one embeds
-        # the text, onnxruntime releasing the GIL: the answer waits for the slower of the two, not their sum.
-        # The read (~0.3 ms) ends well before the tower (~10 ms), so this thread finds it done and is not
-        # woken by another's result: a hand-over that waits for a free core on a busy machine.
-        row_read = self._query_threads.get().submit(self._dataset_with_prefetch, dataset)
-        if not self._text_encoder.ready:
-            row_read.result()  # a cold start: a missing dataset is told without waiting for the model
+        # The row is read before the text is embedded, on this thread (~0.2-0.3 ms). Read on a query thread beside
+        # the tower it took as long as the tower (17 ms median at 10k, the handler's stages timed per thread, load
+        # ~4: the tower's two threads busy both cores), and this thread then waited for it.
+        row = self._dataset(dataset)
+        self._prefetch_index(row)
         embedded = self._text_encoder.get().embed_text(query)
-        row, index_current = row_read.result()
-        self._cache_listener(INDEX_CACHE, index_current)
         return self._search(row, embedded.vector, k, presign, options, truncated=embedded.truncated)
 
     def search_image(
@@ -637,21 +619,11 @@ class SearchService:
     def _prefetch_index(self, dataset: Dataset) -> None:
         """Starts refreshing a stale index while the query is embedded: a cold start then costs the
         slower of (model load, segment load), not their sum. `_index` later waits for it on its lock."""
-        self._cache_listener(INDEX_CACHE, self._start_refresh_if_stale(dataset))
-
-    def _dataset_with_prefetch(self, name: str) -> tuple[Dataset, bool]:
-        """`_dataset` and `_prefetch_index` off the request's thread: the row, and whether its snapshot was
-        current (for the request's thread to tell the cache listener, which hears on that thread)."""
-        row = self._dataset(name)
-        return row, self._start_refresh_if_stale(row)
-
-    def _start_refresh_if_stale(self, dataset: Dataset) -> bool:
-        """True when the cached snapshot is current; else its refresh starts in the background."""
         cached = self._indexes.get(dataset.name)
         current = cached is not None and cached.is_current(dataset)
+        self._cache_listener(INDEX_CACHE, current)
         if not current:
             self._background.get().submit(self._index, dataset)
-        return current
 
     def _index(self, dataset: Dataset) -> Snapshot:
         cached = self._cached(dataset)

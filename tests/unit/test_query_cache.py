@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from clipsearch.query_cache import CachedTextEncoder
-from clipsearch.search import RememberingTextEncoder, TextQueryEncoder
+from clipsearch.search import TextQueryEncoder
 
 pytestmark = pytest.mark.unit
 
@@ -70,12 +70,3 @@ def test_handed_out_vectors_cannot_be_changed_by_a_caller():
 def test_a_bound_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         CachedTextEncoder(CountingEncoder(), max_entries=0)
-
-
-def test_remembered_answers_only_for_a_text_embedded_before_and_counts_only_its_hits():
-    tower = CountingEncoder()
-    cached: RememberingTextEncoder = CachedTextEncoder(tower)  # a type checker holds it to the protocol
-    assert cached.remembered("a cat") is None and (cached.hits, cached.misses) == (0, 0)
-    first = cached.embed_text("a cat")
-    assert cached.remembered("a cat") is first and tower.calls == ["a cat"]
-    assert (cached.hits, cached.misses) == (1, 1)
