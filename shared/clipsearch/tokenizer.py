@@ -6,7 +6,6 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-import ftfy
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -26,8 +25,14 @@ class TokenizedText:
 
 
 def clean_text(text: str) -> str:
-    """The reference tokenizer's cleaning ('lower'): ftfy, HTML unescaped twice, whitespace collapsed, lowercased."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    """The reference tokenizer's cleaning ('lower'): ftfy, HTML unescaped twice, whitespace collapsed, lowercased.
+
+    ftfy and the unescaping change nothing in printable ASCII without '&' (what most queries are), so such
+    text skips them, and a search function's cold start skips importing ftfy (0.06-0.1 s of CPU)."""
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 

@@ -206,3 +206,18 @@ def test_a_normalized_hugging_face_tokenizer_matches_the_reference(reference, tm
     strings = TRICKY + fuzzed_strings(300, seed=3)
     mismatches = [text for text in strings if tokenizer.encode(text).ids.tolist() != reference_ids(reference, text)]
     assert mismatches == []
+
+
+def test_printable_ascii_skips_ftfy_with_the_same_result() -> None:
+    import html
+    import string
+
+    import ftfy
+
+    rng = random.Random(3)
+    alphabet = string.printable.replace("&", "")  # with whitespace controls: they take ftfy's path
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    texts += ["It's a \"dog\" -- 100% <b>", "&amp; &lt;", "tab\there", "caf\u00e9 &amp;amp; \u732b"]
+    for text in texts:
+        expected = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        assert clean_text(text) == expected, text
