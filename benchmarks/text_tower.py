@@ -2,11 +2,12 @@
 
 The graphs are opened the way the functions open them (clipsearch.encoders.create_session: every graph
 optimization, denormals flushed, the search function's 50 us spin for the text tower) and timed in alternating
-rounds, so a burst of load from other processes hits every model alike. Each cell is the median wall time
-and the median CPU time of this process (both threads' work) per run; the ratio column is new / old.
+rounds, the order reversed every other round, so a burst of load from other processes hits every model alike.
+Each cell is the median wall time and the median CPU time of this process (both threads' work) per run; the
+ratio column is new / old. Then a one-thread onnxruntime profile of both text graphs, by operator type.
 
     .venv/bin/python benchmarks/text_tower.py --old .cache/models/random-vit-b-32-seed0-int8 \\
-        --new /tmp/fusion/models/random-vit-b-32-seed0-int8-fused [--threads 2] [--rounds 7] [--no-vision]
+        --new /tmp/fusion/models/random-vit-b-32-seed0-int8 [--threads 2] [--rounds 7] [--no-vision]
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ IMAGES_PER_ROUND = 16
 SEARCH_SPIN_MICROSECONDS = 50  # config.text_spin_microseconds
 
 
+def _in_turn(sessions: dict, round_number: int) -> list:
+    """The sessions in turn, the order reversed every other round: going first or second must favour neither."""
+    order = list(sessions.items())
+    return order if round_number % 2 == 0 else order[::-1]
+
+
 def timed_runs(run, count: int) -> tuple[list[float], list[float]]:
     """Wall and process-CPU seconds of `count` calls."""
     walls, cpus = [], []
@@ -65,9 +72,9 @@ def text_rounds(models: dict[str, Path], threads: int, rounds: int) -> dict[tupl
         for session in sessions.values():
             for _ in range(10):
                 session.run(None, {"input_ids": ids})
-    for _ in range(rounds):
+    for round_number in range(rounds):
         for ids in token_ids:
-            for label, session in sessions.items():
+            for label, session in _in_turn(sessions, round_number):
                 walls, cpus = timed_runs(lambda s=session, i=ids: s.run(None, {"input_ids": i}), TEXT_RUNS_PER_ROUND)
                 cell = samples.setdefault((label, ids.shape[1]), ([], []))
                 cell[0].extend(walls)
@@ -114,9 +121,9 @@ def image_rounds(models: dict[str, Path], threads: int, rounds: int) -> dict[tup
     samples: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
     for session in sessions.values():
         session.run(None, {"pixel_values": pixels[:1]})
-    for _ in range(rounds):
+    for round_number in range(rounds):
         for batch in IMAGE_BATCHES:
-            for label, session in sessions.items():
+            for label, session in _in_turn(sessions, round_number):
                 walls, cpus = timed_runs(
                     lambda s=session, b=batch: s.run(None, {"pixel_values": pixels[:b]}), IMAGES_PER_ROUND // batch
                 )
