@@ -4,10 +4,10 @@ onnxruntime's CLIP fusion (onnxruntime.transformers, used here at export time on
 layer's Q/K/V projections, head reshapes, scaled scores, causal mask and softmax into one `Attention` node
 with packed QKV weights (`unidirectional` for the text tower's causal mask), which quantize_dynamic then
 turns into `QAttention`. What that removes is the ~400 small shape operators per run around the text
-tower's matrix products (Gather, Reshape, Unsqueeze, Transpose, Concat, Shape, Slice), which cost as much
-as the products themselves at search-query lengths. Random ViT-B/32 int8, 12 tokens, one thread,
-onnxruntime profile: 20.6 -> 14.1 ms of kernel time; the vision tower gains nothing (measured at
-batch 1 and 8), so only the text tower is fused (FUSED_GRAPHS).
+tower's matrix products (Gather, Reshape, Unsqueeze, Transpose, Concat, Shape, Slice), about a quarter of
+its kernel time at search-query lengths. Random ViT-B/32 int8, 12 tokens, one thread, onnxruntime profile
+(benchmarks/text_tower.py, loaded machine): new/old kernel time 0.76-0.89; the vision tower gained nothing
+at batch 1 and 8 (within the run-to-run noise), so only the text tower is fused (FUSED_GRAPHS).
 
 The fusion also turns residual Add + LayerNormalization into SkipLayerNormalization; onnxruntime's CPU
 kernel for it was 3-5x slower than the Add and LayerNormalization it replaces (vision tower, batch 8,
