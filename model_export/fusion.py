@@ -6,7 +6,7 @@ with packed QKV weights (`unidirectional` for the text tower's causal mask), whi
 turns into `QAttention`. What that removes is the ~400 small shape operators per run around the text
 tower's matrix products (Gather, Reshape, Unsqueeze, Transpose, Concat, Shape, Slice), about a quarter of
 its kernel time at search-query lengths. Random ViT-B/32 int8, 12 tokens, one thread, onnxruntime profile
-(benchmarks/text_tower.py, loaded machine): new/old kernel time 0.76-0.89; the vision tower gained nothing
+(benchmarks/text_tower.py, loaded machine): new/old kernel time 0.63-0.89; the vision tower gained nothing
 at batch 1 and 8 (within the run-to-run noise), so only the text tower is fused (FUSED_GRAPHS).
 
 The fusion also turns residual Add + LayerNormalization into SkipLayerNormalization; onnxruntime's CPU
