@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clipsearch.model_files import MODEL_FORMAT
 from model_export.checkpoint import Checkpoint
 from model_export.errors import ExportError
@@ -115,7 +117,10 @@ def _fuse_graphs(
 ) -> dict[str, dict[str, int] | None]:
     """Each graph in FUSED_GRAPHS -> its fused operator counts (None: left unfused, see fusion.fuse_attention)."""
     configs = {TEXT_GRAPH: checkpoint.model.config.text_config, VISION_GRAPH: checkpoint.model.config.vision_config}
-    probes = {TEXT_GRAPH: {"input_ids": texts.padded}, VISION_GRAPH: {"pixel_values": images.pixel_values[:8]}}
+    probes = {
+        TEXT_GRAPH: [{"input_ids": texts.padded}, *({"input_ids": ids[np.newaxis, :]} for ids in texts.token_ids)],
+        VISION_GRAPH: [{"pixel_values": images.pixel_values[:8]}, {"pixel_values": images.pixel_values[:1]}],
+    }
     return {
         graph: fuse_attention(directory / graph, TowerShape.of(configs[graph]), probes[graph]) for graph in FUSED_GRAPHS
     }

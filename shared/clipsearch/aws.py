@@ -78,9 +78,10 @@ def _process_session() -> botocore.session.Session:
     global _session
     if _session is None:
         session = botocore.session.Session()
-        data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore's own loader reads it
-        session.register_component("data_loader", _DirectModelLoader(extra_search_paths=None if data_path is None else [
-            os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]))
+        if _DirectModelLoader.fits(Loader):  # the Lambda runtime's botocore is not pinned by this project
+            data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore's own loader reads it
+            session.register_component("data_loader", _DirectModelLoader(extra_search_paths=None if data_path is None else [
+                os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]))
         session.register("creating-client-class.s3", _add_boto3_transfer_methods)
         _session = session
     return _session
@@ -106,6 +107,12 @@ class _DirectModelLoader(Loader):
     """botocore's model loader, except that a service's model is read from its own directory without listing
     every service first: botocore checks the name against all 445 (~900 directory reads and 2,700 stat calls,
     0.02 s of CPU per model type, two types per client). An unknown service still gets botocore's own error."""
+
+    @staticmethod
+    def fits(loader: type) -> bool:
+        """True when this botocore's Loader has the parts the override uses (else botocore's own is used)."""
+        return all(hasattr(loader, name) for name in ("_find_extras", "determine_latest_version", "load_data")) and (
+            "_extras_processor" in vars(loader(extra_search_paths=None)))
 
     @instance_cache
     def load_service_model(self, service_name, type_name, api_version=None):

@@ -155,7 +155,7 @@ def runtime_logs_through(logger: Logger) -> Iterator[None]:
     one process (never in Lambda; in tests that call handlers from threads) share the routing: the
     latest one's Logger speaks for all, and the original configuration returns after the last ends."""
     global _own_configuration
-    runtime = logging.getLogger(RUNTIME_LOGGER)  # registered, so the Powertools utility finds it
+    runtime = logging.getLogger(RUNTIME_LOGGER)
     with _routing_guard:
         if not _routed_to:
             _own_configuration = (runtime.level, list(runtime.handlers), runtime.propagate)
@@ -193,12 +193,13 @@ def _set_level(runtime: logging.Logger, level: int) -> None:
     misses after the text tower ran). Only `clipsearch` and the loggers under it inherit this logger's level."""
     if runtime.level == level:
         return
-    runtime.level = level
-    registered = logging.root.manager.loggerDict
-    for name in _runtime_logger_names(runtime.name):
-        each = registered.get(name)
-        if isinstance(each, logging.Logger):  # else a placeholder for a logger not created yet
-            each._cache.clear()
+    with logging._lock:  # as setLevel: a logger filling its cache meanwhile cannot write back the old level
+        runtime.level = level
+        registered = logging.root.manager.loggerDict
+        for name in _runtime_logger_names(runtime.name):
+            each = registered.get(name)
+            if isinstance(each, logging.Logger):  # else a placeholder for a logger not created yet
+                each._cache.clear()
 
 
 _runtime_names_seen: tuple[int, list[str]] = (0, [])  # (names in the logging registry, those under clipsearch)

@@ -229,7 +229,13 @@ class DatasetIndex:
             # the other's last segment, instead of sleeping until two pool threads have done them all.
             remaining = iter(segments)
             helper = pool.submit(lambda: [search_segment(segment) for segment in remaining])
-            answers = [search_segment(segment) for segment in remaining]
+            try:
+                answers = [search_segment(segment) for segment in remaining]
+            except BaseException:
+                for _ in remaining:  # the helper stops after its current segment, before this error is raised
+                    pass
+                wait_for_futures([helper])
+                raise
             answers += helper.result()
         else:
             answers = [search_segment(segment) for segment in segments]

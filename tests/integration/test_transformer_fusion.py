@@ -45,7 +45,7 @@ def test_the_text_tower_fuses_into_one_causal_attention_per_layer_with_the_same_
     texts = text_samples(checkpoint.tokenizer_json)
     config = checkpoint.model.config.text_config
 
-    counts = fuse_attention(graph, TowerShape.of(config), {"input_ids": texts.padded})
+    counts = fuse_attention(graph, TowerShape.of(config), [{"input_ids": texts.padded}])
 
     assert counts is not None and counts["Attention"] == config.num_hidden_layers == 2
     assert counts["SkipLayerNormalization"] == 0
@@ -73,7 +73,7 @@ def test_a_head_count_the_graph_does_not_have_leaves_it_as_exported(exported, tm
     config = checkpoint.model.config.text_config
     wrong = TowerShape(config.num_hidden_layers, config.num_attention_heads * 2, config.hidden_size)
 
-    assert fuse_attention(graph, wrong, {"input_ids": texts.padded}) is None
+    assert fuse_attention(graph, wrong, [{"input_ids": texts.padded}]) is None
 
     assert graph.read_bytes() == exported_graph.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -180,3 +180,51 @@ def test_segments_searched_on_the_callers_thread_and_one_pool_thread_rank_as_one
 
     assert shared == in_turn and CountingPool.tasks == len(queries)
     assert all(image_id not in deleted for hits in shared for image_id, _ in hits)
+
+
+def test_a_segment_failing_on_the_callers_thread_raises_after_the_pool_thread_has_stopped(monkeypatch) -> None:
+    """The caller's error is raised only once the pool thread's current segment is done, and the pool thread
+    takes no segment after it: no FAISS search outlives the failed query."""
+    import dataclasses
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import clipsearch.search as search_module
+
+    vectors = clustered(1000, seed=6)
+    ids = np.arange(1, 1001)
+    caller = threading.current_thread()
+    running: list[int] = []
+    searched_after_failure: list[int] = []
+    failed = threading.Event()
+
+    class FailingOnTheCaller:
+        def __init__(self, inner) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def search(self, *args, **kwargs):
+            if threading.current_thread() is caller:
+                failed.set()
+                raise RuntimeError("segment unreadable")
+            if failed.is_set():
+                searched_after_failure.append(1)
+            running.append(1)
+            time.sleep(0.02)
+            running.pop()
+            return self._inner.search(*args, **kwargs)
+
+    segments = [segment(f"s{number}", ids[start:start + 100], vectors[start:start + 100])
+                for number, start in enumerate(range(0, 1000, 100))]
+    index = DatasetIndex.build(DATASET, segments, set(), INDEX)
+    index = dataclasses.replace(index, segments=tuple(
+        dataclasses.replace(loaded, segment=FailingOnTheCaller(loaded.segment)) for loaded in index.segments))
+    monkeypatch.setattr(search_module, "PARALLEL_SEARCH_MIN_BYTES", 0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with pytest.raises(RuntimeError, match="segment unreadable"):
+            index.search(vectors[:1], 10, pool=pool)
+        assert running == []
+    assert len(searched_after_failure) <= 1  # at most the one it had already taken when the caller failed

@@ -33,8 +33,9 @@ class LambdaShardSearcher:
         return searcher
 
     def search_shard(self, query: ShardQuery) -> Ranking:
+        client = self._client.get()  # a client that cannot be built is a misconfiguration, not a transient fault
         try:
-            response = self._client.get().invoke(
+            response = client.invoke(
                 FunctionName=self.function_name,
                 InvocationType="RequestResponse",
                 Payload=json.dumps(query_payload(query)).encode("utf-8"),
