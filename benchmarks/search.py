@@ -562,7 +562,20 @@ def _child(args) -> int:
     image(query_images[0])
     first_image_s = time.perf_counter() - started
     cpu_before = time.process_time()
+    pauses: list[tuple[int, float]] = []  # (generation, ms) of each collection during the new-text run
+    collecting: dict[str, float] = {}
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting["at"] = time.perf_counter()
+        elif "at" in collecting:
+            pauses.append((info["generation"], (time.perf_counter() - collecting.pop("at")) * 1000))
+
+    gc.callbacks.append(on_collection)
+    threads_before, steal_before = _thread_cpu_ms(), _stolen_ms()
     text_ms = _latencies(text, [_new_text(i) for i in range(args.queries)])  # each text new: embedded
+    threads_after, steal_after = _thread_cpu_ms(), _stolen_ms()
+    gc.callbacks.remove(on_collection)
     text_cpu_ms = (time.process_time() - cpu_before) * 1000 / args.queries
     cpu_before = time.process_time()
     repeated_ms = _latencies(text, [TEXT_QUERIES[i % len(TEXT_QUERIES)] for i in range(args.queries)])
@@ -586,6 +599,13 @@ def _child(args) -> int:
         "first_hits": first_hits,
         "text_p50_ms": float(np.percentile(text_ms, 50)),
         "text_p99_ms": float(np.percentile(text_ms, 99)),
+        "text_slowest": [(int(i), float(text_ms[i])) for i in np.argsort(text_ms)[::-1][:5]],
+        "text_run_stolen_ms": steal_after - steal_before,
+        "text_run_threads": sorted(((threads_after[name] - threads_before.get(name, 0.0), name)
+                                    for name in threads_after), reverse=True)[:8],
+        "text_run_collections": {str(generation): [sum(1 for g, _ in pauses if g == generation),
+                                                  max((ms for g, ms in pauses if g == generation), default=0.0)]
+                                 for generation in (0, 1, 2)},
         "repeated_text_p50_ms": float(np.percentile(repeated_ms, 50)),
         "repeated_text_p99_ms": float(np.percentile(repeated_ms, 99)),
         "image_p50_ms": float(np.percentile(image_ms, 50)),
@@ -977,6 +997,29 @@ def _new_text(number: int) -> str:
     return f"{TEXT_QUERIES[number % len(TEXT_QUERIES)]} {number}"
 
 
+def _thread_cpu_ms() -> dict[str, float]:
+    """CPU ms of each of this process's threads: Python's by name, the others (onnxruntime, OpenMP) by id."""
+    import threading
+
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), f"native {task.name}")
+        times[name] = times.get(name, 0.0) + (int(fields[11]) + int(fields[12])) * tick_ms
+    return times
+
+
+def _stolen_ms() -> float:
+    """CPU time taken from this VM's CPUs by the hypervisor since boot (the steal column of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def _latencies(search, queries: list) -> np.ndarray:
     durations = []
     for query in queries:
@@ -1153,6 +1196,16 @@ def _print_size(row: dict) -> None:
     if ours.get("whole_segments_s") is not None:
         print(f"first answer {ours['cold_start_s']:.2f} s; every segment loaded whole {ours['whole_segments_s']:.2f} s "
               f"after the spawn")
+    if ours.get("text_run_threads"):
+        print("CPU ms per thread during the new-text run: "
+              + ", ".join(f"{name} {ms:.0f}" for ms, name in ours["text_run_threads"])
+              + f"; CPU time the hypervisor gave to others meanwhile (steal): {ours['text_run_stolen_ms']:.0f} ms")
+    if ours.get("text_slowest"):
+        print("slowest new-text queries (their order in the run, ms): "
+              + ", ".join(f"#{number} {ms:.1f}" for number, ms in ours["text_slowest"])
+              + "; garbage collections in that run (generation: count, longest ms): "
+              + ", ".join(f"{generation}: {count}, {longest:.1f}"
+                          for generation, (count, longest) in ours.get("text_run_collections", {}).items()))
     print("cold start steps (s since the process was spawned: start -> end; first call of each):")
     for name, (start, end) in sorted(ours.get("cold_start_steps", {}).items(), key=lambda item: item[1]):
         print(f"  {start:6.2f} -> {end:6.2f}  ({end - start:5.2f} s)  {name}")
