@@ -29,6 +29,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from clipsearch.model_files import TEXT_GRAPH
+from model_export.verify import agreement
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def fuse_attention(
     split = split_skip_layer_norms(fused.model)
     candidate = graph.with_name(f".fused-{graph.name}")
     fused.save_model_to_file(str(candidate))  # also declares the com.microsoft operator domain
-    worst = min(_min_row_cosine(_outputs(graph, probe), _outputs(candidate, probe)) for probe in probes)
+    worst = min(agreement(_outputs(graph, probe), _outputs(candidate, probe))["min_cosine"] for probe in probes)
     if not worst >= FUSED_MIN_COSINE:
         candidate.unlink()
         log.warning("%s: the fused graph drifts from the exported one (min cosine %.9f), left unfused", graph, worst)
@@ -143,12 +144,6 @@ def split_skip_layer_norms(model: onnx.ModelProto) -> int:
 def _outputs(graph: Path, probe: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     return session.run(None, probe)[0]
-
-
-def _min_row_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-    norms = np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1)
-    return float((np.sum(reference * candidate, axis=-1) / norms).min())
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: float | int | None = None) -> float | int | None:
