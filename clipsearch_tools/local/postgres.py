@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
+from clipsearch_tools.local.ports import free_port
 
 
 class PostgresUnavailable(ClipsearchError):
@@ -32,12 +33,6 @@ def find_bin_dir() -> Path:
         "PostgreSQL server binaries not found: install postgresql (apt-get install postgresql) "
         "or set PG_BIN, or give an existing server with CLIPSEARCH_DATABASE_URL"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from clipsearch.errors import ClipsearchError
 from clipsearch_tools.local.notifications import read_events, s3_records
-from clipsearch_tools.local.postgres import free_port
+from clipsearch_tools.local.ports import free_ports
 from clipsearch_tools.local.template import NotificationRule
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ _STOP_TIMEOUT = 30
 # local SQS, one SendMessage each 9.2-9.6 ms (client and server in one process, a loaded machine).
 SQS_BATCH_LIMIT = 10
 _PIPE_READ_BYTES = 1 << 16
+_START_ATTEMPTS = 3
+_LOG_TAIL_LINES = 20
+_PORT_FLAGS = (
+    "s3.port", "filer.port", "filer.port.grpc", "master.port", "master.port.grpc", "volume.port",
+    "volume.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc",
+)
 
 
 class NotificationsNotSent(ClipsearchError):
@@ -43,6 +49,12 @@ class NotificationsNotSent(ClipsearchError):
 
 class ObjectStorageUnavailable(ClipsearchError):
     """SeaweedFS is not installed or would not start."""
+
+
+class _ExitedDuringStart(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def find_weed() -> Path:
@@ -66,6 +78,7 @@ class SeaweedServer:
     s3_port: int = 0
     filer_port: int = 0
     filer_grpc_port: int = 0
+    choose_ports: Callable[[int], list[int]] = free_ports
 
     @property
     def s3_url(self) -> str:
@@ -77,15 +90,31 @@ class SeaweedServer:
 
     def start(self, s3_client_factory: Callable[[str], object], timeout: float = 60,
               on_launched: Callable[[int], None] | None = None) -> None:
-        """Starts `weed mini` and waits until S3 answers; `on_launched` gets its pid before the wait."""
+        """Starts `weed mini` and waits until S3 answers; `on_launched` gets each launch's pid before the wait.
+
+        Its ten ports are chosen free, but another program may bind one before weed does, and weed then
+        exits: it is launched again on other ports, up to _START_ATTEMPTS times."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.s3_port, self.filer_port, self.filer_grpc_port = free_port(), free_port(), free_port()
-        ports = {
-            "s3.port": self.s3_port, "filer.port": self.filer_port, "filer.port.grpc": self.filer_grpc_port,
-            "master.port": free_port(), "master.port.grpc": free_port(), "volume.port": free_port(),
-            "volume.port.grpc": free_port(), "s3.port.grpc": free_port(), "admin.port": free_port(),
-            "admin.port.grpc": free_port(),
-        }
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            self._launch()
+            if on_launched is not None:
+                on_launched(self.process.pid)
+            try:
+                self._wait_ready(s3_client_factory(self.s3_url), timeout)
+                return
+            except _ExitedDuringStart as exited:
+                if attempt == _START_ATTEMPTS:
+                    raise ObjectStorageUnavailable(
+                        f"SeaweedFS exited with status {exited.status} during its start, {attempt} times "
+                        f"(log: {self.log_file}); its last lines:\n{_tail(self.log_file)}"
+                    ) from None
+                logger.warning("SeaweedFS exited with status %s during its start; launching it on other ports",
+                               exited.status)
+
+    def _launch(self) -> None:
+        ports = dict(zip(_PORT_FLAGS, self.choose_ports(len(_PORT_FLAGS)), strict=True))
+        self.s3_port, self.filer_port = ports["s3.port"], ports["filer.port"]
+        self.filer_grpc_port = ports["filer.port.grpc"]
         command = [
             str(find_weed()), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
@@ -99,23 +128,21 @@ class SeaweedServer:
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
                 cwd=self.data_dir,
             )
-        if on_launched is not None:
-            on_launched(self.process.pid)
-        self._wait_ready(s3_client_factory(self.s3_url), timeout)
 
     def _wait_ready(self, s3_client, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ObjectStorageUnavailable(
-                    f"SeaweedFS exited with status {self.process.returncode} (log: {self.log_file})"
-                )
+                raise _ExitedDuringStart(self.process.returncode)
             try:
                 s3_client.list_buckets()
                 return
             except (BotoCoreError, ClientError):  # not listening yet
                 time.sleep(0.2)
-        raise ObjectStorageUnavailable(f"SeaweedFS S3 endpoint not ready after {timeout:.0f} s (log: {self.log_file})")
+        raise ObjectStorageUnavailable(
+            f"SeaweedFS S3 endpoint not ready after {timeout:.0f} s (log: {self.log_file}); its last lines:\n"
+            f"{_tail(self.log_file)}"
+        )
 
     @property
     def alive(self) -> bool:
@@ -262,6 +289,14 @@ def is_server_for(command: list[str] | None, data_dir: Path) -> bool:
     if not command or Path(command[0]).name != "weed":
         return False
     return "mini" in command[1:] and f"-dir={data_dir}" in command
+
+
+def _tail(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError as error:
+        return f"(unreadable: {error})"
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
 def _terminate(process: subprocess.Popen | None) -> None:

@@ -28,7 +28,8 @@ from clipsearch_tools.local.functions import FunctionHost
 from clipsearch_tools.local.gateway import LocalGateway
 from clipsearch_tools.local.lambda_api import LocalLambdaApi
 from clipsearch_tools.local.models import publish_model, read_model
-from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir, free_port
+from clipsearch_tools.local.ports import free_port
+from clipsearch_tools.local.postgres import PostgresCluster, find_bin_dir
 from clipsearch_tools.local.queue_runner import QueueRunner
 from clipsearch_tools.local.seaweed import FilerEventFeed, SeaweedServer, sqs_batch_sender
 from clipsearch_tools.local.state import StackState

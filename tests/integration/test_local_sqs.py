@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from clipsearch.aws import aws_client
-from clipsearch_tools.local.postgres import free_port
+from clipsearch_tools.local.ports import free_port
 from clipsearch_tools.local.sqs import start_sqs_server
 
 pytestmark = pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import textwrap
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from boto3.s3.transfer import TransferConfig
 from clipsearch.events import EventKind, parse_message
 from clipsearch_tools.local.functions import FunctionHost
 from clipsearch_tools.local.gateway import LocalGateway
+from clipsearch_tools.local.ports import free_ports
 from clipsearch_tools.local.queue_runner import QueueRunner
 from clipsearch_tools.local.seaweed import (
     FilerEventFeed,
@@ -142,6 +144,52 @@ def test_seaweed_keeps_objects_across_a_restart(tmp_path: Path, seaweed):
         assert stored["Metadata"] == {"source-path": "/p/x.jpg"}
     finally:
         again.stop()
+
+
+def _listening() -> socket.socket:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+def test_seaweed_launches_again_on_other_ports_when_one_it_was_given_is_taken(tmp_path: Path, caplog):
+    with _listening() as taken:
+        port_choices: list[list[int]] = []
+
+        def first_choice_taken(count: int) -> list[int]:
+            ports = free_ports(count)
+            if not port_choices:
+                ports[3] = taken.getsockname()[1]  # the master's port, bound by someone else meanwhile
+            port_choices.append(ports)
+            return ports
+
+        server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS, choose_ports=first_choice_taken)
+        server.start(_s3)
+        try:
+            assert len(port_choices) == 2
+            assert taken.getsockname()[1] not in port_choices[1]
+            assert server.s3_port == port_choices[1][0]
+            assert _s3(server.s3_url).list_buckets()["Buckets"] == []
+            assert "launching it on other ports" in caplog.text
+        finally:
+            server.stop()
+
+
+def test_seaweed_that_keeps_exiting_at_start_is_reported_with_its_log(tmp_path: Path):
+    with _listening() as taken:
+        taken_port = taken.getsockname()[1]
+
+        def always_taken(count: int) -> list[int]:
+            ports = free_ports(count)
+            ports[3] = taken_port  # the master's port
+            return ports
+
+        server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS, choose_ports=always_taken)
+        with pytest.raises(ObjectStorageUnavailable, match=r"during its start, 3 times") as failure:
+            server.start(_s3)
+    assert f"port {taken_port}" in str(failure.value)  # weed's own words, from its log
+    assert not server.alive
 
 
 def test_seaweed_refuses_other_credentials(seaweed):

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from clipsearch_tools.local.models import hub_reachable
-from clipsearch_tools.local.postgres import free_port
+from clipsearch_tools.local.ports import free_port
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from clipsearch_tools.client import ClipsearchClient, Target
-from clipsearch_tools.local.postgres import free_port
+from clipsearch_tools.local.ports import free_port
 from clipsearch_tools.ui.server import MAX_BODY_BYTES, UiServer
 
 pytestmark = pytest.mark.unit
