@@ -12,13 +12,16 @@ Usage: .venv-sam/bin/python scripts/sam_local/sam_host_network.py <sam arguments
 
 from __future__ import annotations
 
-import socket
 import sys
+from pathlib import Path
 
 import docker.api.image
 import docker.models.containers
 import docker.models.images
 from samcli.cli.main import cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for its port choice (stdlib only)
+from clipsearch_tools.local.ports import free_port  # noqa: E402  (below the ephemeral range: no connection takes it)
 
 EMULATOR = "/var/rapid/aws-lambda-rie"
 EMULATOR_CONTAINER_PORT = "8080"
@@ -28,12 +31,6 @@ SUBCOMMANDS_THAT_RUN_CONTAINERS = {"invoke", "start-api", "start-lambda"}
 
 class ImagePullRefused(RuntimeError):
     """Raised instead of contacting a registry."""
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def on_host_network(options: dict) -> dict:
@@ -49,7 +46,7 @@ def on_host_network(options: dict) -> dict:
         "entrypoint": [
             *entrypoint,
             "--runtime-interface-emulator-address", f"{LOOPBACK}:{emulator_port}",
-            "--runtime-api-address", f"{LOOPBACK}:{free_loopback_port()}",
+            "--runtime-api-address", f"{LOOPBACK}:{free_port(LOOPBACK)}",
         ],
     }
 
