@@ -574,8 +574,8 @@ def _child(args) -> int:
 
     gc.callbacks.append(on_collection)
     threads_before, steal_before = _thread_cpu_ms(), _stolen_ms()
-    witnesses: list[tuple[float, int, int]] = []
-    text_ms = _latencies(text, [_new_text(i) for i in range(args.queries)], witnesses)  # each text new: embedded
+    query_costs: list[tuple[float, int, int]] = []
+    text_ms = _latencies(text, [_new_text(i) for i in range(args.queries)], query_costs)  # each text new: embedded
     threads_after, steal_after = _thread_cpu_ms(), _stolen_ms()
     gc.callbacks.remove(on_collection)
     text_cpu_ms = (time.process_time() - cpu_before) * 1000 / args.queries
@@ -601,9 +601,10 @@ def _child(args) -> int:
         "first_hits": first_hits,
         "text_p50_ms": float(np.percentile(text_ms, 50)),
         "text_p99_ms": float(np.percentile(text_ms, 99)),
-        "text_slowest": [(int(i), float(text_ms[i]), *witnesses[i]) for i in np.argsort(text_ms)[::-1][:5]],
-        "text_run_faults": [sum(w[1] for w in witnesses), sum(w[2] for w in witnesses)],
-        "text_run_queries_with_steal": sum(1 for w in witnesses if w[0] > 0),
+        "text_slowest": [(int(i), float(text_ms[i]), *query_costs[i]) for i in np.argsort(text_ms)[::-1][:5]],
+        "text_run_faults": {"major": sum(cost[1] for cost in query_costs),
+                            "minor": sum(cost[2] for cost in query_costs)},
+        "text_run_queries_with_steal": sum(1 for cost in query_costs if cost[0] > 0),
         "text_run_stolen_ms": steal_after - steal_before,
         "text_run_threads": sorted(((threads_after[name] - threads_before.get(name, 0.0), name)
                                     for name in threads_after), reverse=True)[:8],
@@ -1024,18 +1025,19 @@ def _stolen_ms() -> float:
     return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def _latencies(search, queries: list, witnesses: list | None = None) -> np.ndarray:
-    """Each query's wall ms; with `witnesses`, also each query's (stolen ms, major faults, minor faults)."""
+def _latencies(search, queries: list, query_costs: list | None = None) -> np.ndarray:
+    """Each query's wall ms; with `query_costs`, also what each query met meanwhile: (ms stolen by the hypervisor
+    from this VM, both CPUs, counted in 10 ms ticks; major and minor page faults of this process)."""
     durations = []
     for query in queries:
-        if witnesses is not None:
+        if query_costs is not None:
             stolen, usage = _stolen_ms(), resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         search(query)
         durations.append((time.perf_counter() - started) * 1000)
-        if witnesses is not None:
+        if query_costs is not None:
             after = resource.getrusage(resource.RUSAGE_SELF)
-            witnesses.append((_stolen_ms() - stolen, after.ru_majflt - usage.ru_majflt,
+            query_costs.append((_stolen_ms() - stolen, after.ru_majflt - usage.ru_majflt,
                               after.ru_minflt - usage.ru_minflt))
     return np.array(durations)
 
@@ -1212,11 +1214,12 @@ def _print_size(row: dict) -> None:
               + ", ".join(f"{name} {ms:.0f}" for ms, name in ours["text_run_threads"])
               + f"; CPU time the hypervisor gave to others meanwhile (steal): {ours['text_run_stolen_ms']:.0f} ms")
     if ours.get("text_slowest"):
-        print("slowest new-text queries (their order in the run, ms; stolen ms, major/minor page faults meanwhile): "
+        print("slowest new-text queries (their order in the run, ms; the VM's stolen ms in 10 ms ticks, this process's "
+              "major/minor page faults meanwhile): "
               + ", ".join(f"#{number} {ms:.1f} ({stolen:.0f}, {major}/{minor})"
                           for number, ms, stolen, major, minor in ours["text_slowest"])
-              + f"; in the whole run {ours['text_run_faults'][0]} major / {ours['text_run_faults'][1]} minor faults,"
-              + f" {ours['text_run_queries_with_steal']} queries with steal"
+              + f"; in the whole run {ours['text_run_faults']['major']} major / {ours['text_run_faults']['minor']} minor"
+              + f" faults, {ours['text_run_queries_with_steal']} queries during which a steal tick was counted"
               + "; garbage collections in that run (generation: count, longest ms): "
               + ", ".join(f"{generation}: {count}, {longest:.1f}"
                           for generation, (count, longest) in ours.get("text_run_collections", {}).items()))

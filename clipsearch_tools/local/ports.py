@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-_LOWEST = 10_000  # below this sit the well-known and registered ports other software expects to own
-_TRIES = 200
+_LOWEST = 10_000  # below this sit the ports services commonly default to
+_LOOPBACK = "127.0.0.1"
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -20,40 +20,38 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports free on `host` now, below the kernel's ephemeral range where there is room.
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now, below the kernel's ephemeral range when it leaves room.
 
-    A port the kernel picks is an ephemeral one, so until the server binds it any outgoing connection on
-    the machine may take it, the server's own among them: `weed mini` dials its master and filer before
-    it binds its last ports, and exits when one is gone. Below that range only another explicit bind can
-    take a port, and the server's start retries then.
+    A port the kernel picks is an ephemeral one: until a server binds it, any outgoing connection on the
+    machine may take it. Below that range only another explicit bind can.
     """
     low, _ = ephemeral_range()
     chosen: list[int] = []
-    candidates = random.sample(range(_LOWEST, low), min(_TRIES, low - _LOWEST)) if low > _LOWEST else []
-    for port in candidates:
-        if len(chosen) == count:
-            break
-        if port not in chosen and _bindable(host, port):
-            chosen.append(port)
+    if low > _LOWEST:
+        for port in random.sample(range(_LOWEST, low), low - _LOWEST):
+            if _bindable(port):
+                chosen.append(port)
+                if len(chosen) == count:
+                    return chosen
     while len(chosen) < count:  # no room below the ephemeral range: let the kernel pick
         with socket.socket() as sock:
-            sock.bind((host, 0))
+            sock.bind((_LOOPBACK, 0))
             port = sock.getsockname()[1]
         if port not in chosen:
             chosen.append(port)
     return chosen
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """One port free on `host` now, as `free_ports` chooses them."""
-    return free_ports(1, host)[0]
+def free_port() -> int:
+    """One port free on 127.0.0.1 now, as `free_ports` chooses them."""
+    return free_ports(1)[0]
 
 
-def _bindable(host: str, port: int) -> bool:
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind((host, port))
+            sock.bind((_LOOPBACK, port))
         except OSError:
             return False
     return True

@@ -93,14 +93,15 @@ class SeaweedServer:
         """Starts `weed mini` and waits until S3 answers; `on_launched` gets each launch's pid before the wait.
 
         Its ten ports are chosen free, but another program may bind one before weed does, and weed then
-        exits: it is launched again on other ports, up to _START_ATTEMPTS times."""
+        exits: it is launched again on other ports, up to _START_ATTEMPTS times within `timeout`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
         for attempt in range(1, _START_ATTEMPTS + 1):
             self._launch()
             if on_launched is not None:
                 on_launched(self.process.pid)
             try:
-                self._wait_ready(s3_client_factory(self.s3_url), timeout)
+                self._wait_ready(s3_client_factory(self.s3_url), deadline, timeout)
                 return
             except _ExitedDuringStart as exited:
                 if attempt == _START_ATTEMPTS:
@@ -108,8 +109,8 @@ class SeaweedServer:
                         f"SeaweedFS exited with status {exited.status} during its start, {attempt} times "
                         f"(log: {self.log_file}); its last lines:\n{_tail(self.log_file)}"
                     ) from None
-                logger.warning("SeaweedFS exited with status %s during its start; launching it on other ports",
-                               exited.status)
+                logger.warning("SeaweedFS exited with status %s during its start (%s); launching it on other ports",
+                               exited.status, _tail(self.log_file, 1))
 
     def _launch(self) -> None:
         ports = dict(zip(_PORT_FLAGS, self.choose_ports(len(_PORT_FLAGS)), strict=True))
@@ -129,8 +130,7 @@ class SeaweedServer:
                 cwd=self.data_dir,
             )
 
-    def _wait_ready(self, s3_client, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, s3_client, deadline: float, timeout: float) -> None:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise _ExitedDuringStart(self.process.returncode)
@@ -291,12 +291,12 @@ def is_server_for(command: list[str] | None, data_dir: Path) -> bool:
     return "mini" in command[1:] and f"-dir={data_dir}" in command
 
 
-def _tail(log_file: Path) -> str:
+def _tail(log_file: Path, lines: int = _LOG_TAIL_LINES) -> str:
     try:
-        lines = log_file.read_text(errors="replace").splitlines()
+        text = log_file.read_text(errors="replace").splitlines()
     except OSError as error:
-        return f"(unreadable: {error})"
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
+        return f"(log unreadable: {error})"
+    return "\n".join(text[-lines:])
 
 
 def _terminate(process: subprocess.Popen | None) -> None:

@@ -214,7 +214,7 @@ class LocalStack:
     def _start_queue(self) -> None:
         from clipsearch_tools.local.sqs import start_sqs_server
 
-        server = start_sqs_server(free_port())
+        server = start_sqs_server()
         self._stops.append(server.stop)
         host, port = server.get_host_and_port()
         self.state.sqs_endpoint_url = f"http://{host}:{port}"

@@ -20,7 +20,7 @@ import docker.models.containers
 import docker.models.images
 from samcli.cli.main import cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for its port choice (stdlib only)
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository, for its port choice (stdlib only)
 from clipsearch_tools.local.ports import free_port  # noqa: E402  (below the ephemeral range: no connection takes it)
 
 EMULATOR = "/var/rapid/aws-lambda-rie"
@@ -46,7 +46,7 @@ def on_host_network(options: dict) -> dict:
         "entrypoint": [
             *entrypoint,
             "--runtime-interface-emulator-address", f"{LOOPBACK}:{emulator_port}",
-            "--runtime-api-address", f"{LOOPBACK}:{free_port(LOOPBACK)}",
+            "--runtime-api-address", f"{LOOPBACK}:{free_port()}",
         ],
     }
 

@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from clipsearch.aws import aws_client
-from clipsearch_tools.local.ports import free_port
 from clipsearch_tools.local.sqs import start_sqs_server
 
 pytestmark = pytest.mark.integration
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def local_sqs():
-    server = start_sqs_server(free_port())
+    server = start_sqs_server()
     host, port = server.get_host_and_port()
     yield host, port, aws_client("sqs", "us-east-1", f"http://{host}:{port}", "local", "local", max_attempts=1)
     server.stop()

@@ -22,6 +22,7 @@ from clipsearch_tools.local.gateway import LocalGateway
 from clipsearch_tools.local.ports import free_ports
 from clipsearch_tools.local.queue_runner import QueueRunner
 from clipsearch_tools.local.seaweed import (
+    _PORT_FLAGS,
     FilerEventFeed,
     ObjectStorageUnavailable,
     SeaweedServer,
@@ -159,19 +160,21 @@ def test_seaweed_launches_again_on_other_ports_when_one_it_was_given_is_taken(tm
 
         def first_choice_taken(count: int) -> list[int]:
             ports = free_ports(count)
-            if not port_choices:
-                ports[3] = taken.getsockname()[1]  # the master's port, bound by someone else meanwhile
+            if not port_choices:  # the master's port, bound by someone else meanwhile
+                ports[_PORT_FLAGS.index("master.port")] = taken.getsockname()[1]
             port_choices.append(ports)
             return ports
 
+        launched: list[int] = []
         server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS, choose_ports=first_choice_taken)
-        server.start(_s3)
+        server.start(_s3, on_launched=launched.append)
         try:
-            assert len(port_choices) == 2
-            assert taken.getsockname()[1] not in port_choices[1]
-            assert server.s3_port == port_choices[1][0]
+            assert len(port_choices) == 2 and len(launched) == 2
+            assert launched[-1] == server.process.pid and server.alive
+            assert server.s3_port == port_choices[1][_PORT_FLAGS.index("s3.port")]
             assert _s3(server.s3_url).list_buckets()["Buckets"] == []
             assert "launching it on other ports" in caplog.text
+            assert f"port {taken.getsockname()[1]}" in caplog.text  # weed's reason, from its log
         finally:
             server.stop()
 
@@ -182,7 +185,7 @@ def test_seaweed_that_keeps_exiting_at_start_is_reported_with_its_log(tmp_path: 
 
         def always_taken(count: int) -> list[int]:
             ports = free_ports(count)
-            ports[3] = taken_port  # the master's port
+            ports[_PORT_FLAGS.index("master.port")] = taken_port
             return ports
 
         server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS, choose_ports=always_taken)

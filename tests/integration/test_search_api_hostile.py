@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
 from clipsearch import wiring
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.events import EventKind, ObjectEvent
+from clipsearch_tools.local.ports import free_port
 from PIL import Image
 from search_stack import MODEL_ID, SearchStack, clear_wiring, stack_fixture  # noqa: F401  (the `stack` fixture)
 
@@ -160,9 +160,7 @@ def test_integer_k_in_either_form_is_accepted(indexed: SearchStack, seed_eval_ph
 
 
 def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()  # below the ephemeral range: no listener of this process can be given it meanwhile
 
 
 def test_503_names_no_host_and_logs_the_details(

@@ -12,6 +12,8 @@ pytestmark = pytest.mark.unit
 
 def test_ports_are_distinct_bindable_and_below_the_ephemeral_range():
     low, _ = ports.ephemeral_range()
+    if low <= 10_010:
+        pytest.skip(f"this machine's ephemeral range starts at {low}: no room below it")
     chosen = ports.free_ports(10)
     assert len(set(chosen)) == 10
     assert all(10_000 <= port < low for port in chosen)
@@ -34,10 +36,10 @@ def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(tmp_path, monke
     setting = tmp_path / "ip_local_port_range"
     setting.write_text("1024\t65535\n")
     monkeypatch.setattr(ports, "_EPHEMERAL_RANGE", setting)
+    monkeypatch.setattr(ports.random, "sample", lambda *_: pytest.fail("sampled below a range starting at 1024"))
     assert ports.ephemeral_range() == (1024, 65535)
     chosen = ports.free_ports(3)
     assert len(set(chosen)) == 3
-    assert all(port >= 1024 for port in chosen)
 
 
 def test_an_unreadable_setting_falls_back_to_linux_default(tmp_path, monkeypatch):
