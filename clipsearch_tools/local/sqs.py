@@ -127,9 +127,9 @@ class _KeepAliveMotoServer(ThreadedMotoServer):
         self._server.serve_forever()
 
 
-def start_sqs_server(port: int = 0) -> ThreadedMotoServer:
-    """moto's SQS on 127.0.0.1, on `port` or (0) one the kernel gives it as it binds: `get_host_and_port` tells."""
+def start_sqs_server() -> ThreadedMotoServer:
+    """moto's SQS on 127.0.0.1, on a port the kernel gives it as it binds (`get_host_and_port` tells which)."""
     _lighten_moto_sqs()
-    server = _KeepAliveMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = _KeepAliveMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     return server
