@@ -58,6 +58,28 @@ def test_a_memory_mapped_ivf_segment_answers_like_the_loaded_one_and_survives_it
     assert sorted(mapped.ids.tolist()) == content.ids.tolist()
 
 
+def test_an_ivf_segment_probes_the_lists_and_scores_of_faiss_own_search_with_and_without_exclusions() -> None:
+    """The segment picks its lists from an 8-bit copy of the centroids; FAISS's own IVF search is the reference."""
+    rng = np.random.default_rng(5)
+    content = SegmentVectors(np.arange(20_000, 32_000, dtype=np.int64), clustered(rng, 12_000, 120, 64, 0.3))
+    segment = INDEX.load(INDEX.build(content, ivf_spec(12_000)))
+    reference = faiss.deserialize_index(np.frombuffer(INDEX.build(content, ivf_spec(12_000)), dtype=np.uint8))
+    probes = faiss.downcast_index(reference.index).nprobe
+    excluded = INDEX.exclusion(content.ids[::3])
+    queries = clustered(rng, 200, 120, 64, 0.35)
+    for query in queries:
+        scores, ids = segment.search(query[None], 10)
+        reference_scores, reference_ids = reference.search(query[None], 10)
+        assert ids.tolist() == reference_ids[0].tolist()
+        np.testing.assert_array_equal(scores, reference_scores[0])
+        kept_scores, kept = segment.search(query[None], 10, excluded)
+        with_selector = faiss.SearchParametersIVF(sel=excluded.selector, nprobe=probes)
+        reference_scores, reference_ids = reference.search(query[None], 10, params=with_selector)
+        assert kept.tolist() == reference_ids[0][reference_ids[0] >= 0].tolist()
+        assert not set(kept.tolist()) & set(content.ids[::3].tolist())
+        np.testing.assert_array_equal(kept_scores, reference_scores[0][: len(kept)])
+
+
 def test_ivf_sq8_recall_at_10_on_clustered_vectors_and_exclusions() -> None:
     rng = np.random.default_rng(3)
     vectors = clustered(rng, 5_000, 100, 64, spread=0.05)
