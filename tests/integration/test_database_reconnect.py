@@ -7,10 +7,12 @@ not fail (503) because of a connection that died while nobody used it.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import psycopg
 import pytest
-from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.postgres_connection import Database, PreparedRead
+from clipsearch.errors import CatalogError
 
 pytestmark = pytest.mark.integration
 
@@ -42,4 +44,37 @@ def test_a_live_idle_connection_is_kept(database_url: str):
     first = _backend_pid(database)
     time.sleep(0.2)
     assert _backend_pid(database) == first
+    database.close()
+
+
+BACKEND = PreparedRead("test_backend", "SELECT pg_backend_pid(), $1::int8[], now(), NULL::text")
+
+
+def test_a_prepared_read_gives_python_values_and_is_prepared_again_on_a_replacement_connection(database_url: str):
+    database = Database(database_url)
+    pid, numbers, now, nothing = database.fetch(BACKEND, "{3,1,2}")[0]
+    assert numbers == [3, 1, 2] and isinstance(now, datetime) and now.tzinfo is not None and nothing is None
+    with database.read() as connection:
+        prepared = [row["name"] for row in connection.execute("SELECT name FROM pg_prepared_statements")]
+    assert prepared.count("test_backend") == 1
+    assert database.fetch(BACKEND, "{}")[0][0] == pid  # the same connection, the statement not prepared twice
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 5
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    new_pid, numbers, _, _ = database.fetch(BACKEND, "{4}")[0]  # on a new connection, prepared there again
+    assert new_pid != pid and numbers == [4]
+    database.close()
+
+
+def test_a_failing_prepared_read_is_a_catalog_error_and_leaves_the_connection_usable(database_url: str):
+    database = Database(database_url)
+    with pytest.raises(CatalogError, match="division by zero"):
+        database.fetch(PreparedRead("test_divide", "SELECT 1 / $1::int"), "0")
+    with pytest.raises(CatalogError, match="no_such_table"):
+        database.fetch(PreparedRead("test_missing", "SELECT * FROM no_such_table WHERE id = $1::int"), "1")
+    assert database.fetch(PreparedRead("test_divide", "SELECT 1 / $1::int"), "1") == [(1,)]
     database.close()

@@ -11,7 +11,7 @@ from importlib import resources
 import numpy as np
 import psycopg
 
-from clipsearch.adapters.postgres_connection import Database
+from clipsearch.adapters.postgres_connection import Database, PreparedRead
 from clipsearch.datasets import validate_dataset_name
 from clipsearch.errors import DatasetDeleting, DatasetNotFound, ModelMismatch, TransientError
 from clipsearch.ports import (
@@ -40,6 +40,15 @@ _MIGRATION_LOCK = 0x636C6970  # "clip"
 _DATASET_COLUMNS = "id, name, model_id, index_version, created_at, updated_at"
 _DELETION_COLUMNS = "deletion_requested_at, objects_deleted, rows_deleted, deletion_progress_at"
 _DELETING = "deletion_requested_at IS NOT NULL"
+# The two reads of every warm search query, run as prepared statements (Database.fetch).
+_DATASET_ROW = PreparedRead(
+    "clipsearch_dataset_row", f"SELECT {_DATASET_COLUMNS}, {_DELETION_COLUMNS} FROM datasets WHERE name = $1"
+)
+_DATASET_ROW_NAMES = [column.strip() for column in f"{_DATASET_COLUMNS}, {_DELETION_COLUMNS}".split(",")]
+_IMAGE_LOCATIONS = PreparedRead(
+    "clipsearch_image_locations",
+    "SELECT id, bucket, object_key, source_path, status FROM images WHERE id = ANY($1::int8[])",
+)
 # The folder index's rows of one segment (migration 005): its indexed images' ids, packed per folder.
 _INDEX_SEGMENT_FOLDERS = (
     "INSERT INTO image_folders (dataset_id, folder, segment_id, ids)"
@@ -116,13 +125,10 @@ class PostgresCatalog:
 
     def _dataset_row(self, name: str) -> Mapping:
         validate_dataset_name(name)
-        with self._database.read() as connection:
-            row = connection.execute(
-                f"SELECT {_DATASET_COLUMNS}, {_DELETION_COLUMNS} FROM datasets WHERE name = %s", (name,)
-            ).fetchone()
-        if row is None:
+        rows = self._database.fetch(_DATASET_ROW, name)
+        if not rows:
             raise DatasetNotFound(name)
-        return row
+        return dict(zip(_DATASET_ROW_NAMES, rows[0]))
 
     def list_datasets(self) -> Sequence[DatasetSummary]:
         """Datasets being deleted included, with their progress."""
@@ -184,15 +190,11 @@ class PostgresCatalog:
         partial indexes of migration 004, and a table never analyzed yet (a bulk ingest, until autovacuum
         gets to it) was planned as a BitmapAnd that read every entry of images_indexed_by_time: 6-10 ms at
         100k rows instead of 0.15 ms. On the primary key alone the plan cannot drift with the statistics."""
-        with self._database.read() as connection:
-            rows = connection.execute(
-                "SELECT id, bucket, object_key, source_path, status FROM images WHERE id = ANY(%s)",
-                ([int(image_id) for image_id in ids],),
-            ).fetchall()
+        rows = self._database.fetch(_IMAGE_LOCATIONS, "{" + ",".join(str(int(image_id)) for image_id in ids) + "}")
         return {
-            row["id"]: ImageLocation(row["id"], row["bucket"], row["object_key"], row["source_path"])
-            for row in rows
-            if row["status"] == "indexed"
+            image_id: ImageLocation(image_id, bucket, key, source_path)
+            for image_id, bucket, key, source_path, status in rows
+            if status == "indexed"
         }
 
     def filtered_image_ids(

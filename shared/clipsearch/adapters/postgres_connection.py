@@ -8,8 +8,11 @@ import select
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import pq
+from psycopg.adapt import Transformer
 from psycopg.rows import dict_row
 
 from clipsearch.errors import CatalogError, ClipsearchError, TransientError
@@ -17,6 +20,23 @@ from clipsearch.errors import CatalogError, ClipsearchError, TransientError
 logger = logging.getLogger(__name__)
 
 _TRANSACTION_ROLLBACK_CLASS = "40"  # deadlock, serialization failure: the server aborted one transaction
+
+
+@dataclass(frozen=True)
+class PreparedRead:
+    """A read-only statement a warm request runs (`Database.fetch`), with $1, $2, ... placeholders."""
+
+    name: str  # unique among the statements prepared on one connection
+    sql: str
+
+
+@dataclass
+class _PreparedOn:
+    """What `Database.fetch` set up on one connection: the statements prepared there, psycopg's loaders."""
+
+    connection: psycopg.Connection
+    loader: Transformer
+    names: set[str] = field(default_factory=set)
 
 
 class Database:
@@ -30,6 +50,7 @@ class Database:
         self._conninfo = conninfo
         self._connection: psycopg.Connection | None = None
         self._lock = threading.RLock()
+        self._prepared: _PreparedOn | None = None
 
     def _connect(self) -> psycopg.Connection:
         conninfo = self._conninfo() if callable(self._conninfo) else self._conninfo
@@ -57,7 +78,7 @@ class Database:
         """A connection for one read-only statement outside a transaction block: one round trip where
         `transaction()` takes three (BEGIN, the statement, COMMIT); one statement sees one snapshot either
         way. On 2 shared cores: 0.19-0.22 ms p50 per read against 0.42-0.74 ms, client CPU 0.16 ms against
-        0.32-0.45 ms; a warm search query makes two such reads."""
+        0.32-0.45 ms. A warm search query's two reads go through `fetch`, cheaper still."""
         with self._lock:
             connection = self._live_connection()
             connection.autocommit = True
@@ -68,6 +89,34 @@ class Database:
             finally:
                 if not connection.closed:
                     connection.autocommit = False
+
+    def fetch(self, statement: PreparedRead, *params: str) -> list[tuple]:
+        """The rows of one read-only statement, outside a transaction block, as tuples of Python values.
+
+        The statement is prepared once per connection and run through libpq itself, its rows made by psycopg's
+        own (C) loaders: psycopg's execute spent ~0.4 ms more of Python per call with the caches cold, as
+        after the text tower (paths of 10 ids at 300k rows, 2 shared cores: 0.56 ms p50 against 1.31 ms
+        with `read()`). The parameters are in PostgreSQL's text form (`$1::int8[]` takes "{1,2}")."""
+        with self._lock:
+            connection = self._live_connection()
+            try:
+                return self._fetch(connection, statement, params)
+            except psycopg.Error as error:
+                raise _domain_error(connection, error) from error
+
+    def _fetch(self, connection: psycopg.Connection, statement: PreparedRead, params: tuple[str, ...]) -> list[tuple]:
+        prepared = self._prepared
+        if prepared is None or prepared.connection is not connection:
+            prepared = self._prepared = _PreparedOn(connection, Transformer(connection))
+        pgconn = connection.pgconn
+        name = statement.name.encode()
+        if statement.name not in prepared.names:
+            _raise_unless_ok(connection, pgconn.prepare(name, statement.sql.encode()))
+            prepared.names.add(statement.name)
+        result = pgconn.exec_prepared(name, [param.encode() for param in params])
+        _raise_unless_ok(connection, result)
+        prepared.loader.set_pgresult(result)
+        return prepared.loader.load_rows(0, result.ntuples, tuple)
 
     def _live_connection(self) -> psycopg.Connection:
         """The connection, replaced when broken or ended by the server (under the lock)."""
@@ -84,6 +133,15 @@ class Database:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+
+def _raise_unless_ok(connection: psycopg.Connection, result: pq.abc.PGresult) -> None:
+    """The error a statement's result holds, as psycopg raises it (a lost connection: OperationalError)."""
+    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return
+    if connection.pgconn.status == pq.ConnStatus.BAD:
+        raise psycopg.OperationalError(f"the connection was lost: {pq.error_message(connection.pgconn)}")
+    raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
 
 
 def _ended_by_server(connection: psycopg.Connection) -> bool:
