@@ -660,14 +660,28 @@ def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: fl
         timed(module.PostgresCatalog, "live_segments", lambda *_: "catalog: live segments")
         timed(module.PostgresCatalog, "image_locations", lambda *_: "catalog: paths of the hits")
 
+    def model_files(module) -> None:
+        timed(module.ModelFiles, "verify", lambda files, paths=None: f"model files checked ({', '.join(paths or [])})")
+        timed(module.ModelFiles, "tokenizer", lambda *_: "tokenizer loaded")
+
+    def encoders(module) -> None:
+        imported(module)
+        timed(module, "create_session", lambda graph, *_: f"onnx session {Path(graph).parent.name}")
+
+    def imported(module) -> None:  # when a module's import ended, as a step of no length
+        at = time.time() - spawned_at
+        steps.setdefault(f"{module.__name__} imported", (at, at))
+
     sys.meta_path.insert(0, _PatchOnImport({
         "clipsearch.adapters.s3_store": s3_store,
         "clipsearch.adapters.postgres_catalog": postgres_catalog,
         "clipsearch.adapters.faiss_index": faiss_index,
+        "clipsearch.model_files": model_files,
         "clipsearch.search": lambda module: timed(
             module.SearchService, "_load_whole", lambda *_: "whole segments downloaded, opened, swapped in (background)"),
-        "clipsearch.encoders": lambda module: timed(
-            module, "create_session", lambda graph, *_: f"onnx session {Path(graph).parent.name}"),
+        "clipsearch.encoders": encoders,
+        "clipsearch.http.routes": imported,
+        "onnxruntime": imported,
     }))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clipsearch.errors import ModelFilesInvalid
-from clipsearch.model_files import TEXT_GRAPH, VERIFIED_MARKER, ModelFiles
+from clipsearch.model_files import TEXT_GRAPH, VERIFIED_MARKER, ModelFiles, file_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +98,10 @@ def test_an_invalid_manifest_is_refused(model_dir: Path, changes: dict, message:
 def test_a_missing_manifest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelFilesInvalid, match="manifest.json"):
         ModelFiles.open(tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 1, 300_000])
+def test_a_file_hashes_to_the_sha256_of_its_bytes(tmp_path, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    (tmp_path / "file").write_bytes(data)
+    assert file_sha256(tmp_path / "file") == hashlib.sha256(data).hexdigest()
