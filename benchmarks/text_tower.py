@@ -40,7 +40,7 @@ QUERIES = (
 TEXT_RUNS_PER_ROUND = 40
 IMAGE_BATCHES = (1, 8)  # 8 is the ingest function's batch size (encoders.DEFAULT_IMAGE_BATCH_SIZE)
 IMAGES_PER_ROUND = 16
-SEARCH_SPIN_MICROSECONDS = 50  # config.text_spin_microseconds
+SEARCH_SPIN_MICROSECONDS = 500  # config.text_spin_microseconds
 
 
 def _in_turn(sessions: dict, round_number: int) -> list:

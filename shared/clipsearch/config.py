@@ -41,7 +41,10 @@ class Settings:
     # when a query's run ends (encoders.create_session); 0: they sleep between operators. Random ViT-B/32
     # int8, 2 threads, 32 texts of ~12 tokens, quiet 2-core AVX2, two runs: p50 12.9 / 12.9 ms asleep, 10.5 /
     # 10.9 ms at 50 us, with 20.8 ms of CPU per query against 21.1-21.4 (unbounded spinning: 11.1 ms, 26 ms CPU).
-    text_spin_microseconds: int = 50
+    # At 50 us a worker fell asleep inside longer operators' gaps: 400 texts, a 48 MB sweep before each run,
+    # two runs, p50 8.20 / 8.77 ms at 50 us, 7.45 / 7.83 at 200, 7.44 / 7.72 at 500, 7.39 / 7.97 at 2000; through
+    # the handler (benchmarks/search.py, alternated pairs) 1M p50 13.0 / 12.7 ms at 500 against 14.0 / 14.8 at 50.
+    text_spin_microseconds: int = 500
     max_image_pixels: int = 80_000_000  # below Pillow's decompression-bomb threshold (89.5 MP)
     # Query images (the search function, per request) get a lower cap: phones store 12 MP (binned 48-200 MP
     # sensors) or 24 MP by default, and a 6 MiB request body holds a JPEG of ~12-25 MP at usual quality; a

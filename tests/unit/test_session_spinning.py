@@ -45,5 +45,5 @@ def test_bounded_spinning_stops_when_each_run_ends(tmp_path):
 def test_the_text_spin_comes_from_the_environment():
     base = {"CLIPSEARCH_BUCKET": "b", "CLIPSEARCH_MODEL_ID": "m", "CLIPSEARCH_DATABASE_URL": "postgresql://localhost/x"}
 
-    assert Settings.from_env(base).text_spin_microseconds == 50
+    assert Settings.from_env(base).text_spin_microseconds == 500
     assert Settings.from_env({**base, "CLIPSEARCH_TEXT_SPIN_MICROSECONDS": "0"}).text_spin_microseconds == 0
