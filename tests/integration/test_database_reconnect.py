@@ -72,9 +72,28 @@ def test_a_prepared_read_gives_python_values_and_is_prepared_again_on_a_replacem
 
 def test_a_failing_prepared_read_is_a_catalog_error_and_leaves_the_connection_usable(database_url: str):
     database = Database(database_url)
+    pid = database.fetch(BACKEND, "{}")[0][0]
     with pytest.raises(CatalogError, match="division by zero"):
         database.fetch(PreparedRead("test_divide", "SELECT 1 / $1::int"), "0")
     with pytest.raises(CatalogError, match="no_such_table"):
         database.fetch(PreparedRead("test_missing", "SELECT * FROM no_such_table WHERE id = $1::int"), "1")
     assert database.fetch(PreparedRead("test_divide", "SELECT 1 / $1::int"), "1") == [(1,)]
+    assert database.fetch(BACKEND, "{}")[0][0] == pid
+    database.close()
+
+
+def test_a_prepared_read_survives_psycopg_deallocating_every_statement_after_a_rollback(database_url: str):
+    """psycopg prepares a query it ran five times, and from then on sends DEALLOCATE ALL after each rollback."""
+    database = Database(database_url)
+    pid = database.fetch(BACKEND, "{1}")[0][0]
+    for _ in range(6):
+        with database.transaction() as connection:
+            connection.execute("SELECT %s::int", (1,))
+    with pytest.raises(ValueError), database.transaction() as connection:
+        connection.execute("SELECT 1")
+        raise ValueError("rolled back")
+    with database.read() as connection:
+        assert connection.execute("SELECT count(*) AS n FROM pg_prepared_statements").fetchone()["n"] == 0
+
+    assert database.fetch(BACKEND, "{2}")[0][:2] == (pid, [2])  # prepared again on the same connection
     database.close()

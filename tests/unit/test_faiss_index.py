@@ -58,26 +58,42 @@ def test_a_memory_mapped_ivf_segment_answers_like_the_loaded_one_and_survives_it
     assert sorted(mapped.ids.tolist()) == content.ids.tolist()
 
 
-def test_an_ivf_segment_probes_the_lists_and_scores_of_faiss_own_search_with_and_without_exclusions() -> None:
+@pytest.mark.parametrize("count", [12_000, 1_000, 100], ids=["12k", "1k", "100 (fewer lists than 2 x probes)"])
+def test_an_ivf_segment_probes_the_lists_and_scores_of_faiss_own_search_with_and_without_exclusions(count) -> None:
     """The segment picks its lists from an 8-bit copy of the centroids; FAISS's own IVF search is the reference."""
     rng = np.random.default_rng(5)
-    content = SegmentVectors(np.arange(20_000, 32_000, dtype=np.int64), clustered(rng, 12_000, 120, 64, 0.3))
-    segment = INDEX.load(INDEX.build(content, ivf_spec(12_000)))
-    reference = faiss.deserialize_index(np.frombuffer(INDEX.build(content, ivf_spec(12_000)), dtype=np.uint8))
+    content = SegmentVectors(np.arange(20_000, 20_000 + count, dtype=np.int64), clustered(rng, count, 120, 64, 0.3))
+    data = INDEX.build(content, ivf_spec(count))
+    segment = INDEX.load(data)
+    reference = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     probes = faiss.downcast_index(reference.index).nprobe
     excluded = INDEX.exclusion(content.ids[::3])
-    queries = clustered(rng, 200, 120, 64, 0.35)
-    for query in queries:
-        scores, ids = segment.search(query[None], 10)
-        reference_scores, reference_ids = reference.search(query[None], 10)
-        assert ids.tolist() == reference_ids[0].tolist()
-        np.testing.assert_array_equal(scores, reference_scores[0])
+    for query in clustered(rng, 100, 120, 64, 0.35):
+        for k in (10, count + 5):
+            scores, ids = segment.search(query[None], k)
+            reference_scores, reference_ids = reference.search(query[None], k)
+            found = reference_ids[0] >= 0
+            assert ids.tolist() == reference_ids[0][found].tolist()
+            np.testing.assert_array_equal(scores, reference_scores[0][found])
         kept_scores, kept = segment.search(query[None], 10, excluded)
         with_selector = faiss.SearchParametersIVF(sel=excluded.selector, nprobe=probes)
         reference_scores, reference_ids = reference.search(query[None], 10, params=with_selector)
         assert kept.tolist() == reference_ids[0][reference_ids[0] >= 0].tolist()
         assert not set(kept.tolist()) & set(content.ids[::3].tolist())
         np.testing.assert_array_equal(kept_scores, reference_scores[0][: len(kept)])
+
+
+def test_an_ivf_segment_refuses_a_query_of_another_dimension_and_finds_nothing_for_nans() -> None:
+    rng = np.random.default_rng(6)
+    content = SegmentVectors(np.arange(2_000, dtype=np.int64), clustered(rng, 2_000, 20, 32, 0.3))
+    data = INDEX.build(content, ivf_spec(2_000))
+    whole = INDEX.load(data)
+    partial = INDEX.open_partial(lambda start, end: data[start:end], len(data))
+    for segment in (whole, partial):
+        with pytest.raises(ValueError, match="a query of 16 values for a segment of 32-d vectors"):
+            segment.search(np.ones((1, 16), np.float32), 10)
+        scores, ids = segment.search(np.full((1, 32), np.nan, np.float32), 10)
+        assert len(ids) == 0 and len(scores) == 0
 
 
 def test_ivf_sq8_recall_at_10_on_clustered_vectors_and_exclusions() -> None:

@@ -73,7 +73,7 @@ class FaissSegment:
         self.nbytes = nbytes
         inner = faiss.downcast_index(index.index)
         self._lists = _FilteredLists(inner, self.ids) if isinstance(inner, faiss.IndexIVF) else None
-        self._probes = _ProbedLists.of(inner)
+        self._probes = _ProbedLists.of(index)
         # Search parameters replace the index's own, so a filtered search must repeat its depth.
         if isinstance(inner, faiss.IndexHNSW):
             self._params = lambda sel: faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
@@ -97,7 +97,7 @@ class FaissSegment:
             with _one_faiss_thread():
                 return self._lists.search(np.ascontiguousarray(query, dtype=np.float32), k, selection.ids)
         if self._probes is not None:
-            query = np.ascontiguousarray(query, dtype=np.float32)
+            query = self._probes.one_query(query)
             with _one_faiss_thread():
                 return self._search_lists(query, k, *self._probes.nearest(query), selection)
         with _one_faiss_thread():
@@ -129,8 +129,10 @@ class FaissSegment:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The top k of an IVF segment's given lists (`_ProbedLists.nearest`), with every id but the excluded."""
         inner = self._probes.inner
-        params, translated = None, None
-        if selection is not None:
+        translated = None
+        if selection is None:
+            params = faiss.SearchParametersIVF(nprobe=lists.shape[1])  # the lists given, whatever the index's nprobe
+        else:
             # The inner index numbers its vectors by position: the selector sees them through the id map.
             translated = faiss.IDSelectorTranslated(self._index.id_map, selection.selector)
             params = faiss.SearchParametersIVF(sel=translated, nprobe=lists.shape[1])
@@ -160,9 +162,10 @@ class _ProbedLists:
     unless a list outside the 8-bit copy's 2 x nprobe would have been among the exact nprobe.
     """
 
-    def __init__(self, inner: faiss.IndexIVF, centroids: np.ndarray) -> None:
+    def __init__(self, owner: faiss.Index, inner: faiss.IndexIVF, centroids: np.ndarray) -> None:
+        self._owner = owner  # owns `inner` and its quantizer, whose floats `centroids` views: kept alive with them
         self.inner = inner
-        self._centroids = centroids  # a view of the quantizer's own floats: `inner` keeps them alive
+        self._centroids = centroids
         self._compact = faiss.IndexScalarQuantizer(inner.d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         self._compact.train(centroids)
         self._compact.add(centroids)
@@ -170,15 +173,24 @@ class _ProbedLists:
         self._candidates = min(2 * self._probes, inner.nlist)
 
     @classmethod
-    def of(cls, inner: faiss.Index) -> _ProbedLists | None:
-        """For an inner-product IVF index over a flat quantizer (the IVF_SQ8 segments); None for others."""
+    def of(cls, index: faiss.IndexIDMap) -> _ProbedLists | None:
+        """For a segment whose inner index is an inner-product IVF over a flat quantizer (the IVF_SQ8 segments);
+        None for others."""
+        inner = faiss.downcast_index(index.index)
         if not isinstance(inner, faiss.IndexIVF) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
             return None
         quantizer = faiss.downcast_index(inner.quantizer)
         if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal != inner.nlist or inner.nlist == 0:
             return None
         centroids = faiss.rev_swig_ptr(quantizer.get_xb(), inner.nlist * inner.d).reshape(inner.nlist, inner.d)
-        return cls(inner, centroids)
+        return cls(index, inner, centroids)
+
+    def one_query(self, query: np.ndarray) -> np.ndarray:
+        """The query as one contiguous float32 row: the searches below read it through a raw pointer."""
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        if query.size != self.inner.d:
+            raise ValueError(f"a query of {query.size} values for a segment of {self.inner.d}-d vectors")
+        return query.reshape(1, self.inner.d)
 
     def nearest(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The lists to probe (int64, nearest first) and the query's inner product with each centroid
@@ -382,9 +394,10 @@ class PartialFaissSegment(FaissSegment):
                     _, probed = self._inner_ivf.quantizer.search(query, self._inner_ivf.nprobe)
                 self._fetch(probed[0][probed[0] >= 0])
                 return super().search(query, k, selection)
+            query = self._probes.one_query(query)
             with _one_faiss_thread():
                 lists, centroid_scores = self._probes.nearest(query)
-            self._fetch(lists[0])
+            self._fetch(lists[0][lists[0] >= 0])  # -1: fewer lists than asked (a query of NaNs finds none)
             with _one_faiss_thread():
                 return self._search_lists(query, k, lists, centroid_scores, selection)
 
