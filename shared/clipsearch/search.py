@@ -34,7 +34,6 @@ searcher's side: the shard's segments kept loaded, the dataset's deleted ids rea
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -256,20 +255,13 @@ class DatasetIndex:
 
 
 class SegmentLoader:
-    """Fetches segments into a scratch directory (in parallel) and opens them memory-mapped; knows their sizes.
+    """Fetches segments into a scratch directory (in parallel) and opens them memory-mapped; knows their sizes."""
 
-    Each downloaded file is handed to `write_back` before it is opened (by default: written to disk at once,
-    on a thread of its own, `write_back_soon`)."""
-
-    def __init__(
-        self, store: ObjectStore, vector_index: VectorIndex, segment_dir: Path, threads: int = 8,
-        write_back: Callable[[Path], None] | None = None,
-    ) -> None:
+    def __init__(self, store: ObjectStore, vector_index: VectorIndex, segment_dir: Path, threads: int = 8) -> None:
         self._store = store
         self._vector_index = vector_index
         self._segment_dir = segment_dir
         self._threads = threads
-        self._write_back = write_back or write_back_soon
         self._sizes: dict[str, int] = {}  # segment id -> object size: segments never change
 
     def load(self, refs: Sequence[SegmentRef]) -> Mapping[str, LoadedSegment]:
@@ -309,7 +301,6 @@ class SegmentLoader:
         path = self._segment_dir / f"{ref.id}.{threading.get_ident()}.segment"
         try:
             self._store.download_file(ref.object_key, path)
-            self._write_back(path)
             # The mapping keeps the unlinked file's pages: nothing is left in /tmp to clean up.
             return LoadedSegment(ref, self._vector_index.open(path))
         except ObjectNotFound as error:
@@ -317,34 +308,6 @@ class SegmentLoader:
             raise TransientError(f"segment {ref.object_key} disappeared while loading") from error
         finally:
             path.unlink(missing_ok=True)
-
-
-_write_back_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-write-back")
-
-
-def write_back_soon(path: Path) -> None:
-    """Has the file's pages written to disk now, on a thread of its own, the caller not waiting.
-
-    Left to the kernel, a 1M dataset's 550 MB of freshly downloaded segments were written back in a burst while
-    queries ran, and the hypervisor took the VM's cores meanwhile: 130-280 ms stolen during a 150-query run, the
-    slow queries exactly the ones with stolen ticks (p99 36-40 ms). Written back as they landed: 20-40 ms stolen,
-    p99 17-19 ms (benchmarks/search.py, 2 AVX2 cores). The open descriptor keeps the pages of a file unlinked
-    meanwhile; a failure only leaves them to the kernel."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError as error:
-        logger.debug("not writing back %s: %s", path, error)
-        return
-
-    def write_back() -> None:
-        try:
-            os.fdatasync(descriptor)
-        except OSError as error:
-            logger.debug("writing back %s failed: %s", path, error)
-        finally:
-            os.close(descriptor)
-
-    _write_back_thread.submit(write_back)
 
 
 def _segment_reader(store: ObjectStore, ref: SegmentRef) -> Callable[[int, int], bytes]:

@@ -5,7 +5,6 @@ own writer; the object store is the in-memory fake (counting what is read)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,7 @@ from clipsearch.adapters.faiss_index import FaissVectorIndex, PartialFaissSegmen
 from clipsearch.errors import TransientError
 from clipsearch.fakes import InMemoryObjectStore, InMemorySearchCatalog
 from clipsearch.ports import SegmentRef
-from clipsearch import search as search_module
-from clipsearch.search import SearchService, SegmentLoader, write_back_soon
+from clipsearch.search import SearchService
 from clipsearch.search_results import ImageFilter, SearchOptions
 from clipsearch.segments import FLAT, IVF_SQ8, IndexSpec, SegmentVectors, ivf_spec
 
@@ -226,39 +224,3 @@ def test_a_failed_list_read_adds_nothing_and_the_next_search_answers_exactly(wor
     expected = whole.search(QUERIES[0][None, :], 50)
     assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
     assert len(set(np.ravel(found[1]).tolist())) == 50
-
-
-def test_each_downloaded_segment_is_handed_to_write_back_before_it_is_opened_and_unlinked(world) -> None:
-    _, store, tmp_path = world
-    store.downloads_allowed.set()
-    handed: list[tuple[Path, int]] = []
-    loader = SegmentLoader(
-        store, FaissVectorIndex(), tmp_path / "loaded",
-        write_back=lambda path: handed.append((path, path.stat().st_size)),
-    )
-    refs = [SegmentRef(f"s{number}", f"indexes/photos/segments/s{number}.faiss", SEGMENT_SIZE, IVF_SQ8)
-            for number in range(2)]
-
-    loaded = loader.load(refs)
-
-    assert sorted(size for _, size in handed) == sorted(len(store.get(ref.object_key).data) for ref in refs)
-    assert not any(path.exists() for path, _ in handed)  # unlinked once mapped
-    assert all(len(loaded[ref.id].segment) == SEGMENT_SIZE for ref in refs)
-
-
-def test_writing_back_soon_syncs_on_its_own_thread_and_closes_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "segment"
-    path.write_bytes(b"x" * 100_000)
-    descriptors = len(os.listdir("/proc/self/fd"))
-    synced: list[int] = []
-    original = os.fdatasync
-    try:
-        os.fdatasync = lambda descriptor: (synced.append(descriptor), original(descriptor))[1]
-        write_back_soon(path)
-        path.unlink()  # the descriptor keeps the pages
-        search_module._write_back_thread.submit(lambda: None).result(timeout=10)
-    finally:
-        os.fdatasync = original
-    assert len(synced) == 1
-    assert len(os.listdir("/proc/self/fd")) == descriptors
-    write_back_soon(tmp_path / "missing")  # nothing to write back: no error
