@@ -196,10 +196,11 @@ def _segment_budget() -> float:
 
 
 def _flush_harness_writes(database) -> str:
-    """Writes the harness's catalog rows and uploads to disk before the search process starts. Left to the kernel's
-    flusher (30 s after they were made) and PostgreSQL's checkpointer, they were written during the 1M new-text run:
-    its slowest queries were the ones with the VM's time stolen (150-280 ms in all, 20-60 ms per slow query; p99
-    37.5-40.4 ms), and with os.sync() first (1.15 s of it) 50 ms were stolen and p99 was 21.7 ms."""
+    """Writes the harness's catalog rows and uploads to disk before the search process starts, so that they are not
+    written back while it is measured. In the 1M new-text run every slow query had the VM's time stolen (150-280 ms in
+    a run, 20-60 ms per slow query; p99 37.5-40.4 ms), and the burst followed the disk writes: an os.sync() in the
+    search process just before that run took 1.15 s, after which 50 ms were stolen and p99 was 21.7 ms. The search
+    process's own downloads are left as the function leaves them."""
     started, stolen = time.perf_counter(), _stolen_ms()
     with database.read() as connection:
         connection.execute("CHECKPOINT")
