@@ -99,7 +99,7 @@ class FaissSegment:
         if self._probes is not None:
             query = self._probes.one_query(query)
             with _one_faiss_thread():
-                return self._search_lists(query, k, *self._probes.nearest(query), selection)
+                return self._search_lists(query, k, *self._probed_lists(query), selection)
         with _one_faiss_thread():
             scores, ids = self._index.search(
                 np.ascontiguousarray(query, dtype=np.float32), k, params=self._parameters(selection)
@@ -123,28 +123,19 @@ class FaissSegment:
             inner.make_direct_map()
         return np.asarray(inner.reconstruct_n(0, self._index.ntotal), dtype=np.float32)
 
+    def _probed_lists(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The lists this query probes and its centroid scores (`_ProbedLists.nearest`)."""
+        return self._probes.nearest(query)
+
     def _search_lists(
         self, query: np.ndarray, k: int, lists: np.ndarray, centroid_scores: np.ndarray,
         selection: FaissIdSelection | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k of an IVF segment's given lists (`_ProbedLists.nearest`), with every id but the excluded."""
-        inner = self._probes.inner
-        translated = None
-        if selection is None:
-            params = faiss.SearchParametersIVF(nprobe=lists.shape[1])  # the lists given, whatever the index's nprobe
-        else:
-            # The inner index numbers its vectors by position: the selector sees them through the id map.
-            translated = faiss.IDSelectorTranslated(self._index.id_map, selection.selector)
-            params = faiss.SearchParametersIVF(sel=translated, nprobe=lists.shape[1])
-        scores = np.empty((1, k), dtype=np.float32)
-        positions = np.empty((1, k), dtype=np.int64)
-        # The Python wrapper of search_preassigned refuses search parameters (the selector): call the C++ one.
-        inner.search_preassigned_c(
-            1, faiss.swig_ptr(query), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
-            faiss.swig_ptr(scores), faiss.swig_ptr(positions), False, params,
-        )
-        found = positions[0] >= 0
-        return scores[0][found], self.ids[positions[0][found]]
+        """The top k of an IVF segment's given lists, with every id but the excluded."""
+        # The inner index numbers its vectors by position: a selector sees them through the id map.
+        translated = None if selection is None else faiss.IDSelectorTranslated(self._index.id_map, selection.selector)
+        scores, positions = _search_preassigned(self._probes.inner, query, k, lists, centroid_scores, translated)
+        return scores, self.ids[positions]
 
     def _parameters(self, selection: FaissIdSelection | None) -> faiss.SearchParameters | None:
         # Built per call: IndexIDMap swaps the selector inside the parameters while it searches.
@@ -210,6 +201,25 @@ class _ProbedLists:
         return lists, scores
 
 
+def _search_preassigned(
+    inner: faiss.IndexIVF, query: np.ndarray, k: int, lists: np.ndarray, centroid_scores: np.ndarray,
+    selector: faiss.IDSelector | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k (scores, positions in the inner index) of one query over the given lists (int64, shaped (1, n))
+    with the query's inner product with each list's centroid (float32, the same shape), all of them probed."""
+    params = faiss.SearchParametersIVF(sel=selector, nprobe=lists.shape[1]) if selector is not None else (
+        faiss.SearchParametersIVF(nprobe=lists.shape[1]))
+    scores = np.empty((1, k), dtype=np.float32)
+    positions = np.empty((1, k), dtype=np.int64)
+    # The Python wrapper of search_preassigned refuses search parameters (the selector): call the C++ one.
+    inner.search_preassigned_c(
+        1, faiss.swig_ptr(query), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
+        faiss.swig_ptr(scores), faiss.swig_ptr(positions), False, params,
+    )
+    found = positions[0] >= 0
+    return scores[0][found], positions[0][found]
+
+
 class _FilteredLists:
     """A filtered search of one IVF segment that probes only lists holding selected ids, nearest first.
 
@@ -242,18 +252,11 @@ class _FilteredLists:
         admitted[positions] = True
         bitmap = np.packbits(admitted, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(admitted), faiss.swig_ptr(bitmap))
-        assigned = np.ascontiguousarray(lists[None, :probes], dtype=np.int64)
-        assigned_scores = np.ascontiguousarray(scores[None, :probes], dtype=np.float32)
-        found_scores = np.empty((1, k), dtype=np.float32)
-        found = np.empty((1, k), dtype=np.int64)
-        # The Python wrapper of search_preassigned refuses search parameters (the selector): call the C++ one.
-        inner.search_preassigned_c(
-            1, faiss.swig_ptr(query), k, faiss.swig_ptr(assigned), faiss.swig_ptr(assigned_scores),
-            faiss.swig_ptr(found_scores), faiss.swig_ptr(found), False,
-            faiss.SearchParametersIVF(sel=selector, nprobe=probes),
+        found_scores, found = _search_preassigned(
+            inner, query, k, np.ascontiguousarray(lists[None, :probes], dtype=np.int64),
+            np.ascontiguousarray(scores[None, :probes], dtype=np.float32), selector,
         )
-        hit = found[0] >= 0
-        return found_scores[0][hit], self._ids[found[0][hit]]
+        return found_scores, self._ids[found]
 
     def _positions(self, allowed_ids: np.ndarray) -> np.ndarray:
         """Where the allowed ids this segment holds sit in it (the inner index numbers vectors by position)."""
@@ -319,16 +322,17 @@ class _IvfLayout:
         if first[:4] != b"IxM2":
             return None
         dim, ntotal, _, _, _, metric = _INDEX_HEADER.unpack_from(first, 4)
-        metric_arg = 4 if metric > 1 else 0
-        at = 4 + _INDEX_HEADER.size + metric_arg
+        if metric != faiss.METRIC_INNER_PRODUCT:  # what this adapter writes (no metric argument follows)
+            return None
+        at = 4 + _INDEX_HEADER.size
         if first[at:at + 4] not in _IVF_KINDS:
             return None
-        at += 4 + _INDEX_HEADER.size + metric_arg
+        at += 4 + _INDEX_HEADER.size
         nlist, _ = struct.unpack_from("<QQ", first, at)
         at += 16
         if first[at:at + 4] not in _FLAT_QUANTIZERS:
             return None
-        at += 4 + _INDEX_HEADER.size + metric_arg
+        at += 4 + _INDEX_HEADER.size
         centroids_end = at + 8 + 4 * _UINT64.unpack_from(first, at)[0]  # a count of float32
         header_end = min(size, centroids_end + 16 * dim + 8 * nlist + _HEADER_SLACK_BYTES)
         id_map_start = size - 8 - 8 * ntotal
@@ -377,29 +381,22 @@ class PartialFaissSegment(FaissSegment):
         self._fetched = layout.sizes == 0  # an empty list has nothing to fetch
         self._fetch_lock = threading.Lock()
         self.fetched_bytes = 0  # how much of the file the searches fetched so far
+        if self._probes is None:  # an unfetched segment searched by FAISS itself would miss its lists
+            raise ValueError("a segment opened in part needs an inner-product IVF over a flat quantizer")
 
     def search(
         self, query: np.ndarray, k: int, selection: FaissIdSelection | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        query = np.ascontiguousarray(query, dtype=np.float32)
         with self._fetch_lock:
             if selection is not None and not selection.exclude:
                 self._fetch(np.arange(len(self._fetched)))
-                return super().search(query, k, selection)
-            k = min(k, self._index.ntotal)
-            if k == 0:
-                return np.empty(0, np.float32), np.empty(0, np.int64)
-            if self._probes is None:  # not an inner-product index: probed as FAISS picks the lists
-                with _one_faiss_thread():
-                    _, probed = self._inner_ivf.quantizer.search(query, self._inner_ivf.nprobe)
-                self._fetch(probed[0][probed[0] >= 0])
-                return super().search(query, k, selection)
-            query = self._probes.one_query(query)
-            with _one_faiss_thread():
-                lists, centroid_scores = self._probes.nearest(query)
-            self._fetch(lists[0][lists[0] >= 0])  # -1: fewer lists than asked (a query of NaNs finds none)
-            with _one_faiss_thread():
-                return self._search_lists(query, k, lists, centroid_scores, selection)
+            return super().search(query, k, selection)
+
+    def _probed_lists(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As the whole segment's, with those lists fetched first (under the search's lock)."""
+        lists, centroid_scores = super()._probed_lists(query)
+        self._fetch(lists[0][lists[0] >= 0])  # -1: fewer lists than asked (a query of NaNs finds none)
+        return lists, centroid_scores
 
     def range_search(self, queries, min_score, selection=None):
         with self._fetch_lock:
