@@ -136,18 +136,22 @@ class OnnxTextEncoder:
 
     @classmethod
     def from_model_files(
-        cls, files: ModelFiles, threads: int | None = None, open_now: bool = False, spin_microseconds: int = 0
+        cls,
+        files: ModelFiles,
+        threads: int | None = None,
+        open_now: bool = False,
+        spin_microseconds: int = 0,
+        tokenizer: ClipTokenizer | None = None,
     ) -> OnnxTextEncoder:
-        """Loads the tokenizer now and the text graph on first use (or now, with `open_now`, while the
-        tokenizer loads: onnxruntime releases the GIL); never touches the vision graph. `spin_microseconds`:
-        as create_session's."""
+        """Loads the tokenizer now (unless given one) and the text graph on first use, or now with
+        `open_now`; never touches the vision graph. `spin_microseconds`: as create_session's.
+
+        Loading the tokenizer holds the GIL throughout (~0.2 s, in `tokenizers`), and building a session
+        needs it now and then, so the two do not overlap: a caller in a hurry loads the tokenizer while the
+        graph is still downloading and hands it in."""
         load = _loader(files, TEXT_GRAPH, threads, spin_microseconds)
-        if not open_now:
-            return cls(files.tokenizer(), load)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-session") as pool:
-            session = pool.submit(load)
-            tokenizer = files.tokenizer()
-            return cls(tokenizer, session.result())
+        tokenizer = tokenizer or files.tokenizer()
+        return cls(tokenizer, load() if open_now else load)
 
     def embed_text(self, text: str) -> TextEmbedding:
         tokenized = self.tokenizer.encode(text)

@@ -44,26 +44,28 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def model_files(self, model_id: str, needed: Sequence[str]) -> ModelFiles:
-        """The model directory of `model_id` with at least the files `needed` present and verified."""
+        """The model directory of `model_id` with at least the files `needed` present and verified.
+
+        Callers asking for different files fetch them at the same time (the manifest is fetched once);
+        two asking for the same missing file may both fetch it, each landing it whole."""
+        directory = self._cache_dir / model_id
         with self._lock:
-            directory = self._cache_dir / model_id
-            manifest = directory / MANIFEST
-            if not manifest.exists():
+            if not (directory / MANIFEST).exists():
                 self._fetch(model_id, [MANIFEST], directory)
-            files = ModelFiles.open(directory)
-            if files.model_id != model_id:
-                raise ModelFilesInvalid(
-                    f"{model_prefix(model_id)}{MANIFEST} names model {files.model_id!r}, not {model_id!r}"
-                )
-            self._fetch(model_id, [name for name in needed if not (directory / name).exists()], directory)
-            try:
-                files.verify(list(needed))
-            except ModelFilesInvalid:
-                # A corrupt download must not poison the cache for the next attempt.
-                for name in needed:
-                    (directory / name).unlink(missing_ok=True)
-                raise
-            return files
+        files = ModelFiles.open(directory)
+        if files.model_id != model_id:
+            raise ModelFilesInvalid(
+                f"{model_prefix(model_id)}{MANIFEST} names model {files.model_id!r}, not {model_id!r}"
+            )
+        self._fetch(model_id, [name for name in needed if not (directory / name).exists()], directory)
+        try:
+            files.verify(list(needed))
+        except ModelFilesInvalid:
+            # A corrupt download must not poison the cache for the next attempt.
+            for name in needed:
+                (directory / name).unlink(missing_ok=True)
+            raise
+        return files
 
     def _fetch(self, model_id: str, names: Sequence[str], directory: Path) -> None:
         if not names:

@@ -8,6 +8,7 @@ import logging
 import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ VISION_GRAPH = "vision/model.onnx"
 TOKENIZER = "tokenizer.json"
 PREPROCESS = "preprocess.json"
 VERIFIED_MARKER = ".verified.json"
+_marker_lock = threading.Lock()  # the marker's read-merge-write, for threads verifying different files
 QUANTIZATIONS = ("none", "int8")
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -116,7 +118,8 @@ class ModelFiles:
                 raise ModelFilesInvalid(f"{path}: sha256 does not match {MANIFEST}")
             newly_verified[name] = fingerprint
         if newly_verified:
-            self._write_marker({**marker, **newly_verified})
+            with _marker_lock:  # read again: another thread may have recorded other files meanwhile
+                self._write_marker({**self._read_marker(), **newly_verified})
 
     def _read_marker(self) -> dict[str, list[int]]:
         try:

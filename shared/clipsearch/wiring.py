@@ -119,19 +119,25 @@ def get_search_text_encoder():
     from clipsearch.lazy import Lazy
 
     def build():
-        from clipsearch.model_cache import TEXT_TOWER_FILES
+        from clipsearch.model_files import TEXT_GRAPH, TOKENIZER
 
         settings = get_settings()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-model-files") as pool:
-            downloading = pool.submit(get_model_cache().model_files, settings.model_id, TEXT_TOWER_FILES)
+        cache = get_model_cache()
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="text-model-files") as pool:
+            graph_files = pool.submit(cache.model_files, settings.model_id, [TEXT_GRAPH])
+            tokenizer_files = pool.submit(cache.model_files, settings.model_id, [TOKENIZER])
             from clipsearch.encoders import OnnxTextEncoder
             from clipsearch.query_cache import CachedTextEncoder
 
-            files = downloading.result()
+            # The tokenizer (~2 MB) loads while the graph (~60 MB) downloads: loading it holds the GIL, so
+            # beside the session's build it would hold that back instead.
+            tokenizer = tokenizer_files.result().tokenizer()
+            files = graph_files.result()
         # The template gives the search function 2 threads (one new query: 8.5 vs 10.2 ms p50 on one thread,
         # quiet machine, benchmarks/search.py); unset, one.
         return CachedTextEncoder(OnnxTextEncoder.from_model_files(
-            files, settings.onnx_threads or 1, open_now=True, spin_microseconds=settings.text_spin_microseconds
+            files, settings.onnx_threads or 1, open_now=True, spin_microseconds=settings.text_spin_microseconds,
+            tokenizer=tokenizer,
         ))
 
     return Lazy(build)

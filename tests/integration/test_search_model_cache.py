@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,26 @@ def test_a_missing_or_misnamed_model_is_refused(store: S3ObjectStore, tmp_path: 
     store.put("models/renamed-model/manifest.json", manifest)
     with pytest.raises(ModelFilesInvalid, match="names model 'random-tiny-seed0'"):
         ModelCache(store, tmp_path).model_files("renamed-model", TEXT_TOWER_FILES)
+
+
+def test_files_asked_for_at_once_by_two_threads_are_fetched_together_and_both_recorded(
+    store: S3ObjectStore, tmp_path: Path
+) -> None:
+    """The search function asks for the tokenizer and the text graph on two threads (the tokenizer loads while
+    the graph downloads): the manifest is fetched once, and the record of verified files keeps both."""
+    cache = ModelCache(store, tmp_path)
+    start = threading.Barrier(2)
+
+    def ask(name: str):
+        start.wait()
+        return cache.model_files(MODEL_ID, [name])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        graph, tokenizer = pool.map(ask, ["text/model.onnx", "tokenizer.json"])
+    assert graph.text_graph.is_file() and tokenizer.tokenizer_path.is_file()
+
+    # Both files are recorded as verified: with the bucket's copies gone, neither is fetched or hashed again.
+    store.delete_many([f"models/{MODEL_ID}/{name}" for name in ("manifest.json", *TEXT_TOWER_FILES)])
+    marker = json.loads((tmp_path / MODEL_ID / ".verified.json").read_text())
+    assert set(marker["files"]) == {"text/model.onnx", "tokenizer.json"}
+    assert ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES).text_graph == graph.text_graph

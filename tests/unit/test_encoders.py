@@ -97,6 +97,13 @@ def test_injected_session_gives_the_same_embedding(text_encoder, model_files) ->
     assert cosines(injected.embed_text("a cat").vector, text_encoder.embed_text("a cat").vector) >= 0.99999
 
 
+def test_a_tokenizer_loaded_beforehand_is_used_and_the_graph_opened_now(text_encoder, model_files) -> None:
+    tokenizer = model_files.tokenizer()
+    encoder = OnnxTextEncoder.from_model_files(model_files, threads=1, open_now=True, tokenizer=tokenizer)
+    assert encoder.tokenizer is tokenizer
+    assert cosines(encoder.embed_text("a cat").vector, text_encoder.embed_text("a cat").vector) >= 0.99999
+
+
 def test_text_search_never_loads_the_vision_graph(tiny_model_dir: Path, tmp_path: Path) -> None:
     text_only = tmp_path / "model"
     shutil.copytree(tiny_model_dir, text_only)
