@@ -11,15 +11,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from clipsearch.errors import InvalidImage, ModelFilesInvalid
-from clipsearch.images import DEFAULT_DRAFT_FACTOR, DEFAULT_MAX_PIXELS, ImagePreprocessor, PreparedImage
 from clipsearch.model_files import TEXT_GRAPH, VISION_GRAPH, ModelFiles
 from clipsearch.ports import ImageInput
 from clipsearch.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:
+    from clipsearch.images import ImagePreprocessor, PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +203,16 @@ class OnnxImageEncoder:
         cls,
         files: ModelFiles,
         threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
+        max_pixels: int | None = None,
         batch_size: int = DEFAULT_IMAGE_BATCH_SIZE,
         decode_workers: int = DEFAULT_DECODE_WORKERS,
     ) -> OnnxImageEncoder:
-        preprocessor = ImagePreprocessor(files.preprocess(), max_pixels=max_pixels, draft_factor=draft_factor)
+        """`max_pixels`: the preprocessor's limit (its default when None). Pillow is imported here, not with
+        this module: a search function that answers text queries only never imports it (~40 ms at start)."""
+        from clipsearch.images import ImagePreprocessor
+
+        limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+        preprocessor = ImagePreprocessor(files.preprocess(), **limits)
         return cls(preprocessor, _loader(files, VISION_GRAPH, threads), batch_size, decode_workers)
 
     def embed_image(self, data: bytes | Path, name: str) -> ImageEmbedding:

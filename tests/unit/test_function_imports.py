@@ -27,6 +27,8 @@ RUNTIME_PACKAGE = REPO / "shared" / "clipsearch"
 NEVER_IN_A_FUNCTION = ("clipsearch_tools", "yaml", "tqdm", "moto", "torch", "transformers", "optimum")
 # The datasets function and the deletion worker work from the catalog and the bucket alone: no model, no index.
 NOT_IN_DATASETS = ("onnxruntime", "faiss")
+# The search function answers text queries without decoding an image: Pillow comes with the first image query.
+NOT_IN_SEARCH = ("PIL",)
 
 # Imports the handler's module as Lambda's runtime does (LAMBDA_TASK_ROOT, the working directory, first
 # on sys.path), then prints every top-level package now imported.
@@ -68,6 +70,8 @@ def test_a_function_imports_the_runtime_and_no_tool(function, tmp_path: Path):
     assert not imported & set(NEVER_IN_A_FUNCTION), sorted(imported & set(NEVER_IN_A_FUNCTION))
     if function.code_uri.name in ("datasets", "dataset_deletion"):
         assert not imported & set(NOT_IN_DATASETS), sorted(imported & set(NOT_IN_DATASETS))
+    if function.code_uri.name == "search":
+        assert not imported & set(NOT_IN_SEARCH), sorted(imported & set(NOT_IN_SEARCH))
 
 
 def _imported_names(source: Path) -> set[str]:
