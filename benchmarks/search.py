@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 import uuid
@@ -662,7 +663,10 @@ def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: fl
     importing them here first would change the order the function imports them in, and with it what its
     init overlaps."""
 
-    def timed(owner, name: str, label) -> None:
+    spans = threading.Lock()
+
+    def timed(owner, name: str, label, every_call: bool = False) -> None:
+        """`every_call`: the step spans the first call's start to the last call's end (calls on many threads)."""
         original = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
@@ -670,7 +674,11 @@ def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: fl
             try:
                 return original(*args, **kwargs)
             finally:
-                steps.setdefault(label(*args), (started - spawned_at, time.time() - spawned_at))
+                step, ended = label(*args), time.time()
+                with spans:
+                    first_start, last_end = steps.get(step, (started - spawned_at, 0.0))
+                    if every_call or step not in steps:
+                        steps[step] = (min(first_start, started - spawned_at), max(last_end, ended - spawned_at))
 
         setattr(owner, name, wrapper)
 
@@ -684,6 +692,8 @@ def _time_cold_start_steps(steps: dict[str, tuple[float, float]], spawned_at: fl
         timed(module.FaissVectorIndex, "open", lambda *_: "segment open (mmap)")
         timed(module.FaissVectorIndex, "open_partial", lambda *_: "segment opened in part (header, id map)")
         timed(module.PartialFaissSegment, "search", lambda *_: "segment searched in part (probed lists fetched)")
+        timed(module.FaissVectorIndex, "open_partial", lambda *_: "every segment opened in part", every_call=True)
+        timed(module.PartialFaissSegment, "search", lambda *_: "every segment searched in part", every_call=True)
 
     def postgres_catalog(module) -> None:
         timed(module.PostgresCatalog, "get_dataset", lambda *_: "catalog: dataset row")
@@ -1269,7 +1279,8 @@ def _print_size(row: dict) -> None:
               + "; garbage collections in that run (generation: count, longest ms): "
               + ", ".join(f"{generation}: {count}, {longest:.1f}"
                           for generation, (count, longest) in ours.get("text_run_collections", {}).items()))
-    print("cold start steps (s since the process was spawned: start -> end; first call of each):")
+    print("cold start steps (s since the process was spawned: start -> end; first call of each; 'every ...':"
+          " the first call's start to the last one's end):")
     for name, (start, end) in sorted(ours.get("cold_start_steps", {}).items(), key=lambda item: item[1]):
         print(f"  {start:6.2f} -> {end:6.2f}  ({end - start:5.2f} s)  {name}")
     if ours.get("stages"):
