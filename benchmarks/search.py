@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -528,7 +529,7 @@ def _p50(search, queries: np.ndarray) -> float:
 
 def _run_child(kind: str, environment: dict, dataset: str, args, scratch: Path, index_file: Path | None = None) -> dict:
     # BENCH_CHILD_PREFIX runs each child under a tool, e.g. "py-spy record --gil --format raw -o FILE --".
-    command = os.environ.get("BENCH_CHILD_PREFIX", "").split() + [
+    command = shlex.split(os.environ.get("BENCH_CHILD_PREFIX", "")) + [
         sys.executable, str(Path(__file__).resolve()), "--child", kind, "--dataset", dataset,
         "--queries", str(args.queries if kind == "service" else args.baseline_queries),
         "--image-queries", str(args.image_queries if kind == "service" else args.baseline_image_queries),

@@ -153,7 +153,7 @@ class OnnxTextEncoder:
         needs it now and then, so the two do not overlap: a caller in a hurry loads the tokenizer while the
         graph is still downloading and hands it in."""
         load = _loader(files, TEXT_GRAPH, threads, spin_microseconds)
-        tokenizer = tokenizer or files.tokenizer()
+        tokenizer = files.tokenizer() if tokenizer is None else tokenizer
         return cls(tokenizer, load() if open_now else load)
 
     def embed_text(self, text: str) -> TextEmbedding:

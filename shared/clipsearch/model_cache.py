@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,30 +42,35 @@ class ModelCache:
     def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
         self._store = store
         self._cache_dir = Path(cache_dir)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the manifest's fetch, and the table of file locks
+        self._file_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def model_files(self, model_id: str, needed: Sequence[str]) -> ModelFiles:
         """The model directory of `model_id` with at least the files `needed` present and verified.
 
-        Callers asking for different files fetch them at the same time (the manifest is fetched once);
-        two asking for the same missing file may both fetch it, each landing it whole."""
+        Callers asking for different files fetch them at the same time; a file is fetched, checked (and,
+        when corrupt, removed) by one caller at a time, so a caller never sees another's half-done work."""
         directory = self._cache_dir / model_id
         with self._lock:
             if not (directory / MANIFEST).exists():
                 self._fetch(model_id, [MANIFEST], directory)
+            locks = [self._file_locks.setdefault((model_id, name), threading.Lock()) for name in sorted(set(needed))]
         files = ModelFiles.open(directory)
         if files.model_id != model_id:
             raise ModelFilesInvalid(
                 f"{model_prefix(model_id)}{MANIFEST} names model {files.model_id!r}, not {model_id!r}"
             )
-        self._fetch(model_id, [name for name in needed if not (directory / name).exists()], directory)
-        try:
-            files.verify(list(needed))
-        except ModelFilesInvalid:
-            # A corrupt download must not poison the cache for the next attempt.
-            for name in needed:
-                (directory / name).unlink(missing_ok=True)
-            raise
+        with ExitStack() as held:
+            for lock in locks:  # always taken in name order: two callers never wait on each other's
+                held.enter_context(lock)
+            self._fetch(model_id, [name for name in needed if not (directory / name).exists()], directory)
+            try:
+                files.verify(list(needed))
+            except ModelFilesInvalid:
+                # A corrupt download must not poison the cache for the next attempt.
+                for name in needed:
+                    (directory / name).unlink(missing_ok=True)
+                raise
         return files
 
     def _fetch(self, model_id: str, names: Sequence[str], directory: Path) -> None:

@@ -106,6 +106,8 @@ THUMBNAIL_URL_SECONDS = 900
 # store here): the whole download is then off the first answer's path, fetching probed lists would not be
 # (100k vectors, 55 MB: first answer after the model either way, +0.24 s with lists fetched, load 5).
 PARTIAL_LOAD_MIN_BYTES = 128 * 2**20
+# While segments are opened in part a query searches them on up to this many threads (each mostly waits for its lists).
+IN_PART_SEARCH_THREADS = 8
 
 
 class QueryVector(Protocol):
@@ -226,7 +228,8 @@ class DatasetIndex:
         if not self.complete and len(segments) > 1:
             # Segments opened in part first fetch the lists they probe: mostly waiting on the store, they are
             # searched all at once (the first query at 1M: five segments, ~25 ranged GETs each).
-            with ThreadPoolExecutor(max_workers=len(segments), thread_name_prefix="search-in-part") as in_part:
+            threads = min(len(segments), IN_PART_SEARCH_THREADS)
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search-in-part") as in_part:
                 answers = list(in_part.map(search_segment, segments))
         elif pool is not None and len(segments) > 1 and self.nbytes >= PARALLEL_SEARCH_MIN_BYTES:
             # This thread searches too, beside one pool thread, both taking the next segment from one iterator

@@ -123,6 +123,7 @@ def get_search_text_encoder():
 
         settings = get_settings()
         cache = get_model_cache()
+        cache.model_files(settings.model_id, [])  # the manifest first: a missing model fails once, at once
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="text-model-files") as pool:
             graph_files = pool.submit(cache.model_files, settings.model_id, [TEXT_GRAPH])
             tokenizer_files = pool.submit(cache.model_files, settings.model_id, [TOKENIZER])
@@ -174,12 +175,12 @@ def get_search_service():
 def start_search_function() -> None:
     """What a search function does as it starts (Lambda's init phase, before its first request), ordered
     for the first text query, whose path is the text model's: build the S3 client, request the model's
-    files (a daemon thread downloads them, loads the tokenizer while the graph still downloads, then opens
-    the session, onnxruntime releasing the GIL meanwhile), import onnxruntime while they download, then
-    leave the handler's other imports to overlap the download and the session. A second daemon thread builds the search service and opens the
-    catalog connection meanwhile. Python work on one thread slows the others' (one GIL), so what the
-    model's path needs comes first, before anything competes with it. A failure is logged and left to the
-    first request, which builds again and reports it."""
+    files (a daemon thread downloads them, loads the tokenizer while the graph still downloads, then
+    opens the session, onnxruntime releasing the GIL meanwhile), import onnxruntime and `tokenizers` while
+    they download, then leave the handler's other imports to overlap the download and the session. A
+    second daemon thread builds the search service and opens the catalog connection meanwhile. Python work
+    on one thread slows the others' (one GIL), so what the model's path needs comes first, before anything
+    competes with it. A failure is logged and left to the first request, which builds again and reports it."""
     from clipsearch.config import ConfigurationError
 
     try:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.errors import ModelFilesInvalid
+from clipsearch import model_files
 from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
+from clipsearch.model_files import ModelFiles
 from search_stack import MODEL_ID, upload_model
 
 pytestmark = pytest.mark.integration
@@ -57,24 +59,62 @@ def test_a_missing_or_misnamed_model_is_refused(store: S3ObjectStore, tmp_path: 
         ModelCache(store, tmp_path).model_files("renamed-model", TEXT_TOWER_FILES)
 
 
+class MeetingStore:
+    """The bucket, except that a model file's GET waits until the other thread's GET has started: only two
+    fetches made at the same time get through. Counts the manifest's GETs."""
+
+    def __init__(self, store: S3ObjectStore) -> None:
+        self._store = store
+        self.meeting = threading.Barrier(2, timeout=10)
+        self.manifest_gets = 0
+
+    def get(self, key: str):
+        if key.endswith("/manifest.json"):
+            self.manifest_gets += 1
+        else:
+            self.meeting.wait()
+        return self._store.get(key)
+
+
 def test_files_asked_for_at_once_by_two_threads_are_fetched_together_and_both_recorded(
-    store: S3ObjectStore, tmp_path: Path
+    store: S3ObjectStore, tmp_path: Path, monkeypatch
 ) -> None:
     """The search function asks for the tokenizer and the text graph on two threads (the tokenizer loads while
-    the graph downloads): the manifest is fetched once, and the record of verified files keeps both."""
-    cache = ModelCache(store, tmp_path)
-    start = threading.Barrier(2)
-
-    def ask(name: str):
-        start.wait()
-        return cache.model_files(MODEL_ID, [name])
-
+    the graph downloads): the two downloads run at once, the manifest is fetched once, and the record of
+    verified files keeps both."""
+    meeting = MeetingStore(store)
+    cache = ModelCache(meeting, tmp_path)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        graph, tokenizer = pool.map(ask, ["text/model.onnx", "tokenizer.json"])
+        graph, tokenizer = pool.map(lambda name: cache.model_files(MODEL_ID, [name]),
+                                    ["text/model.onnx", "tokenizer.json"])
     assert graph.text_graph.is_file() and tokenizer.tokenizer_path.is_file()
+    assert meeting.manifest_gets == 1
 
-    # Both files are recorded as verified: with the bucket's copies gone, neither is fetched or hashed again.
-    store.delete_many([f"models/{MODEL_ID}/{name}" for name in ("manifest.json", *TEXT_TOWER_FILES)])
+    # Both files are recorded as verified: neither is fetched or hashed again.
     marker = json.loads((tmp_path / MODEL_ID / ".verified.json").read_text())
     assert set(marker["files"]) == {"text/model.onnx", "tokenizer.json"}
-    assert ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES).text_graph == graph.text_graph
+    monkeypatch.setattr(model_files, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
+    again = ModelCache(MeetingStore(store), tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES)
+    assert again.text_graph == graph.text_graph
+
+
+def test_one_file_asked_for_by_two_threads_is_fetched_once(store: S3ObjectStore, tmp_path: Path) -> None:
+    """A file is fetched and checked by one caller at a time: the second finds it in place."""
+    fetched: list[str] = []
+
+    class CountingStore:
+        def get(self, key: str):
+            fetched.append(key)
+            return store.get(key)
+
+    cache = ModelCache(CountingStore(), tmp_path)
+    start = threading.Barrier(2)
+
+    def ask(_) -> ModelFiles:
+        start.wait()
+        return cache.model_files(MODEL_ID, ["text/model.onnx"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first, second = pool.map(ask, range(2))
+    assert first.text_graph == second.text_graph and first.text_graph.is_file()
+    assert fetched.count(f"models/{MODEL_ID}/text/model.onnx") == 1
