@@ -217,7 +217,8 @@ class DatasetIndex:
         searches through the exclusion (the others without, which is faster); `allowed`, holding only
         live ids, replaces it in every segment; an id found in two segments counts once. With a `pool`,
         the segments are searched on this thread and one of its threads (FAISS releases the GIL): 1M
-        vectors are 5 segments. While segments are opened in part, each is searched on a thread of its own."""
+        vectors are 5 segments. While segments are opened in part, they are searched on up to
+        IN_PART_SEARCH_THREADS threads at once."""
 
         def search_segment(segment: tuple[LoadedSegment, int]) -> tuple[np.ndarray, np.ndarray]:
             loaded, deleted_count = segment

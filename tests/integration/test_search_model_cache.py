@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from clipsearch import model_files
 from clipsearch.adapters.s3_store import S3ObjectStore
 from clipsearch.errors import ModelFilesInvalid
-from clipsearch import model_files
 from clipsearch.model_cache import TEXT_TOWER_FILES, VISION_TOWER_FILES, ModelCache
 from clipsearch.model_files import ModelFiles
 from search_stack import MODEL_ID, upload_model
