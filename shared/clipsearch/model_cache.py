@@ -74,6 +74,9 @@ class ModelCache:
         return files
 
     def _fetch(self, model_id: str, names: Sequence[str], directory: Path) -> None:
+        """Each file into `directory`, all at once. The manifest is one GET (small, and everything waits for
+        it); a tower's files are parallel ranged GETs streamed to disk: the int8 ViT-B/32 text graph, 64 MB
+        from the local S3 endpoint, took 0.11-0.13 s so, against 0.27-0.29 s read whole by one GET, then written."""
         if not names:
             return
         prefix = model_prefix(model_id)
@@ -82,14 +85,17 @@ class ModelCache:
         def fetch_one(name: str) -> None:
             target = directory / name
             staging = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+            staging.parent.mkdir(parents=True, exist_ok=True)
             try:
-                # One GET per file: ranged parallel downloads were ~8x slower against the local S3
-                # endpoint (benchmarks/search.py), and the files are fetched in parallel anyway.
-                data = self._store.get(prefix + name).data
+                if name == MANIFEST:
+                    staging.write_bytes(self._store.get(prefix + name).data)
+                else:
+                    self._store.download_file(prefix + name, staging)
             except ObjectNotFound as error:
                 raise ModelFilesInvalid(f"model {model_id!r} has no {prefix}{name} in the bucket") from error
-            staging.parent.mkdir(parents=True, exist_ok=True)
-            staging.write_bytes(data)
+            except BaseException:
+                staging.unlink(missing_ok=True)
+                raise
             staging.replace(target)
 
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
