@@ -11,6 +11,9 @@ import ast
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,23 +34,59 @@ NOT_IN_DATASETS = ("onnxruntime", "faiss")
 NOT_IN_SEARCH = ("PIL",)
 
 # Imports the handler's module as Lambda's runtime does (LAMBDA_TASK_ROOT, the working directory, first
-# on sys.path), then prints every top-level package now imported.
+# on sys.path), waits for the init threads it started (the search function's, clipsearch.wiring; they import
+# beside the handler's module), then prints every top-level package now imported.
 _IMPORT_HANDLER = """
-import importlib, json, os, sys
+import importlib, json, os, sys, threading
 sys.path.insert(0, os.environ["LAMBDA_TASK_ROOT"])
 module_name, _, attribute = os.environ["_HANDLER"].rpartition(".")
 assert callable(getattr(importlib.import_module(module_name), attribute))
+for thread in threading.enumerate():
+    if thread.name.startswith("init-"):
+        thread.join(timeout=60)
+        assert not thread.is_alive(), f"{thread.name} still running after 60 s"
 print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))
 """
+
+
+class _NoSuchKey(BaseHTTPRequestHandler):
+    """An S3 endpoint holding nothing: the search function's init finds no model at once (a closed port
+    would have botocore retry for seconds), so its init threads end after their imports."""
+
+    def _missing(self) -> None:
+        body = b"<Error><Code>NoSuchKey</Code><Message>missing</Message></Error>"
+        self.send_response(404)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _missing
+
+    def log_message(self, *args) -> None:  # no access log on the test's stderr
+        pass
+
+
+@pytest.fixture(scope="module")
+def empty_s3_endpoint() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchKey)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 TEMPLATE = load_template(REPO / "template.yaml")
 FUNCTIONS = sorted(TEMPLATE.functions.values(), key=lambda function: function.logical_id)
 
 
-def _imported_packages(function, tmp_path: Path) -> set[str]:
+def _imported_packages(function, tmp_path: Path, s3_endpoint_url: str) -> set[str]:
     state = StackState(status="ready", home=str(tmp_path), pid=0, log_file=str(tmp_path / "stack.log"),
                        bucket="images", model_id="tiny", database_url="postgresql://127.0.0.1:1/catalog",
-                       s3_endpoint_url="http://127.0.0.1:1", sqs_endpoint_url="http://127.0.0.1:2",
+                       s3_endpoint_url=s3_endpoint_url, sqs_endpoint_url="http://127.0.0.1:2",
                        queue_url="http://127.0.0.1:2/queue", task_queues={"DeletionQueue": "http://127.0.0.1:2/deletions"})
     tmp_dir = tmp_path / "tmp"
     tmp_dir.mkdir()
@@ -64,8 +103,8 @@ def test_the_template_declares_every_function_directory():
 
 
 @pytest.mark.parametrize("function", FUNCTIONS, ids=[function.logical_id for function in FUNCTIONS])
-def test_a_function_imports_the_runtime_and_no_tool(function, tmp_path: Path):
-    imported = _imported_packages(function, tmp_path)
+def test_a_function_imports_the_runtime_and_no_tool(function, tmp_path: Path, empty_s3_endpoint: str):
+    imported = _imported_packages(function, tmp_path, empty_s3_endpoint)
     assert "clipsearch" in imported and "aws_lambda_powertools" in imported
     assert not imported & set(NEVER_IN_A_FUNCTION), sorted(imported & set(NEVER_IN_A_FUNCTION))
     if function.code_uri.name in ("datasets", "dataset_deletion"):
