@@ -103,6 +103,9 @@ class SeaweedServer:
             try:
                 self._wait_ready(s3_client_factory(self.s3_url), deadline, timeout)
                 return
+            except ObjectStorageUnavailable:
+                self.stop()  # not ready in time: nothing is left running on the chosen ports
+                raise
             except _ExitedDuringStart as exited:
                 if attempt == _START_ATTEMPTS:
                     raise ObjectStorageUnavailable(

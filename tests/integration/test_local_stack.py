@@ -195,6 +195,17 @@ def test_seaweed_that_keeps_exiting_at_start_is_reported_with_its_log(tmp_path: 
     assert not server.alive
 
 
+def test_seaweed_not_ready_in_time_is_stopped(tmp_path: Path):
+    try:
+        find_weed()
+    except ObjectStorageUnavailable as error:
+        pytest.skip(str(error))
+    server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS)
+    with pytest.raises(ObjectStorageUnavailable, match="not ready after 0 s"):
+        server.start(_s3, timeout=0)
+    assert server.process is not None and not server.alive
+
+
 def test_seaweed_refuses_other_credentials(seaweed):
     stranger = boto3.client("s3", endpoint_url=seaweed.s3_url, region_name="us-east-1",
                             aws_access_key_id="someone", aws_secret_access_key="else")
