@@ -41,12 +41,16 @@ def _s3(url: str):
                         aws_access_key_id=KEYS[0], aws_secret_access_key=KEYS[1])
 
 
-@pytest.fixture
-def seaweed(tmp_path: Path):
+def _skip_without_weed() -> None:
     try:
         find_weed()
     except ObjectStorageUnavailable as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture
+def seaweed(tmp_path: Path):
+    _skip_without_weed()
     server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS)
     server.start(_s3)
     yield server
@@ -196,10 +200,7 @@ def test_seaweed_that_keeps_exiting_at_start_is_reported_with_its_log(tmp_path: 
 
 
 def test_seaweed_not_ready_in_time_is_stopped(tmp_path: Path):
-    try:
-        find_weed()
-    except ObjectStorageUnavailable as error:
-        pytest.skip(str(error))
+    _skip_without_weed()
     server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS)
     with pytest.raises(ObjectStorageUnavailable, match="not ready after 0 s"):
         server.start(_s3, timeout=0)
