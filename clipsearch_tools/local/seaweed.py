@@ -98,14 +98,11 @@ class SeaweedServer:
         deadline = time.monotonic() + timeout
         for attempt in range(1, _START_ATTEMPTS + 1):
             self._launch()
-            if on_launched is not None:
-                on_launched(self.process.pid)
             try:
+                if on_launched is not None:
+                    on_launched(self.process.pid)
                 self._wait_ready(s3_client_factory(self.s3_url), deadline, timeout)
                 return
-            except ObjectStorageUnavailable:
-                self.stop()  # not ready in time: nothing is left running on the chosen ports
-                raise
             except _ExitedDuringStart as exited:
                 if attempt == _START_ATTEMPTS:
                     raise ObjectStorageUnavailable(
@@ -114,6 +111,9 @@ class SeaweedServer:
                     ) from None
                 logger.warning("SeaweedFS exited with status %s during its start (%s); launching it on other ports",
                                exited.status, _tail(self.log_file, 1))
+            except BaseException:
+                self.stop()  # not ready in time, or the start was interrupted: nothing is left running on its ports
+                raise
 
     def _launch(self) -> None:
         ports = dict(zip(_PORT_FLAGS, self.choose_ports(len(_PORT_FLAGS)), strict=True))

@@ -92,6 +92,7 @@ class ModelCache:
                 else:
                     self._store.download_file(prefix + name, staging)
             except ObjectNotFound as error:
+                staging.unlink(missing_ok=True)
                 raise ModelFilesInvalid(f"model {model_id!r} has no {prefix}{name} in the bucket") from error
             except BaseException:
                 staging.unlink(missing_ok=True)

@@ -202,9 +202,12 @@ def test_seaweed_that_keeps_exiting_at_start_is_reported_with_its_log(tmp_path: 
 def test_seaweed_not_ready_in_time_is_stopped(tmp_path: Path):
     _skip_without_weed()
     server = SeaweedServer(tmp_path / "objects", tmp_path / "weed.log", *KEYS)
-    with pytest.raises(ObjectStorageUnavailable, match="not ready after 0 s"):
-        server.start(_s3, timeout=0)
-    assert server.process is not None and not server.alive
+    try:
+        with pytest.raises(ObjectStorageUnavailable, match="not ready after 0 s"):
+            server.start(_s3, timeout=0)
+        assert server.process is not None and not server.alive
+    finally:
+        server.stop()
 
 
 def test_seaweed_refuses_other_credentials(seaweed):

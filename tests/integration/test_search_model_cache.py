@@ -59,6 +59,14 @@ def test_a_missing_or_misnamed_model_is_refused(store: S3ObjectStore, tmp_path: 
         ModelCache(store, tmp_path).model_files("renamed-model", TEXT_TOWER_FILES)
 
 
+def test_a_missing_tower_file_is_refused_and_leaves_nothing_behind(store: S3ObjectStore, tmp_path: Path) -> None:
+    store.delete_many([f"models/{MODEL_ID}/text/model.onnx"])
+    with pytest.raises(ModelFilesInvalid, match=f"has no models/{MODEL_ID}/text/model.onnx in the bucket"):
+        ModelCache(store, tmp_path).model_files(MODEL_ID, TEXT_TOWER_FILES)
+    text_dir = tmp_path / MODEL_ID / "text"
+    assert not text_dir.exists() or list(text_dir.iterdir()) == []  # neither the graph nor a staging file
+
+
 class MeetingStore:
     """The bucket, except that a model file's download waits until the other thread's has started: only two
     fetches made at the same time get through. Counts the manifest's GETs."""
