@@ -91,11 +91,10 @@ class ModelCache:
                     staging.write_bytes(self._store.get(prefix + name).data)
                 else:
                     self._store.download_file(prefix + name, staging)
-            except ObjectNotFound as error:
+            except BaseException as error:
                 staging.unlink(missing_ok=True)
-                raise ModelFilesInvalid(f"model {model_id!r} has no {prefix}{name} in the bucket") from error
-            except BaseException:
-                staging.unlink(missing_ok=True)
+                if isinstance(error, ObjectNotFound):
+                    raise ModelFilesInvalid(f"model {model_id!r} has no {prefix}{name} in the bucket") from error
                 raise
             staging.replace(target)
 

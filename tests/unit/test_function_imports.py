@@ -80,6 +80,7 @@ def empty_s3_endpoint() -> Iterator[str]:
         server.shutdown()
         server.server_close()
 
+
 TEMPLATE = load_template(REPO / "template.yaml")
 FUNCTIONS = sorted(TEMPLATE.functions.values(), key=lambda function: function.logical_id)
 
